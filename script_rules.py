@@ -1,0 +1,209 @@
+"""Static checks of what the graders run: their script rules and their Python stack.
+
+A violation of the course's script rules can cost every point, and the
+graders run Python 3.8 + torch 1.12.1, which cannot be installed on our
+machines. Both are therefore checked statically:
+
+1. every `hw3_*.sh` obeys the rules: bash only, Python run as `python3`,
+   none of rm, sudo, cp, mv, mkdir, cd, pip or CUDA_VISIBLE_DEVICES,
+   no absolute paths, every URL inside quotes;
+2. every Python module the scripts reach (their `python3 X.py` targets and,
+   transitively, the repository modules those import) passes
+   `vermin --target=3.8-` and `ruff --target-version py38`, and uses no
+   torch API newer than 1.12 unless the line says it is guarded.
+
+    python3 script_rules.py            # check this repository, exit 1 on a violation
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+BANNED_COMMANDS = ("rm", "sudo", "cp", "mv", "mkdir", "cd", "pip", "pip3", "pip2")
+# Words that may start a command; `python` and `python2` are banned too (python3 only).
+PYTHON_WORDS = ("python", "python2", "python3")
+COMMAND_SEPARATORS = {";", "&&", "||", "|", "&", "(", ")", "{", "}", "then", "do", "else", "!", "$("}
+
+# torch APIs that torch 1.12.1 lacks; a line using one must carry the word
+# "guarded" (in a comment) to show it only runs where the API exists.
+NEW_TORCH_APIS = (
+    "scaled_dot_product_attention",
+    "torch.compile",
+    "weights_only",
+    "torch.amp.GradScaler",
+    "torch.get_default_device",
+    "torch.set_default_device",
+    "nn.Buffer",
+    "torch.nn.attention",
+)
+
+
+def _strip_comment(line: str) -> str:
+    """The line without its trailing `# comment` (a `#` inside quotes stays)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
+def check_script(path: str) -> list[str]:
+    """Violations of the course's script rules in one bash script."""
+    name = os.path.basename(path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    problems = []
+    if lines and lines[0].startswith("#!") and "bash" not in lines[0]:
+        problems.append(f"{name}:1: shebang {lines[0]!r} is not bash (graders run `bash {name}`)")
+    for number, raw in enumerate(lines, 1):
+        line = _strip_comment(raw).strip()
+        if not line:
+            continue
+        where = f"{name}:{number}"
+        if "CUDA_VISIBLE_DEVICES" in line:
+            problems.append(f"{where}: CUDA_VISIBLE_DEVICES is not allowed")
+        try:
+            lexer = shlex.shlex(line, posix=False, punctuation_chars=";&|()")
+            lexer.whitespace_split = True
+            tokens = list(lexer)
+        except ValueError as error:
+            problems.append(f"{where}: cannot parse ({error}): {line!r}")
+            continue
+        command_position = True
+        for token in tokens:
+            bare = token.strip("\"'")
+            if command_position and "=" in token and not token.startswith(("'", '"')):
+                continue  # VAR=value before a command
+            if command_position:
+                if bare in BANNED_COMMANDS:
+                    problems.append(f"{where}: `{bare}` is not allowed in the graders' scripts")
+                elif bare in PYTHON_WORDS and bare != "python3":
+                    problems.append(f"{where}: run Python as `python3`, not `{bare}`")
+            if "://" in token and not (token[0] in "'\"" and token[-1] == token[0]):
+                problems.append(f"{where}: URL {token!r} must be quoted (an unquoted & breaks it)")
+            if bare.startswith("/") or re.match(r"^~(/|$)", bare):
+                problems.append(f"{where}: hard-coded absolute path {bare!r}")
+            command_position = token in COMMAND_SEPARATORS or token.endswith(("$(", "`"))
+    return problems
+
+
+def grader_scripts(repo: str = REPO_ROOT) -> list[str]:
+    return sorted(glob.glob(os.path.join(repo, "hw3_*.sh")))
+
+
+def _script_entry_points(path: str, repo: str) -> list[str]:
+    """Repository Python files started by `python3 X.py` or `python3 -m X` in a script."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    found = []
+    for match in re.finditer(r"python3\s+(?:-m\s+([\w.]+)|-c\s+(['\"])(.*?)\2|([\w./-]+\.py))", text, re.S):
+        module, _, inline, script = match.groups()
+        if script:
+            found.append(os.path.join(repo, script))
+        elif module:
+            found.append(os.path.join(repo, module.replace(".", os.sep) + ".py"))
+        elif inline:
+            for name in _imported_names(inline):
+                found.append(os.path.join(repo, name + ".py"))
+    return [p for p in found if os.path.isfile(p)]
+
+
+def _imported_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def grader_modules(repo: str = REPO_ROOT) -> list[str]:
+    """Every repository module the graders' scripts run, followed through imports."""
+    todo = [p for s in grader_scripts(repo) for p in _script_entry_points(s, repo)]
+    seen = set()
+    while todo:
+        path = os.path.abspath(todo.pop())
+        if path in seen:
+            continue
+        seen.add(path)
+        with open(path, encoding="utf-8") as f:
+            for name in _imported_names(f.read()):
+                candidate = os.path.join(repo, name + ".py")
+                if os.path.isfile(candidate):
+                    todo.append(candidate)
+    return sorted(seen)
+
+
+def check_torch_apis(path: str) -> list[str]:
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            for api in NEW_TORCH_APIS:
+                if api in line and "guarded" not in line:
+                    problems.append(
+                        f"{os.path.basename(path)}:{number}: `{api}` does not exist in torch 1.12.1; "
+                        "add a fallback and mark the line `# guarded`")
+    return problems
+
+
+def _run_tool(argv: list[str]) -> list[str]:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return [f"{argv[0]} is not installed (pip install -r requirements-dev.txt)"]
+    if result.returncode == 0:
+        return []
+    return [f"{' '.join(argv[:2])}: " + (result.stdout + result.stderr).strip()]
+
+
+def check_python38(paths: list[str]) -> list[str]:
+    """vermin, ruff and the torch-API scan over `paths`."""
+    if not paths:
+        return []
+    problems = []
+    problems += _run_tool([sys.executable, "-m", "vermin", "--target=3.8-", "--violations",
+                           "--no-tips", "--no-parse-comments", *paths])
+    problems += _run_tool([sys.executable, "-m", "ruff", "check", "--target-version", "py38",
+                           "--no-cache", "--quiet", *paths])
+    for path in paths:
+        problems += check_torch_apis(path)
+    return problems
+
+
+def check_repository(repo: str = REPO_ROOT) -> list[str]:
+    scripts = grader_scripts(repo)
+    problems = [p for s in scripts for p in check_script(s)]
+    return problems + check_python38(grader_modules(repo))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", default=REPO_ROOT, help="repository to check (default: this one)")
+    args = parser.parse_args(argv)
+    scripts = grader_scripts(args.repo)
+    modules = grader_modules(args.repo)
+    print("scripts:", ", ".join(os.path.basename(s) for s in scripts) or "none")
+    print("graders' Python modules:", ", ".join(os.path.basename(m) for m in modules) or "none")
+    problems = check_repository(args.repo)
+    for problem in problems:
+        print("FAIL", problem)
+    print("script rules and Python 3.8 check:", "FAILED" if problems else "passed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny randomly initialised stand-ins for the real weights.
+
+Nothing here downloads: the real CLIP / timm / GPT-2 weights cannot be
+fetched on the test machines, so each test builds a small model of the same
+architecture and saves it where the real loading code expects a file.
+"""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# A hub miss retries for ~47 s before failing; tests must never reach a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HW3_BPE_DIR", os.path.join(REPO, "..", "shared", "gpt2"))
+
+
+@pytest.fixture(scope="session")
+def bpe_dir():
+    """Folder with GPT-2's encoder.json and vocab.bpe (../shared/gpt2 in CI)."""
+    path = os.environ["HW3_BPE_DIR"]
+    if not os.path.isfile(os.path.join(path, "encoder.json")):
+        pytest.fail(f"GPT-2 vocabulary not found in HW3_BPE_DIR={path!r}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_file(tmp_path_factory):
+    """A random CLIP with OpenAI's architecture at toy size, saved as a state_dict.
+
+    `clip.load(path)` rebuilds it from the tensor shapes exactly as it does
+    the real ViT-B/32 file (heads = width / 64, so widths are multiples of 64).
+    """
+    import torch
+    from clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = CLIP(
+        embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64,
+        vision_patch_size=8, context_length=77, vocab_size=49408,
+        transformer_width=64, transformer_heads=1, transformer_layers=2,
+    )
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)

@@ -1,0 +1,80 @@
+"""The graders' script rules and the Python 3.8 check, on this repository and on planted violations."""
+import os
+import shutil
+
+import pytest
+
+import script_rules
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_repository_passes():
+    assert script_rules.grader_scripts(), "no hw3_*.sh found"
+    assert script_rules.check_repository(REPO) == []
+
+
+def test_grader_modules_follow_imports():
+    modules = {os.path.basename(p) for p in script_rules.grader_modules(REPO)}
+    assert {"p1_zeroshot.py", "io_utils.py"} <= modules
+    assert not any(name.startswith("test_") for name in modules)
+
+
+def test_clean_script_passes(tmp_path):
+    path = write(tmp_path, "hw3_9.sh", '#!/bin/bash\n# rm is fine in a comment\n'
+                 'python3 p1_zeroshot.py "$1" "$2" "$3"\n'
+                 'wget -O model.pt "https://example.com/a?b=1&c=2"\n'
+                 'python3 -c "import clip; clip.load(\'ViT-B/32\')"\n')
+    assert script_rules.check_script(path) == []
+
+
+@pytest.mark.parametrize("line, words", [
+    ("rm -rf cache", "`rm`"),
+    ("sudo apt-get install x", "`sudo`"),
+    ("cp a b", "`cp`"),
+    ("mv a b", "`mv`"),
+    ("mkdir -p out", "`mkdir`"),
+    ("cd src && python3 x.py", "`cd`"),
+    ("pip install torch", "`pip`"),
+    ("python3 x.py && pip3 install y", "`pip3`"),
+    ("python x.py", "`python3`, not `python`"),
+    ("CUDA_VISIBLE_DEVICES=0 python3 x.py", "CUDA_VISIBLE_DEVICES"),
+    ("wget -O m.pt https://example.com/a?b=1&c=2", "must be quoted"),
+    ("python3 /home/me/hw3/x.py", "absolute path"),
+    ("echo ok; rm x", "`rm`"),
+    ("x=$(mkdir y)", "`mkdir`"),
+])
+def test_each_violation_is_caught(tmp_path, line, words):
+    path = write(tmp_path, "hw3_9.sh", "#!/bin/bash\n" + line + "\n")
+    problems = script_rules.check_script(path)
+    assert any(words in p for p in problems), problems
+
+
+def test_non_bash_shebang(tmp_path):
+    path = write(tmp_path, "hw3_9.sh", "#!/bin/zsh\npython3 x.py\n")
+    assert any("not bash" in p for p in script_rules.check_script(path))
+
+
+def test_planted_python_violations_are_caught(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("hw3_1.sh", "p1_zeroshot.py", "io_utils.py"):
+        shutil.copy(os.path.join(REPO, name), repo / name)
+    assert script_rules.check_repository(str(repo)) == []
+    (repo / "helper.py").write_text(
+        "import torch\n\n\ndef f(a: str, x):\n"
+        "    return a.removeprefix('x'), torch.nn.functional.scaled_dot_product_attention(x, x, x)\n")
+    with open(repo / "p1_zeroshot.py", "a") as f:
+        f.write("\nimport helper  # noqa: E402,F401\n")
+    problems = "\n".join(script_rules.check_repository(str(repo)))
+    assert "removeprefix" in problems  # vermin: str.removeprefix is 3.9+
+    assert "scaled_dot_product_attention" in problems  # torch 2.x API
+    (repo / "helper.py").write_text("def f(x):\n    match x:\n        case 1:\n            return 2\n")
+    problems = "\n".join(script_rules.check_repository(str(repo)))
+    assert "helper.py" in problems  # match statement is 3.10+
