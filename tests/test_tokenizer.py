@@ -1,0 +1,228 @@
+"""tokenizer.BPETokenizer against the two reference GPT-2 tokenizers.
+
+transformers' GPT2Tokenizer is built from the same local files; tiktoken's
+"gpt2" encoding is built by tiktoken's own loader from the same files, which
+it checks against the SHA-256 of OpenAI's originals (its usual path downloads
+them, which the test machines cannot).
+"""
+import inspect
+import os
+import random
+import time
+
+import pytest
+
+import tokenizer
+from tokenizer import EOT, BPETokenizer, find_vocab_dir
+
+CORPUS = [
+    "",
+    "a man riding a bike.",
+    "A group of people standing around a table with food.",
+    "Two dogs play in the snow",
+    " A man in a red shirt is climbing a rock .",
+    " Children are playing on the beach , near the water .",
+    "café au lait, naïve résumé, Ångström, São Paulo",
+    "í ñ ü ß ø œ",
+    "soft\u00adhyphen and \u00ad alone",
+    "emoji 🚲🐶👍🏽 and a flag 🇹🇼",
+    "中文字幕 日本語のテキスト 한국어",
+    "1234567 people, 3.14, 2023-10-01, 1,000,000 and 12:30pm",
+    "What?!... Wow!!! (yes) [no] {maybe} --- ***",
+    "it's they'll we've I'm you'd she's can't",
+    "IT'S I'M THEY'LL WE'VE",
+    "multiple   spaces    here",
+    "tabs\tand\ttab\t\tdouble",
+    "new\nline\n\nand\r\nwindows",
+    "trailing spaces   ",
+    "   leading spaces",
+    " \n \t ",
+    "mixed\u3000ideographic space and \u00a0nbsp",
+    "control \x00\x01\x7f\x85 bytes",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_dir):
+    return BPETokenizer(os.path.join(bpe_dir, "encoder.json"), os.path.join(bpe_dir, "vocab.bpe"))
+
+
+@pytest.fixture(scope="module")
+def hf(bpe_dir):
+    transformers = pytest.importorskip("transformers")
+    files = (os.path.join(bpe_dir, "encoder.json"), os.path.join(bpe_dir, "vocab.bpe"))
+    params = inspect.signature(transformers.GPT2Tokenizer.__init__).parameters
+    # transformers 4 names the files vocab_file/merges_file; 5 names them
+    # vocab/merges and silently ignores the old names (an empty tokenizer).
+    names = ("vocab_file", "merges_file") if "vocab_file" in params else ("vocab", "merges")
+    hf = transformers.GPT2Tokenizer(**dict(zip(names, files)))
+    assert len(hf) == 50257, f"transformers {transformers.__version__} did not load the files"
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tik(bpe_dir):
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # noqa: BLE001 - offline the download fails: build it from the local files
+        return _local_tiktoken(tiktoken, bpe_dir)
+
+
+def _local_tiktoken(tiktoken, bpe_dir):
+    try:
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+    except ImportError as e:
+        pytest.skip(f"tiktoken cannot download 'gpt2' offline and lacks its loader: {e}")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(bpe_dir, "vocab.bpe"),
+        encoder_json_file=os.path.join(bpe_dir, "encoder.json"),
+        # The hashes tiktoken itself pins for OpenAI's gpt2 files.
+        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    )
+    return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+
+
+def test_course_examples(bpe):
+    assert bpe.encode("a man riding a bike.") == [64, 582, 10311, 257, 7161, 13]
+    assert bpe.encode(" .") == [764]
+    assert bpe.encode(".") == [13]
+    assert bpe.eot_id == 50256
+    assert bpe.vocab_size == 50257
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_matches_transformers(bpe, hf, text):
+    assert bpe.encode(text) == hf.encode(text)
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_matches_tiktoken(bpe, tik, text):
+    assert bpe.encode(text) == tik.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_roundtrip(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_soft_hyphen_and_i_acute_encode(bpe):
+    # Both broke the course's byte table (0xAD is a UTF-8 byte of "í" too).
+    for text in ("í", "\u00ad"):
+        ids = bpe.encode(text)
+        assert ids and bpe.decode(ids) == text
+
+
+def test_every_id_decodes(bpe, hf):
+    texts = [bpe.decode([i]) for i in range(bpe.vocab_size)]
+    assert len(texts) == 50257 and all(isinstance(t, str) for t in texts)
+    sample = random.Random(0).sample(range(bpe.vocab_size), 2000) + list(range(256)) + [50256]
+    for i in sample:
+        assert texts[i] == hf.convert_tokens_to_string([hf.convert_ids_to_tokens(i)]), i
+
+
+def test_partial_utf8_decodes_with_replacement(bpe):
+    ids = bpe.encode("🚲")
+    assert len(ids) > 1  # the emoji's 4 bytes span several tokens
+    # A cut-off UTF-8 sequence becomes a single U+FFFD.
+    assert bpe.decode(ids[:1]) == "\ufffd"
+    assert bpe.decode(ids[:1] + bpe.encode(" ok")) == "\ufffd ok"
+
+
+def test_decode_rejects_unknown_id(bpe):
+    with pytest.raises(ValueError, match="50257"):
+        bpe.decode([50257])
+
+
+def test_endoftext_requires_allowed_special(bpe, tik):
+    text = "a dog.<|endoftext|>A cat."
+    with pytest.raises(ValueError, match=r"<\|endoftext\|>"):
+        bpe.encode(text)
+    with pytest.raises(ValueError, match=r"<\|endoftext\|>"):
+        bpe.encode("<|endoftext|>")
+    ids = bpe.encode(text, allowed_special={EOT})
+    assert ids == bpe.encode("a dog.") + [50256] + bpe.encode("A cat.")
+    assert ids == tik.encode(text, allowed_special={EOT})
+    assert bpe.encode(text, allowed_special="all") == ids
+    assert bpe.encode(EOT, allowed_special={EOT}) == [50256]
+    assert bpe.decode(ids) == text
+
+
+def test_unknown_allowed_special_rejected(bpe):
+    with pytest.raises(ValueError, match="<\\|startoftext\\|>"):
+        bpe.encode("hi", allowed_special={"<|startoftext|>"})
+
+
+def test_default_location_from_env(bpe_dir, monkeypatch):
+    monkeypatch.setenv("HW3_BPE_DIR", bpe_dir)
+    assert find_vocab_dir() == bpe_dir
+    assert BPETokenizer().encode(" .") == [764]
+
+
+def test_default_location_falls_back_to_cache(bpe_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HW3_BPE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(tokenizer, "REPO_ROOT", str(tmp_path / "repo"))
+    cache = tmp_path / "cache"
+    (cache / "gpt2").mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        os.symlink(os.path.join(os.path.abspath(bpe_dir), name), cache / "gpt2" / name)
+    monkeypatch.setenv("HW3_CACHE", str(cache))
+    assert find_vocab_dir() == str(cache / "gpt2")
+
+
+def test_missing_vocabulary_lists_folders(tmp_path, monkeypatch):
+    env_dir, repo_dir, cache_dir = (tmp_path / n for n in ("env", "repo", "cache"))
+    for d in (env_dir, repo_dir, cache_dir):
+        d.mkdir()
+    (env_dir / "encoder.json").write_text("{}")  # only one of the two files: not enough
+    monkeypatch.setenv("HW3_BPE_DIR", str(env_dir))
+    monkeypatch.setenv("HW3_CACHE", str(cache_dir))
+    monkeypatch.setattr(tokenizer, "REPO_ROOT", str(repo_dir))
+    with pytest.raises(FileNotFoundError) as info:
+        BPETokenizer()
+    message = str(info.value)
+    for folder in (env_dir, repo_dir, cache_dir / "gpt2"):
+        assert str(folder) in message
+    assert "bash hw3_download.sh" in message
+
+
+def test_malformed_vocab_bpe(bpe_dir, tmp_path):
+    bad = tmp_path / "vocab.bpe"
+    bad.write_text("Ġ t\nh e\n")
+    with pytest.raises(ValueError, match="#version"):
+        BPETokenizer(os.path.join(bpe_dir, "encoder.json"), str(bad))
+    bad.write_text("#version: 0.2\nĠ t\nh e x\n")
+    with pytest.raises(ValueError, match="line 3"):
+        BPETokenizer(os.path.join(bpe_dir, "encoder.json"), str(bad))
+
+
+def test_malformed_encoder_json(bpe_dir, tmp_path):
+    bad = tmp_path / "encoder.json"
+    vocab = os.path.join(bpe_dir, "vocab.bpe")
+    bad.write_text('["not", "an", "object"]')
+    with pytest.raises(ValueError, match="JSON object"):
+        BPETokenizer(str(bad), vocab)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="encoder.json"):
+        BPETokenizer(str(bad), vocab)
+    bad.write_text('{"a": 0}')
+    with pytest.raises(ValueError, match=r"<\|endoftext\|>"):
+        BPETokenizer(str(bad), vocab)
+
+
+def test_encoding_speed_report(bpe_dir, hf):
+    """Prints (never asserts) the time for a training set's worth of captions."""
+    rng = random.Random(0)
+    words = [hf.convert_tokens_to_string([t]).strip() for t in
+             hf.convert_ids_to_tokens(rng.sample(range(256, 20000), 4000))]
+    words = [w for w in words if w.isalpha()]
+    captions = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(53000)]
+    fresh = BPETokenizer(os.path.join(bpe_dir, "encoder.json"), os.path.join(bpe_dir, "vocab.bpe"))
+    start = time.perf_counter()
+    ids = [fresh.encode(c) for c in captions]
+    elapsed = time.perf_counter() - start
+    print(f"\nencoded {len(captions)} captions of 12 words in {elapsed:.2f} s (cold cache)")
+    assert all(ids) and fresh.decode(ids[0]) == captions[0]

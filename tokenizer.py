@@ -1,0 +1,199 @@
+"""GPT-2's byte-level BPE tokenizer, with the course's `BPETokenizer` API.
+
+Text -> UTF-8 bytes -> one printable unicode character per byte -> split into
+pre-tokens (words with their leading space, numbers, punctuation runs,
+whitespace) -> BPE merges inside each pre-token -> ids from encoder.json.
+`decode` runs the same steps backwards. The ids equal those of
+`transformers.GPT2Tokenizer` and tiktoken's "gpt2" encoding (tests check both).
+
+Two things differ from the course's copy, which is not quite GPT-2:
+- the byte table leaves byte 0xAD (soft hyphen) out of the printable ranges,
+  as GPT-2 does; the course's table maps it twice, so 18 ids could not be
+  decoded and any text with "í" or a soft hyphen could not be encoded;
+- the pre-tokenisation pattern is GPT-2's own.
+
+The vocabulary files (OpenAI's encoder.json and vocab.bpe) are never committed;
+`find_vocab_dir` says where they are looked for and `bash hw3_download.sh`
+fetches them.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import regex
+
+import io_utils
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+EOT = "<|endoftext|>"
+
+# GPT-2's pre-tokenizer: English contractions (case-sensitive, as in GPT-2),
+# then letters, digits or other symbols each with at most one leading space,
+# then whitespace. `\s+(?!\S)` leaves the last space of a run to the next word,
+# so "a  b" is "a", " ", " b" and " b" is the same token as in "a b".
+PATTERN = regex.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from each byte 0..255 to a printable, non-space character.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls,
+    space, 0x7F-0xA0 and the soft hyphen 0xAD) take 256, 257, ... in byte
+    order. BPE then never sees whitespace or control characters, and the
+    merges file stays plain text.
+    """
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def find_vocab_dir() -> str:
+    """The first folder holding both encoder.json and vocab.bpe.
+
+    Looked for in $HW3_BPE_DIR, then next to this file, then in the download
+    cache (`io_utils.cache_dir("gpt2")`, where hw3_download.sh puts them).
+    """
+    candidates = [os.environ.get("HW3_BPE_DIR"), REPO_ROOT, io_utils.cache_dir("gpt2")]
+    candidates = [c for c in candidates if c]
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, n)) for n in ("encoder.json", "vocab.bpe")):
+            return folder
+    raise FileNotFoundError(
+        "GPT-2 vocabulary (encoder.json and vocab.bpe) not found in any of: "
+        + ", ".join(repr(c) for c in candidates)
+        + ". Run `bash hw3_download.sh` to fetch them, or set HW3_BPE_DIR to their folder."
+    )
+
+
+def _read_merges(path: str) -> list[tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.startswith("#version"):
+        raise ValueError(f"{path!r} is not a GPT-2 vocab.bpe: it must start with '#version'")
+    merges = []
+    # split("\n"), not splitlines(): the file is only ever "\n"-separated.
+    for number, line in enumerate(text.split("\n")[1:], start=2):
+        if not line:
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise ValueError(f"{path!r} line {number}: expected two tokens, got {line!r}")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+def _read_encoder(path: str) -> dict[str, int]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            encoder = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not a GPT-2 encoder.json: {e}") from None
+    if not isinstance(encoder, dict) or EOT not in encoder:
+        raise ValueError(f"{path!r} is not a GPT-2 encoder.json: expected a JSON object "
+                         f"of token -> id that includes {EOT!r}")
+    return encoder
+
+
+class BPETokenizer:
+    """GPT-2 tokenizer: `encode(text) -> list[int]`, `decode(ids) -> str`.
+
+    Paths left as None are taken from `find_vocab_dir()`.
+    """
+
+    def __init__(self, encoder_file: str | None = None, vocab_file: str | None = None):
+        if encoder_file is None or vocab_file is None:
+            folder = find_vocab_dir()
+            encoder_file = encoder_file or os.path.join(folder, "encoder.json")
+            vocab_file = vocab_file or os.path.join(folder, "vocab.bpe")
+        self.encoder = _read_encoder(encoder_file)
+        # A lower rank merges first; keyed by pair so each lookup is one dict probe.
+        self.ranks = {pair: rank for rank, pair in enumerate(_read_merges(vocab_file))}
+        self.byte_encoder = bytes_to_unicode()
+        byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.id_to_bytes = {i: bytes(byte_decoder[c] for c in token)
+                            for token, i in self.encoder.items()}
+        self.eot_id = self.encoder[EOT]
+        self.vocab_size = len(self.encoder)
+        # Pre-token -> ids. Captions reuse a few thousand words, so after the
+        # first pass encoding is almost only regex matching and dict lookups.
+        self.cache: dict[str, list[int]] = {}
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one pre-token (already mapped through the byte table)."""
+        ids = self.cache.get(word)
+        if ids is not None:
+            return ids
+        parts = list(word)
+        while len(parts) > 1:
+            # Merge the lowest-ranked adjacent pair, everywhere it occurs.
+            pairs = set(zip(parts, parts[1:]))
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        ids = [self.encoder[p] for p in parts]
+        self.cache[word] = ids
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids = []
+        for piece in PATTERN.findall(text):
+            ids.extend(self._bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8"))))
+        return ids
+
+    def encode(self, text: str, allowed_special=None) -> list[int]:
+        """Token ids of `text`.
+
+        `<|endoftext|>` in the text becomes id `eot_id` only if it is listed in
+        `allowed_special` (a set of strings, or "all"); otherwise it raises,
+        so text from a file can never inject a control token by accident.
+        """
+        if allowed_special == "all":
+            allowed_special = {EOT}
+        allowed = set(allowed_special or ())
+        if allowed - {EOT}:
+            raise ValueError(f"unknown special tokens {sorted(allowed - {EOT})}; "
+                             f"the only special token is {EOT!r}")
+        if EOT not in allowed:
+            if EOT in text:
+                raise ValueError(f"text contains the special token {EOT!r}; pass "
+                                 f"allowed_special={{{EOT!r}}} to encode it as id {self.eot_id}")
+            return self._encode_ordinary(text)
+        chunks = text.split(EOT)
+        ids = self._encode_ordinary(chunks[0])
+        for chunk in chunks[1:]:
+            ids.append(self.eot_id)
+            ids.extend(self._encode_ordinary(chunk))
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids` (any iterable of ints, e.g. a list or 1-D tensor).
+
+        A token may hold part of a UTF-8 character, so a cut-off sequence
+        decodes with U+FFFD in its place rather than raising.
+        """
+        try:
+            data = b"".join(self.id_to_bytes[int(i)] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]} is outside 0..{self.vocab_size - 1}") from None
+        return data.decode("utf-8", errors="replace")
