@@ -142,6 +142,6 @@ def torch_load(path: str):
 
     import torch
 
-    if "weights_only" in inspect.signature(torch.load).parameters:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    if "weights_only" in inspect.signature(torch.load).parameters:  # guarded: torch >= 1.13
+        return torch.load(path, map_location="cpu", weights_only=True)  # guarded
     return torch.load(path, map_location="cpu")

@@ -22,6 +22,7 @@ import glob
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -161,10 +162,10 @@ def check_torch_apis(path: str) -> list[str]:
 
 
 def _run_tool(argv: list[str]) -> list[str]:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
+    executable = shutil.which(argv[0])
+    if executable is None:
         return [f"{argv[0]} is not installed (pip install -r requirements-dev.txt)"]
+    result = subprocess.run([executable, *argv[1:]], capture_output=True, text=True, check=False)
     if result.returncode == 0:
         return []
     return [f"{' '.join(argv[:2])}: " + (result.stdout + result.stderr).strip()]
@@ -175,9 +176,8 @@ def check_python38(paths: list[str]) -> list[str]:
     if not paths:
         return []
     problems = []
-    problems += _run_tool([sys.executable, "-m", "vermin", "--target=3.8-", "--violations",
-                           "--no-tips", "--no-parse-comments", *paths])
-    problems += _run_tool([sys.executable, "-m", "ruff", "check", "--target-version", "py38",
+    problems += _run_tool(["vermin", "--target=3.8-", "--violations", "--no-tips", "--no-parse-comments", *paths])
+    problems += _run_tool(["ruff", "check", "--target-version", "py38",
                            "--no-cache", "--quiet", *paths])
     for path in paths:
         problems += check_torch_apis(path)

@@ -68,10 +68,10 @@ def test_planted_python_violations_are_caught(tmp_path):
         shutil.copy(os.path.join(REPO, name), repo / name)
     assert script_rules.check_repository(str(repo)) == []
     (repo / "helper.py").write_text(
-        "import torch\n\n\ndef f(a: str, x):\n"
-        "    return a.removeprefix('x'), torch.nn.functional.scaled_dot_product_attention(x, x, x)\n")
+        "import torch\n\n\ndef f(x):\n"
+        "    return 'ab'.removeprefix('a'), torch.nn.functional.scaled_dot_product_attention(x, x, x)\n")
     with open(repo / "p1_zeroshot.py", "a") as f:
-        f.write("\nimport helper  # noqa: E402,F401\n")
+        f.write("\nimport helper  # noqa: F401\n")
     problems = "\n".join(script_rules.check_repository(str(repo)))
     assert "removeprefix" in problems  # vermin: str.removeprefix is 3.9+
     assert "scaled_dot_product_attention" in problems  # torch 2.x API
