@@ -1,0 +1,2 @@
+#!/bin/bash
+python3 p1_zeroshot.py "$1" "$2" "$3"

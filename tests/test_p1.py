@@ -1,0 +1,412 @@
+"""Problem 1 (CLIP zero-shot): the graders' entry point end to end on a tiny
+random CLIP, the prompt/flip ensemble against a direct computation, input
+validation, and the report helper."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import p1_report
+import p1_zeroshot as zs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Ids are not 0..K-1 and names need cleaning, as CIFAR-100's would.
+ID2LABEL = {"0": "maple_tree", "3": "aquarium_fish", "4": "bicycle", "11": "pickup  truck"}
+
+
+@pytest.fixture(autouse=True)
+def on_cpu(monkeypatch):
+    """The direct computations run in fp32 on the CPU; so does the code under test,
+    even on a machine with a GPU (where CLIP would run in fp16)."""
+    monkeypatch.setattr(zs, "pick_device", lambda: torch.device("cpu"))
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
+
+
+def noise_image(seed, mode="RGB"):
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def save_images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(names):
+        noise_image(seed).save(folder / name)
+    return folder
+
+
+def direct_probs(clip_file, paths, classnames, templates):
+    """[N, K] ensemble probabilities written out from CLIP's own API, image by
+    image, class by class: the formula p1_zeroshot must implement."""
+    import clip
+
+    model, preprocess = clip.load(clip_file, device="cpu", jit=False)
+    with torch.no_grad():
+        text = []
+        for name in classnames:
+            name = " ".join(name.replace("_", " ").split())
+            emb = model.encode_text(clip.tokenize([t.format(name) for t in templates]))
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            mean = emb.mean(dim=0)
+            text.append(mean / mean.norm())
+        text = torch.stack(text)
+        images = []
+        for path in paths:
+            image = Image.open(path)
+            image.load()
+            image = zs.io_utils.to_rgb(image)
+            views = torch.stack([preprocess(image), preprocess(ImageOps.mirror(image))])
+            emb = model.encode_image(views)
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            mean = emb.mean(dim=0)
+            images.append(mean / mean.norm())
+        images = torch.stack(images)
+        return torch.softmax(model.logit_scale.exp() * images @ text.t(), dim=-1)
+
+
+def assert_same_argmax(labels, probs, class_ids):
+    """The CSV label is the direct argmax; near-ties (float noise) may go either way."""
+    clear = 0
+    for label, row in zip(labels, probs):
+        top2 = row.topk(2)
+        if float(top2.values[0] - top2.values[1]) > 1e-4:
+            assert label == class_ids[int(top2.indices[0])]
+            clear += 1
+        else:
+            assert label in {class_ids[int(i)] for i in top2.indices}
+    assert clear >= len(labels) - 1
+
+
+def run_hw3_1(args, clip_file, tmp_path):
+    env = dict(os.environ, HW3_P1_CLIP=clip_file, HW3_CACHE=str(tmp_path / "cache"),
+               CUDA_VISIBLE_DEVICES="")  # CPU, as on_cpu does in-process
+    return subprocess.run(["bash", "hw3_1.sh", *args], check=False, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+# ---------------------------------------------------------------- end to end
+
+READABLE = {
+    "plain.png": "RGB", "with space.png": "L", "a.b.c.png": "RGBA", "UPPER.PNG": "P",
+    "貓_1.png": "I;16", "café.jpg": "CMYK", "comma,name.png": "RGB", 'say "hi".png': "RGB",
+}
+
+
+@pytest.fixture(scope="module")
+def e2e(tiny_clip_file, tmp_path_factory):
+    """One run of `bash hw3_1.sh` on a folder of tricky names, modes and non-images."""
+    tmp = tmp_path_factory.mktemp("p1_e2e")
+    folder = tmp / "images"
+    folder.mkdir()
+    for seed, (name, mode) in enumerate(READABLE.items()):
+        if mode == "I;16":
+            gray = np.random.default_rng(seed).integers(0, 65536, (32, 32), dtype=np.uint16)
+            Image.fromarray(gray).save(folder / name)
+        elif mode == "P":
+            noise_image(seed).convert("P", palette=Image.ADAPTIVE).save(folder / name)
+        else:
+            noise_image(seed, mode).save(folder / name)
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    whole = (folder / "plain.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    id2label = write_json(tmp / "id2label.json", ID2LABEL)
+    out = tmp / "not" / "yet" / "pred.csv"
+    result = run_hw3_1([str(folder), id2label, str(out)], tiny_clip_file, tmp)
+    return folder, out, result
+
+
+def test_hw3_1_writes_one_row_per_readable_image(e2e):
+    _, out, result = e2e
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out)
+    assert rows[0] == ["filename", "label"]
+    names = [r[0] for r in rows[1:]]
+    assert names == sorted(READABLE)
+    assert all(len(r) == 2 and r[1] in ID2LABEL for r in rows[1:])
+    for skipped in ("notes.txt", "broken.png", "truncated.png"):
+        assert f"'{skipped}'" in result.stderr
+    assert "'plain.png'" not in result.stderr
+
+
+def test_hw3_1_labels_equal_direct_computation(e2e, tiny_clip_file):
+    folder, out, result = e2e
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out)[1:]
+    class_ids = sorted(int(k) for k in ID2LABEL)
+    names = [ID2LABEL[str(i)] for i in class_ids]
+    probs = direct_probs(tiny_clip_file, [folder / r[0] for r in rows], names, zs.TEMPLATES)
+    assert_same_argmax([int(r[1]) for r in rows], probs, class_ids)
+
+
+def test_hw3_1_script_is_one_python3_line():
+    with open(os.path.join(REPO, "hw3_1.sh")) as f:
+        lines = f.read().splitlines()
+    assert lines == ["#!/bin/bash", 'python3 p1_zeroshot.py "$1" "$2" "$3"']
+
+
+def test_unknown_model_exits_nonzero_and_keeps_old_output(tmp_path):
+    folder = save_images(tmp_path / "images", ["a.png"])
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    out = tmp_path / "pred.csv"
+    out.write_text("old\n")
+    result = run_hw3_1([str(folder), id2label, str(out)], "ViT-Z/99", tmp_path)
+    assert result.returncode != 0
+    assert "CLIP model 'ViT-Z/99' not found; available models = [" in result.stderr
+    assert "ViT-L/14@336px" in result.stderr
+    assert out.read_text() == "old\n"
+
+
+# ---------------------------------------------------------------- units
+
+def test_clean_classname():
+    assert zs.clean_classname("maple_tree") == "maple tree"
+    assert zs.clean_classname("  aquarium__fish\t") == "aquarium fish"
+    assert zs.clean_classname("pickup  truck") == "pickup truck"
+    assert zs.clean_classname("bicycle") == "bicycle"
+
+
+def test_templates_are_clips_18_cifar_prompts():
+    assert len(zs.TEMPLATES) == 18
+    assert len(set(zs.TEMPLATES)) == 18
+    assert all(t.count("{}") == 1 and "{" not in t.replace("{}", "") for t in zs.TEMPLATES)
+    assert zs.TEMPLATES[0] == "a photo of a {}."
+    assert sum(" the " in t for t in zs.TEMPLATES) == 9
+
+
+def test_text_embeddings_are_the_normalised_template_mean(tiny_clip_file):
+    import clip
+
+    model, _ = zs.load_clip(tiny_clip_file, torch.device("cpu"))
+    got = zs.text_embeddings(model, ["maple_tree", "bicycle", "pickup  truck"], zs.TEMPLATES, torch.device("cpu"))
+    assert got.shape == (3, model.text_projection.shape[1])
+    assert torch.allclose(got.norm(dim=-1), torch.ones(3), atol=1e-5)
+    with torch.no_grad():
+        for row, name in zip(got, ["maple tree", "bicycle", "pickup truck"]):
+            emb = model.encode_text(clip.tokenize([t.format(name) for t in zs.TEMPLATES]))
+            mean = (emb / emb.norm(dim=-1, keepdim=True)).mean(dim=0)
+            assert torch.allclose(row, mean / mean.norm(), atol=1e-5)
+
+
+def test_image_embeddings_and_probs_match_direct(tiny_clip_file, tmp_path):
+    paths = [str(p) for p in sorted(save_images(tmp_path, ["a.png", "b.png", "c.png"]).iterdir())]
+    device = torch.device("cpu")
+    model = zs.load_clip(tiny_clip_file, device)
+    kept, image_embs = zs.image_embeddings([model], paths, device, batch_size=2)
+    assert kept == paths
+    assert torch.allclose(image_embs[0].norm(dim=-1), torch.ones(3), atol=1e-5)
+    names = list(ID2LABEL.values())
+    text = zs.text_embeddings(model[0], names, zs.TEMPLATES, device)
+    got = zs.ensemble_probs(image_embs, [text], [zs.logit_scale(model[0])])
+    want = direct_probs(tiny_clip_file, paths, names, zs.TEMPLATES)
+    assert torch.allclose(got, want, atol=1e-4)
+    # Two copies of one model average to that model's probabilities.
+    twice = zs.ensemble_probs(image_embs * 2, [text, text], [zs.logit_scale(model[0])] * 2)
+    assert torch.allclose(twice, got, atol=1e-6)
+
+
+def test_class_text_is_encoded_once_per_run(tiny_clip_file, tmp_path, monkeypatch):
+    from clip.model import CLIP
+
+    calls = []
+    original = CLIP.encode_text
+
+    def counting(self, text):
+        calls.append(len(text))
+        return original(self, text)
+
+    monkeypatch.setattr(CLIP, "encode_text", counting)
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_P1_BATCH", "2")
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    counts = []
+    for n in (1, 7):
+        folder = save_images(tmp_path / f"n{n}", [f"{i}.png" for i in range(n)])
+        calls.clear()
+        zs.main([str(folder), id2label, str(tmp_path / f"n{n}.csv")])
+        counts.append((len(calls), sum(calls)))
+        assert len(read_csv(tmp_path / f"n{n}.csv")) == n + 1
+    assert counts[0] == counts[1]
+    assert counts[0][1] == len(ID2LABEL) * len(zs.TEMPLATES)
+
+
+def test_read_id2label_sorts_ids(tmp_path):
+    path = write_json(tmp_path / "a.json", {"10": "b", "2": "a_b"})
+    assert zs.read_id2label(path) == {2: "a_b", 10: "b"}
+    assert list(zs.read_id2label(path)) == [2, 10]
+
+
+def test_download_notice_only_when_not_cached(tiny_clip_file, tmp_path, monkeypatch, capsys):
+    import clip
+
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path))
+    loaded = zs.load_clip(tiny_clip_file, torch.device("cpu"))
+    seen = []
+
+    def fake_load(name, device, jit, download_root):
+        seen.append((name, str(device), jit, download_root))
+        return loaded
+
+    monkeypatch.setattr(clip, "load", fake_load)
+    zs.load_clip("ViT-L/14@336px", torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert "downloading" in err and "bash hw3_download.sh" in err
+    assert seen == [("ViT-L/14@336px", "cpu", False, os.path.join(str(tmp_path), "clip"))]
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "ViT-L-14-336px.pt").write_bytes(b"")
+    zs.load_clip("ViT-L/14@336px", torch.device("cpu"))
+    assert "downloading" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def _bad_json(tmp_path, text):
+    path = tmp_path / "id2label.json"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing folder", "does not exist"),
+    ("empty folder", "contains no files"),
+    ("only text", "no readable image"),
+    ("not json", "is not valid JSON"),
+    ("json list", "must hold a JSON object"),
+    ("empty object", "empty JSON object"),
+    ("non-integer key", "key 'cat' is not an integer class id"),
+    ("non-string value", "must be a non-empty string"),
+    ("duplicate id", "repeats class id 1"),
+    ("unknown model", "CLIP model 'no-such-model' not found; available models = ["),
+])
+@pytest.mark.parametrize("existing_output", [False, True])
+def test_bad_inputs_exit_with_message_and_no_output(case, expected, existing_output, tiny_clip_file,
+                                                    tmp_path, monkeypatch):
+    monkeypatch.setenv("HW3_P1_CLIP", "no-such-model" if case == "unknown model" else tiny_clip_file)
+    folder = save_images(tmp_path / "images", ["a.png"])
+    id2label = write_json(tmp_path / "ok.json", ID2LABEL)
+    if case == "missing folder":
+        folder = tmp_path / "nowhere"
+    elif case == "empty folder":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    elif case == "only text":
+        folder = tmp_path / "text"
+        folder.mkdir()
+        (folder / "readme.txt").write_text("hello")
+    elif case == "not json":
+        id2label = _bad_json(tmp_path, '{"0": "cat",')
+    elif case == "json list":
+        id2label = _bad_json(tmp_path, '["cat", "dog"]')
+    elif case == "empty object":
+        id2label = _bad_json(tmp_path, "{}")
+    elif case == "non-integer key":
+        id2label = _bad_json(tmp_path, '{"0": "dog", "cat": "cat"}')
+    elif case == "non-string value":
+        id2label = _bad_json(tmp_path, '{"0": "dog", "1": 5}')
+    elif case == "duplicate id":
+        id2label = _bad_json(tmp_path, '{"1": "dog", "01": "cat"}')
+    out = tmp_path / "out" / "pred.csv"
+    if existing_output:
+        out.parent.mkdir()
+        out.write_text("old\n")
+    with pytest.raises(SystemExit) as exit_info:
+        zs.main([str(folder), id2label, str(out)])
+    message = str(exit_info.value.code)
+    assert expected in message
+    if case in ("not json", "json list", "empty object", "non-integer key", "non-string value", "duplicate id"):
+        assert id2label in message
+    if case in ("missing folder", "empty folder", "only text"):
+        assert str(folder) in message
+    if existing_output:
+        assert out.read_text() == "old\n"
+    else:
+        assert not out.parent.exists()
+
+
+def test_bad_batch_size(monkeypatch):
+    monkeypatch.setenv("HW3_P1_BATCH", "0")
+    with pytest.raises(SystemExit, match="HW3_P1_BATCH"):
+        zs.batch_size()
+
+
+# ---------------------------------------------------------------- report helper
+
+def test_report_accuracy_equals_direct_counts(tiny_clip_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    keys = list(ID2LABEL)
+    names = [f"{keys[i % len(keys)]}_{450 + i}.png" for i in range(8)]
+    folder = save_images(tmp_path / "val", names)
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    out = tmp_path / "report"
+    p1_report.main(["accuracy", "--val-dir", str(folder), "--id2label", id2label,
+                    "--out-dir", str(out), "--clip", tiny_clip_file])
+
+    report = json.loads((out / "p1_prompts.json").read_text())
+    assert report["models"] == [tiny_clip_file] and report["n_images"] == 8
+    results = report["results"]
+    assert [r["prompt"] for r in results] == [
+        "This is a photo of {object}", "This is not a photo of {object}",
+        "No {object}, no score.", p1_report.ENSEMBLE_NAME]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results)
+    table = [line for line in (out / "p1_prompts.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4
+
+    # The ensemble row counts what the graders' entry point writes.
+    zs.main([str(folder), id2label, str(tmp_path / "pred.csv")])
+    rows = read_csv(tmp_path / "pred.csv")[1:]
+    correct = sum(name.split("_")[0] == label for name, label in rows)
+    assert results[3]["accuracy"] == correct / len(rows)
+
+    class_ids = sorted(int(k) for k in ID2LABEL)
+    paths = sorted(folder.iterdir())
+    truth = [int(p.name.split("_")[0]) for p in paths]
+    for row, prompt in zip(results, p1_report.REPORT_PROMPTS + [None]):
+        templates = zs.TEMPLATES if prompt is None else [prompt]
+        probs = direct_probs(tiny_clip_file, paths, [ID2LABEL[str(i)] for i in class_ids], templates)
+        predicted = [class_ids[int(k)] for k in probs.argmax(dim=1)]
+        assert row["accuracy"] == sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+
+
+def test_report_accuracy_rejects_names_without_label(tiny_clip_file, tmp_path):
+    folder = save_images(tmp_path / "val", ["0_1.png", "cat.png", "99_2.png"])
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    with pytest.raises(SystemExit) as exit_info:
+        p1_report.main(["accuracy", "--val-dir", str(folder), "--id2label", id2label,
+                        "--out-dir", str(tmp_path / "out"), "--clip", tiny_clip_file])
+    message = str(exit_info.value.code)
+    assert "'cat.png'" in message and "'99_2.png'" in message and "'0_1.png'" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_top5_writes_a_png_per_image(tiny_clip_file, tmp_path):
+    folder = save_images(tmp_path / "val", ["3_450.png", "café shop.png"])
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    out = tmp_path / "figs"
+    report = p1_report.main(["top5", "--id2label", id2label, "--out-dir", str(out), "--clip", tiny_clip_file,
+                             str(folder / "3_450.png"), str(folder / "café shop.png")])
+    for stem in ("3_450", "café shop"):
+        assert (out / f"p1_top5_{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    numbers = json.loads((out / "p1_top5.json").read_text(encoding="utf-8"))
+    assert numbers == report
+    for rows in numbers["images"].values():
+        probs = [r["probability"] for r in rows]
+        assert len(rows) == 4 and probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
+        assert all(r["prompt"] == "a photo of a " + zs.clean_classname(r["class"]) for r in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
