@@ -45,3 +45,37 @@ def tiny_clip_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+# timm ViT small enough for CPU training tests: 32x32 input, 8x8 patches (4x4 grid), width 64.
+TINY_VIT = "vit_tiny_patch16_224"
+TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_file(tmp_path_factory):
+    """A random timm ViT (TINY_VIT with TINY_VIT_KWARGS) saved as a state_dict, head included."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_VIT, pretrained=False, **TINY_VIT_KWARGS)
+    path = tmp_path_factory.mktemp("vit") / "tiny_vit.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """(path, model): a random 2-layer GPT-2 from `transformers` with GPT-2's vocabulary,
+    its transformer's state_dict saved in the course's decoder_model.bin layout
+    (no `transformer.` prefix, Conv1D weights as (in, out))."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=50257, n_positions=64)
+    model = GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("gpt2") / "decoder_model.bin"
+    torch.save(model.transformer.state_dict(), path)
+    return str(path), model

@@ -1,0 +1,512 @@
+"""The course's GPT-2 decoder, extended to caption images.
+
+GPT-2 small as the course ships it (`decoder_model.bin`, HuggingFace's `gpt2`
+without the `transformer.` prefix), plus what captioning needs, each switched
+by a config value and each initialised so that a fresh model computes exactly
+what GPT-2 computes (the golden test checks this against `transformers`):
+
+- cross-attention after self-attention in the chosen blocks, pre-LN, caption
+  tokens attending to the image tokens; the image tokens are projected once
+  from the encoder's width to the decoder's (`visual_proj`); the output
+  projection starts at zero;
+- adapters (Houlsby et al. 2019): a bottleneck MLP with a residual after the
+  self-attention and/or the MLP of chosen blocks, its up-projection at zero;
+- prefix tuning (Li & Liang 2021): P learned key/value pairs per layer that
+  every self-attention query also attends to. They get their own softmax and
+  join through a per-head gate that starts at zero (LLaMA-Adapter's zero-init
+  attention): a shared softmax would shift GPT-2's attention before any
+  training. An optional reparameterisation MLP is used while training and
+  folded into plain tensors for the checkpoint (`captioner.trainable_state`);
+- LoRA (Hu et al. 2021): W x + (alpha / r) B A x on chosen GPT-2 linears,
+  B at zero. Written here rather than with loralib: loralib merges B A into
+  W on `eval()`, so weights loaded after that are silently ignored, and its
+  default alpha of 1 scales the update by 1 / r.
+
+What trains is decided by `parameter_group` alone, by parameter name.
+
+Shapes: B images, K beams per image, N = B * K sequences, T caption tokens,
+S image tokens, P prefix tokens, C width, H heads, D = C / H head width,
+V vocabulary, L layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from io_utils import torch_load
+
+# GPT-2 stores these four as Conv1D, weight (in, out); nn.Linear wants (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Non-parameter buffers HuggingFace checkpoints may carry (the causal masks).
+IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+ADAPTER_PLACES = ("attn", "mlp")
+HEAD_WIDTH = 64  # every GPT-2 size uses 64-wide heads
+
+
+@dataclass
+class DecoderConfig:
+    # GPT-2's shape: read from the weights file (`infer_gpt2_shape`), never typed.
+    n_layer: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    n_ctx: int = 1024
+    # width of the image tokens: read from the encoder
+    encoder_width: int = 1024
+    # blocks with cross-attention; None = every block
+    cross_layers: list | None = None
+    # adapter: bottleneck width (0 = none), where in the block, which blocks (None = all)
+    adapter_dim: int = 0
+    adapter_places: list = field(default_factory=lambda: list(ADAPTER_PLACES))
+    adapter_layers: list | None = None
+    # prefix tuning: prefix length (0 = none); hidden width of the training-time MLP (0 = none)
+    prefix_len: int = 0
+    prefix_hidden: int = 0
+    # LoRA: rank (0 = none), alpha (update scaled by alpha / rank), target linears
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_embd % HEAD_WIDTH:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of the head width {HEAD_WIDTH}")
+        for name in ("cross_layers", "adapter_layers"):
+            layers = getattr(self, name)
+            if layers is not None:
+                bad = [i for i in layers if not 0 <= int(i) < self.n_layer]
+                if bad:
+                    raise ValueError(f"{name} {bad} out of range 0..{self.n_layer - 1}")
+                setattr(self, name, sorted(int(i) for i in layers))
+        bad = [p for p in self.adapter_places if p not in ADAPTER_PLACES]
+        if bad:
+            raise ValueError(f"adapter_places {bad} not in {list(ADAPTER_PLACES)}")
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"lora_targets {bad} not in {list(LORA_TARGETS)}")
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise ValueError("lora_alpha must be > 0 when lora_rank > 0 (the update is scaled by alpha / rank)")
+        self.adapter_places = list(self.adapter_places)
+        self.lora_targets = list(self.lora_targets)
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // HEAD_WIDTH
+
+    def has_cross(self, layer: int) -> bool:
+        return self.cross_layers is None or layer in self.cross_layers
+
+    def has_adapter(self, layer: int, place: str) -> bool:
+        in_layer = self.adapter_layers is None or layer in self.adapter_layers
+        return self.adapter_dim > 0 and in_layer and place in self.adapter_places
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parameter_group(name: str) -> str | None:
+    """The trainable group a parameter belongs to, by its name; None = frozen.
+
+    The single place that decides what trains: everything GPT-2 and the
+    encoder brought stays frozen, every module added for captioning trains.
+    """
+    parts = name.split(".")
+    if "lora_A" in parts or "lora_B" in parts:
+        return "lora"
+    if "prefix" in parts or "prefix_gate" in parts:
+        return "prefix"
+    if "adapter_attn" in parts or "adapter_mlp" in parts:
+        return "adapter"
+    if "cross" in parts:
+        return "cross_attention"
+    if "visual_proj" in parts:
+        return "visual_proj"
+    return None
+
+
+class Linear(nn.Linear):
+    """nn.Linear with an optional LoRA update: y = W x + b + (alpha / r) B A x."""
+
+    def __init__(self, fan_in: int, fan_out: int, rank: int = 0, alpha: float = 1.0, dropout: float = 0.0):
+        super().__init__(fan_in, fan_out)
+        self.rank = rank
+        if rank > 0:
+            self.lora_A = nn.Parameter(torch.empty(rank, fan_in))
+            self.lora_B = nn.Parameter(torch.zeros(fan_out, rank))  # zero: starts as W exactly
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.scaling = alpha / rank
+            self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.rank:
+            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return y
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter with its residual: h + up(gelu(down(h)))."""
+
+    def __init__(self, width: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)  # starts as the identity
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(F.gelu(self.down(h)))
+
+
+def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """[N, T, C] -> [N, H, T, D]"""
+    N, T, C = x.shape
+    return x.view(N, T, n_head, C // n_head).transpose(1, 2)
+
+
+def _merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """[N, H, T, D] -> [N, T, C]"""
+    N, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(N, T, H * D)
+
+
+class SelfAttention(nn.Module):
+    """GPT-2's causal self-attention, with a key/value cache and optional gated prefix."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        C = cfg.n_embd
+        lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        self.n_head = cfg.n_head
+        self.c_attn = Linear(C, 3 * C, cfg.lora_rank if "attn.c_attn" in cfg.lora_targets else 0, **lora)
+        self.c_proj = Linear(C, C, cfg.lora_rank if "attn.c_proj" in cfg.lora_targets else 0, **lora)
+        # tanh(0) = 0: the prefix contributes nothing until training opens the gate
+        self.prefix_gate = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.prefix_len else None
+
+    def forward(self, x, past=None, prefix=None):
+        """x [N, T, C]; past (k, v) [N, H, t, D] or None; prefix (k, v) [P, C] or None.
+        Returns y [N, T, C] and the cache (k, v) [N, H, t + T, D]."""
+        N, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (_heads(z, self.n_head) for z in (q, k, v))  # [N, H, T, D]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # [N, H, t + T, D]
+            v = torch.cat([past[1], v], dim=2)
+        scale = 1.0 / math.sqrt(q.size(-1))
+        att = (q @ k.transpose(-2, -1)) * scale  # [N, H, T, t + T]
+        # query i sits at absolute position t + i and sees keys 0 .. t + i
+        causal = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        y = att.to(v.dtype) @ v  # [N, H, T, D]
+        if prefix is not None:
+            pk, pv = (z.view(1, -1, self.n_head, C // self.n_head).transpose(1, 2) for z in prefix)  # [1, H, P, D]
+            patt = ((q @ pk.transpose(-2, -1).to(q.dtype)) * scale).softmax(dim=-1)  # [N, H, T, P]
+            gate = torch.tanh(self.prefix_gate).view(1, -1, 1, 1)  # [1, H, 1, 1]
+            y = y + gate.to(y.dtype) * (patt.to(y.dtype) @ pv.to(y.dtype))
+        return self.c_proj(_merge_heads(y)), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Caption tokens (queries) attend to image tokens (keys, values); pre-LN.
+
+    The image keys/values are computed once per image (`memory`) and shared
+    by all K beams of that image: the K beams' queries are folded into one
+    query block instead of copying the image tokens K times.
+    """
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        C = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.ln = nn.LayerNorm(C)
+        self.q = nn.Linear(C, C)
+        self.kv = nn.Linear(C, 2 * C)
+        self.c_proj = nn.Linear(C, C)
+        nn.init.zeros_(self.c_proj.weight)  # a fresh block adds nothing to GPT-2's stream
+        nn.init.zeros_(self.c_proj.bias)
+
+    def memory(self, img: torch.Tensor):
+        """img [B, S, C] (already projected) -> (k, v), each [B, H, S, D]"""
+        k, v = self.kv(img).split(img.size(-1), dim=2)
+        return _heads(k, self.n_head), _heads(v, self.n_head)
+
+    def forward(self, x, memory):
+        """x [N, T, C] with N = B * K, beams of one image adjacent; memory (k, v) [B, H, S, D].
+        Returns y [N, T, C] and the attention [N, H, T, S]."""
+        k, v = memory
+        N, T, C = x.shape
+        B, H, S, D = k.shape
+        K = N // B
+        q = self.q(self.ln(x)).view(B, K, T, H, D).permute(0, 3, 1, 2, 4).reshape(B, H, K * T, D)
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(D)).softmax(dim=-1)  # [B, H, K * T, S]
+        y = att.to(v.dtype) @ v  # [B, H, K * T, D]
+        y = y.view(B, H, K, T, D).permute(0, 2, 3, 1, 4).reshape(N, T, C)
+        att = att.view(B, H, K, T, S).transpose(1, 2).reshape(N, H, T, S)
+        return self.c_proj(y), att
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        C = cfg.n_embd
+        lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+        self.c_fc = Linear(C, 4 * C, cfg.lora_rank if "mlp.c_fc" in cfg.lora_targets else 0, **lora)
+        self.c_proj = Linear(4 * C, C, cfg.lora_rank if "mlp.c_proj" in cfg.lora_targets else 0, **lora)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """GPT-2 block: x + attn(ln_1(x)), [x + cross(x, image)], x + mlp(ln_2(x)); adapters on the sublayer outputs."""
+
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        C = cfg.n_embd
+        self.ln_1 = nn.LayerNorm(C)
+        self.attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(C)
+        self.mlp = MLP(cfg)
+        self.cross = CrossAttention(cfg) if cfg.has_cross(layer) else None
+        self.adapter_attn = Adapter(C, cfg.adapter_dim) if cfg.has_adapter(layer, "attn") else nn.Identity()
+        self.adapter_mlp = Adapter(C, cfg.adapter_dim) if cfg.has_adapter(layer, "mlp") else nn.Identity()
+
+    def forward(self, x, memory=None, past=None, prefix=None):
+        h, present = self.attn(self.ln_1(x), past, prefix)
+        x = x + self.adapter_attn(h)
+        att = None
+        if self.cross is not None:
+            h, att = self.cross(x, memory)
+            x = x + h
+        x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))
+        return x, present, att
+
+
+class Prefix(nn.Module):
+    """Learned key/value prefixes for every layer: `forward()` -> [L, 2, P, C].
+
+    With `hidden > 0` they are produced by an MLP from P embeddings while
+    training (Li & Liang's reparameterisation, which they found steadier);
+    the checkpoint holds only its output (`captioner.trainable_state`).
+    """
+
+    def __init__(self, n_layer: int, width: int, length: int, hidden: int = 0):
+        super().__init__()
+        self.shape = (n_layer, 2, length, width)
+        if hidden:
+            self.embedding = nn.Parameter(torch.randn(length, width) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, n_layer * 2 * width))
+            self.kv = None
+        else:
+            self.kv = nn.Parameter(torch.randn(*self.shape) * 0.02)
+
+    def forward(self) -> torch.Tensor:
+        if self.kv is not None:
+            return self.kv
+        L, two, P, C = self.shape
+        return self.mlp(self.embedding).view(P, L, two, C).permute(1, 2, 0, 3)  # [L, 2, P, C]
+
+
+class Decoder(nn.Module):
+    """GPT-2 with cross-attention to image tokens and the PEFT modules above."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.wpe = nn.Embedding(cfg.n_ctx, C)
+        self.h = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(C)
+        self.visual_proj = nn.Linear(cfg.encoder_width, C)
+        self.prefix = Prefix(cfg.n_layer, C, cfg.prefix_len, cfg.prefix_hidden) if cfg.prefix_len else None
+
+    def memory(self, feats: torch.Tensor) -> list:
+        """Encoder tokens [B, S, encoder_width] -> per block the cross-attention (k, v) or None."""
+        img = self.visual_proj(feats)  # [B, S, C]
+        return [block.cross.memory(img) if block.cross is not None else None for block in self.h]
+
+    def forward(self, idx, memory, past=None):
+        """idx [N, T] token ids; memory from `memory()`; past: per-block self-attention cache or None.
+
+        Returns logits [N, T, V], the new cache, and the last cross-attention
+        block's attention [N, H, T, S] (None without cross-attention).
+        """
+        N, T = idx.shape
+        start = 0 if past is None else past[0][0].size(2)
+        if start + T > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {start + T} tokens exceeds GPT-2's context of {self.cfg.n_ctx}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # [N, T, C]
+        prefixes = self.prefix() if self.prefix is not None else None  # [L, 2, P, C]
+        presents, last_att = [], None
+        for i, block in enumerate(self.h):
+            prefix = (prefixes[i, 0], prefixes[i, 1]) if prefixes is not None else None
+            x, present, att = block(x, memory[i], None if past is None else past[i], prefix)
+            presents.append(present)
+            last_att = att if att is not None else last_att
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head, [N, T, V]
+        return logits, presents, last_att
+
+    # -- decoding -------------------------------------------------------------
+
+    @torch.no_grad()
+    def greedy(self, feats, max_len: int, eot: int) -> list:
+        """Greedy captions as token lists (no <|endoftext|>), with the key/value cache."""
+        return self._decode_one(feats, max_len, eot, lambda logp: logp.argmax(-1))[0]
+
+    @torch.no_grad()
+    def sample(self, feats, max_len: int, eot: int, temperature: float = 1.0, generator=None) -> list:
+        """Captions sampled from the model (self-critical training)."""
+        def pick(logp):
+            probs = (logp / temperature).softmax(-1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return self._decode_one(feats, max_len, eot, pick)[0]
+
+    def _decode_one(self, feats, max_len, eot, pick):
+        B = feats.size(0)
+        memory = self.memory(feats)
+        token = torch.full((B, 1), eot, dtype=torch.long, device=feats.device)
+        alive = torch.ones(B, dtype=torch.bool, device=feats.device)
+        out, past = [], None
+        for t in range(max_len):
+            logits, past, _ = self(token, memory, past)
+            logp = logits[:, -1].float().log_softmax(-1)  # [B, V]
+            if t == 0:
+                logp[:, eot] = float("-inf")  # a caption has at least one token
+            nxt = pick(logp)  # [B]
+            alive = alive & (nxt != eot)
+            out.append(torch.where(alive, nxt, torch.full_like(nxt, eot)))
+            if not alive.any():
+                break
+            token = nxt.unsqueeze(1)
+        tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
+        return [row[:row.index(eot)] if eot in row else row for row in tokens], None
+
+    @torch.no_grad()
+    def beam_search(self, feats, beam_size: int, max_len: int, eot: int, length_penalty: float = 0.0) -> list:
+        """Batched beam search with the key/value cache; captions as token lists.
+
+        A hypothesis ends when <|endoftext|> ranks among the top `beam_size`
+        candidates of its image (as in HuggingFace's beam search); it is
+        scored by its summed log-probability / (tokens + 1) ** length_penalty.
+        An image is done once `beam_size` hypotheses have ended, or when no
+        live beam can beat its best ended one any more (log-probabilities only
+        fall, so a live beam's bound is its score / max_len ** length_penalty).
+        With beam_size 1 this is greedy decoding, token for token.
+        """
+        if length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
+        B, K, dev = feats.size(0), beam_size, feats.device
+        memory = self.memory(feats)  # shared by the K beams of each image
+        rows = torch.arange(B, device=dev)
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # the K beams start identical: keep one alive
+        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)  # [N, t]
+        token = torch.full((B * K, 1), eot, dtype=torch.long, device=dev)
+        ended = torch.zeros(B, dtype=torch.long, device=dev)
+        best = torch.full((B,), float("-inf"), device=dev)
+        best_seq = torch.zeros(B, max_len, dtype=torch.long, device=dev)
+        best_len = torch.zeros(B, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        rank = torch.arange(2 * K, device=dev)
+        past = None
+        for t in range(max_len):
+            logits, past, _ = self(token, memory, past)
+            logp = logits[:, -1].float().log_softmax(-1)  # [N, V]
+            if t == 0:
+                logp[:, eot] = float("-inf")
+            V = logp.size(-1)
+            cand = (scores.view(B * K, 1) + logp).view(B, K * V)
+            top, idx = cand.topk(2 * K, dim=1)  # [B, 2K]
+            beam, tok = idx // V, idx % V
+            is_eot = tok == eot
+            # ended hypotheses: <|endoftext|> among the top K candidates
+            new = is_eot & (rank < K) & ~done.unsqueeze(1)
+            normed = torch.where(new, top / float(t + 1) ** length_penalty, torch.full_like(top, float("-inf")))
+            cand_best, arg = normed.max(1)  # [B]
+            better = cand_best > best
+            if better.any():
+                src = seqs.view(B, K, t)[rows, beam.gather(1, arg.unsqueeze(1)).squeeze(1)]  # [B, t]
+                best_seq[better, :t] = src[better]
+                best_len[better] = t
+                best = torch.where(better, cand_best, best)
+            ended += new.sum(1)
+            # live beams: the best K candidates that do not end
+            order = (is_eot.long() * 2 * K + rank).argsort(dim=1)[:, :K]  # [B, K]
+            scores = top.gather(1, order)
+            parent = (rows.unsqueeze(1) * K + beam.gather(1, order)).view(-1)  # [N]
+            token = tok.gather(1, order).view(-1, 1)
+            seqs = torch.cat([seqs[parent], token], dim=1)
+            past = [(k[parent], v[parent]) for k, v in past]
+            bound = scores.max(1).values / float(max_len) ** length_penalty
+            done |= (ended >= K) | (best >= bound)
+            if done.all():
+                break
+        else:
+            # max_len reached: live beams end here without <|endoftext|>
+            live, arg = (scores / float(max_len) ** length_penalty).max(1)
+            better = ~done & (live > best)
+            best_seq[better] = seqs.view(B, K, max_len)[rows, arg][better]
+            best_len[better] = max_len
+        return [best_seq[b, :best_len[b]].tolist() for b in range(B)]
+
+
+# -- loading GPT-2 --------------------------------------------------------------
+
+
+def infer_gpt2_shape(state: dict) -> dict:
+    """n_layer, n_embd, vocab_size, n_ctx read off the course's weight tensors."""
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in state:
+            found = ", ".join(sorted(state)[:5])
+            raise ValueError(f"not a GPT-2 decoder state dict: no {key!r} (first keys: {found}); "
+                             "expected the course's decoder_model.bin layout (wte, wpe, h.N.*, ln_f)")
+    layers = {int(k.split(".")[1]) for k in state if k.startswith("h.") and k.split(".")[1].isdigit()}
+    if not layers or layers != set(range(len(layers))):
+        raise ValueError(f"GPT-2 blocks h.N must be numbered 0..L-1, found {sorted(layers)}")
+    vocab, width = state["wte.weight"].shape
+    return dict(n_layer=len(layers), n_embd=int(width), vocab_size=int(vocab), n_ctx=int(state["wpe.weight"].shape[0]))
+
+
+def load_gpt2_state(path: str) -> dict:
+    """The course's decoder_model.bin as tensors in this module's layout.
+
+    Checks what the course's template never does: every key is a GPT-2 key,
+    nothing is missing, every shape fits, and the four Conv1D weights are
+    transposed for nn.Linear.
+    """
+    state = torch_load(path)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (the course's decoder_model.bin), got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_BUFFERS)}
+    shape = infer_gpt2_shape(state)
+    expected = {k: tuple(v.shape) for k, v in Decoder(DecoderConfig(**shape)).state_dict().items()
+                if parameter_group(k) is None}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} is not the course's GPT-2 layout: missing {missing[:8]} "
+                         f"({len(missing)} in all), unexpected {unexpected[:8]} ({len(unexpected)} in all)")
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {expected[key]} "
+                             "(after transposing the Conv1D weights)")
+        out[key] = tensor.float().contiguous()
+    return out
+
+
+def load_gpt2_into(decoder: Decoder, state: dict) -> None:
+    """Copy GPT-2's tensors into `decoder`; every other parameter must be a new (trainable) one."""
+    missing, unexpected = decoder.load_state_dict(state, strict=False)
+    not_new = [k for k in missing if parameter_group(k) is None]
+    if unexpected or not_new:
+        raise RuntimeError(f"GPT-2 weights do not fit the decoder: unexpected {unexpected[:8]}, "
+                           f"missing non-PEFT {not_new[:8]}")

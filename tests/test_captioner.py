@@ -1,0 +1,221 @@
+"""The captioner as a whole: timm encoder loading, what trains, and the self-describing checkpoint."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import TINY_VIT, TINY_VIT_KWARGS
+from PIL import Image
+
+import captioner
+from captioner import (
+    Captioner,
+    load_checkpoint,
+    make_config,
+    mark_trainable,
+    save_checkpoint,
+    trainable_state,
+)
+from decoder import parameter_group
+from encoder import ImageEncoder
+
+PEFT_OVERRIDES = {  # tiny versions of each preset
+    "none": {},
+    "adapter": dict(adapter_dim=16),
+    "prefix": dict(prefix_len=4, prefix_hidden=32),
+    "lora": dict(lora_rank=4, lora_alpha=8.0),
+}
+
+
+def tiny_config(peft, **overrides):
+    return make_config(peft, encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS,
+                       **{**PEFT_OVERRIDES[peft], **overrides})
+
+
+def tiny_model(tiny_vit_file, tiny_gpt2, peft="adapter", **overrides):
+    model = Captioner(tiny_config(peft, **overrides), tiny_gpt2[0], encoder_weights=tiny_vit_file)
+    mark_trainable(model, verbose=False)
+    return model
+
+
+def images(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g)
+
+
+def perturb(model, std=0.05):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, std)
+
+
+# -- encoder -------------------------------------------------------------------
+
+
+def test_encoder_loads_a_local_file_and_is_frozen(tiny_vit_file):
+    import timm
+
+    encoder = ImageEncoder(TINY_VIT, weights=tiny_vit_file, model_kwargs=TINY_VIT_KWARGS)
+    reference = timm.create_model(TINY_VIT, pretrained=False, **TINY_VIT_KWARGS)
+    reference.load_state_dict(torch.load(tiny_vit_file))
+    x = images()
+    torch.testing.assert_close(encoder(x), reference.eval().forward_features(x))
+    assert encoder.width == 64 and encoder.grid == (4, 4) and encoder.prefix_tokens == 1
+    assert encoder(x).shape == (2, 17, 64)  # [B, S, width]: class token + 4x4 patches
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.vit.training  # dropout and the like stay off
+    assert encoder.transform(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+
+def test_encoder_weights_that_do_not_fit_are_an_error(tmp_path, tiny_vit_file):
+    state = torch.load(tiny_vit_file)
+    del state["blocks.1.mlp.fc1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="missing.*blocks.1.mlp.fc1.weight"):
+        ImageEncoder(TINY_VIT, weights=str(tmp_path / "partial.pth"), model_kwargs=TINY_VIT_KWARGS)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageEncoder(TINY_VIT, weights=str(tmp_path / "absent.pth"), model_kwargs=TINY_VIT_KWARGS)
+    with pytest.raises(ValueError, match="not a timm model"):
+        ImageEncoder("vit_nonexistent_patch3", pretrained=False)
+
+
+def test_no_silent_download_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="hw3_download.sh"):
+        ImageEncoder(TINY_VIT, model_kwargs=TINY_VIT_KWARGS)
+
+
+def test_encoder_reads_the_repository_cache(tmp_path, monkeypatch, tiny_vit_file):
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path))
+    os.makedirs(tmp_path / "timm")
+    state = torch.load(tiny_vit_file)
+    torch.save(state, tmp_path / "timm" / (TINY_VIT + ".pth"))
+    encoder = ImageEncoder(TINY_VIT, model_kwargs=TINY_VIT_KWARGS)
+    torch.testing.assert_close(encoder.vit.cls_token, state["cls_token"])
+
+
+# -- the whole model -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft", sorted(PEFT_OVERRIDES))
+def test_fresh_captioner_equals_gpt2(tiny_vit_file, tiny_gpt2, peft):
+    model = tiny_model(tiny_vit_file, tiny_gpt2, peft).eval()
+    idx = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        ours = model(model.encode(images()), idx)
+        theirs = tiny_gpt2[1](idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("peft", sorted(PEFT_OVERRIDES))
+def test_only_new_modules_train(tiny_vit_file, tiny_gpt2, peft):
+    model = Captioner(tiny_config(peft), tiny_gpt2[0], encoder_weights=tiny_vit_file)
+    counts = mark_trainable(model, verbose=False)
+    expected = {"cross_attention", "visual_proj"} | ({peft} if peft != "none" else set())
+    assert set(counts) == expected
+    for name, param in model.named_parameters():
+        assert param.requires_grad == (parameter_group(name) is not None), name
+        if name.startswith("encoder.") or name.startswith("decoder.wte"):
+            assert not param.requires_grad
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_config_and_encoder_width_are_recorded(tiny_vit_file, tiny_gpt2):
+    model = tiny_model(tiny_vit_file, tiny_gpt2)
+    decoder = model.config["decoder"]
+    assert decoder["encoder_width"] == 64 and decoder["n_embd"] == 128 and decoder["n_layer"] == 2
+    json.dumps(model.config)  # plain types only
+
+
+@pytest.mark.parametrize("peft", sorted(PEFT_OVERRIDES))
+def test_checkpoint_round_trip(tmp_path, tiny_vit_file, tiny_gpt2, peft):
+    model = tiny_model(tiny_vit_file, tiny_gpt2, peft)
+    perturb(model)
+    model.eval()
+    path = str(tmp_path / "model.pt")
+    total = save_checkpoint(model, path)
+
+    checkpoint = torch.load(path, weights_only=True)  # tensors and plain containers only
+    assert set(checkpoint) == {"config", "state_dict"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if peft == "prefix":  # the reparameterisation MLP is folded into the prefixes
+        trainable = {n for n in trainable if not n.startswith("decoder.prefix.")} | {"decoder.prefix.kv"}
+        assert checkpoint["config"]["decoder"]["prefix_hidden"] == 0
+    assert set(checkpoint["state_dict"]) == trainable
+    assert total == sum(t.numel() for t in checkpoint["state_dict"].values())
+
+    loaded = load_checkpoint(path, tiny_gpt2[0], encoder_weights=tiny_vit_file)
+    x, idx = images(3, seed=1), torch.randint(0, 50257, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(loaded.encode(x), idx), model(model.encode(x), idx), atol=1e-5, rtol=0)
+        feats = model.encode(x)
+        assert loaded.generate(feats, beam_size=3, max_len=5) == model.generate(feats, beam_size=3, max_len=5)
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+
+def test_saving_refuses_the_course_limit(tmp_path, tiny_vit_file, tiny_gpt2, monkeypatch):
+    model = tiny_model(tiny_vit_file, tiny_gpt2)
+    size = sum(t.numel() for t in trainable_state(model).values())
+    monkeypatch.setattr(captioner, "MAX_TRAINABLE", size)
+    with pytest.raises(ValueError, match="limit"):
+        save_checkpoint(model, str(tmp_path / "big.pt"))
+    assert not os.path.exists(tmp_path / "big.pt")
+
+
+def test_loading_a_checkpoint_that_does_not_match_fails(tmp_path, tiny_vit_file, tiny_gpt2):
+    model = tiny_model(tiny_vit_file, tiny_gpt2)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(model, path)
+    checkpoint = torch.load(path)
+
+    extra = {**checkpoint, "state_dict": {**checkpoint["state_dict"], "decoder.h.0.bogus": torch.zeros(1)}}
+    torch.save(extra, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match="not in the model.*decoder.h.0.bogus"):
+        load_checkpoint(str(tmp_path / "extra.pt"), tiny_gpt2[0], encoder_weights=tiny_vit_file)
+
+    state = dict(checkpoint["state_dict"])
+    state.pop("decoder.h.1.adapter_mlp.up.weight")
+    torch.save({**checkpoint, "state_dict": state}, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="not saved.*adapter_mlp.up.weight"):
+        load_checkpoint(str(tmp_path / "missing.pt"), tiny_gpt2[0], encoder_weights=tiny_vit_file)
+
+    torch.save(checkpoint["state_dict"], tmp_path / "bare.pt")  # the course's bare state_dict
+    with pytest.raises(ValueError, match="not a captioner checkpoint"):
+        load_checkpoint(str(tmp_path / "bare.pt"), tiny_gpt2[0], encoder_weights=tiny_vit_file)
+
+
+def test_decoder_weights_of_another_shape_are_refused(tmp_path, tiny_vit_file, tiny_gpt2):
+    from transformers import GPT2Config, GPT2Model
+
+    model = tiny_model(tiny_vit_file, tiny_gpt2)
+    save_checkpoint(model, str(tmp_path / "model.pt"))
+    wider = GPT2Model(GPT2Config(n_layer=2, n_embd=192, n_head=3, vocab_size=50257, n_positions=64))
+    torch.save(wider.state_dict(), tmp_path / "wider.bin")
+    with pytest.raises(ValueError, match="n_embd=128.*n_embd=192"):
+        load_checkpoint(str(tmp_path / "model.pt"), str(tmp_path / "wider.bin"), encoder_weights=tiny_vit_file)
+
+
+def test_cross_attention_maps(tiny_vit_file, tiny_gpt2):
+    model = tiny_model(tiny_vit_file, tiny_gpt2).eval()
+    perturb(model)
+    maps = model.cross_attention(model.encode(images(1)), [64, 582, 10311])
+    assert maps.shape == (5, 4, 4)  # start, 3 tokens, end; 4x4 patch grid
+    assert (maps >= 0).all() and (maps.sum((1, 2)) <= 1 + 1e-6).all()  # class token dropped
+
+
+@pytest.mark.parametrize("peft", ["adapter", "prefix", "lora"])
+def test_full_size_parameter_budget(peft):
+    """The presets at full size (ViT-L/14 width 1024 + GPT-2 small) use 29-35M parameters."""
+    from decoder import Decoder, DecoderConfig
+
+    config = make_config(peft)
+    decoder = Decoder(DecoderConfig(**{**captioner.GPT2_SMALL, **config["decoder"], "encoder_width": 1024}))
+    trainable = {k: v for k, v in decoder.state_dict().items() if parameter_group(k) is not None}
+    if peft == "prefix":  # saved folded: prefixes (not the MLP) and the gates
+        trainable = {k: v for k, v in trainable.items() if not k.startswith("prefix.")}
+        trainable["prefix.kv"] = decoder.prefix().detach()
+    total = sum(t.numel() for t in trainable.values())
+    assert 29_000_000 <= total < 35_000_000, total

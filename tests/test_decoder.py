@@ -1,0 +1,269 @@
+"""decoder.py against the real thing: transformers' GPT-2 logits, and decoding against plain references."""
+import math
+
+import pytest
+import torch
+
+from decoder import (
+    Decoder,
+    DecoderConfig,
+    infer_gpt2_shape,
+    load_gpt2_into,
+    load_gpt2_state,
+    parameter_group,
+)
+
+EOT = 50256
+PEFT_CASES = {
+    "plain": {},
+    "adapter": dict(adapter_dim=16),
+    "adapter_mlp_only_layer1": dict(adapter_dim=16, adapter_places=["mlp"], adapter_layers=[1]),
+    "prefix": dict(prefix_len=4),
+    "prefix_reparam": dict(prefix_len=4, prefix_hidden=32),
+    "lora": dict(lora_rank=4, lora_alpha=8.0),
+    "lora_attn_only": dict(lora_rank=4, lora_alpha=4.0, lora_targets=["attn.c_attn"]),
+    "cross_last_only": dict(cross_layers=[1]),
+    "all_combined": dict(adapter_dim=8, prefix_len=3, prefix_hidden=16, lora_rank=2, lora_alpha=4.0),
+}
+
+
+def build(tiny_gpt2, **peft):
+    path, _ = tiny_gpt2
+    state = load_gpt2_state(path)
+    decoder = Decoder(DecoderConfig(**infer_gpt2_shape(state), encoder_width=48, **peft))
+    load_gpt2_into(decoder, state)
+    return decoder.eval()
+
+
+def perturb_new_parameters(decoder, std=0.05):
+    with torch.no_grad():
+        for name, param in decoder.named_parameters():
+            if parameter_group(name) is not None:
+                param.normal_(0.0, std)
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_fresh_model_equals_transformers_gpt2(tiny_gpt2, case):
+    """A fresh model (new modules at their initialisation) computes exactly GPT-2's logits."""
+    _, reference = tiny_gpt2
+    decoder = build(tiny_gpt2, **PEFT_CASES[case])
+    torch.manual_seed(1)
+    idx = torch.randint(0, EOT + 1, (3, 12))
+    feats = torch.randn(3, 7, 48)
+    with torch.no_grad():
+        ours = decoder(idx, decoder.memory(feats))[0]
+        theirs = reference(idx).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # ...and the new modules are wired in: once trained (perturbed) they change the logits
+    perturb_new_parameters(decoder)
+    with torch.no_grad():
+        changed = decoder(idx, decoder.memory(feats))[0]
+    assert (changed - theirs).abs().max() > 1e-2
+
+
+def test_every_new_module_is_reached_by_gradients(tiny_gpt2):
+    decoder = build(tiny_gpt2, **PEFT_CASES["all_combined"])
+    perturb_new_parameters(decoder)
+    idx = torch.randint(0, EOT + 1, (2, 6))
+    logits = decoder(idx, decoder.memory(torch.randn(2, 5, 48)))[0]
+    logits.square().mean().backward()
+    groups = {}
+    for name, param in decoder.named_parameters():
+        group = parameter_group(name)
+        if group is not None:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+            groups[group] = groups.get(group, 0) + 1
+    assert set(groups) == {"adapter", "prefix", "lora", "cross_attention", "visual_proj"}
+
+
+def test_parameter_groups_by_name():
+    assert parameter_group("decoder.h.3.attn.c_attn.weight") is None
+    assert parameter_group("decoder.wte.weight") is None
+    assert parameter_group("encoder.vit.blocks.0.attn.qkv.weight") is None
+    assert parameter_group("decoder.h.3.attn.c_attn.lora_A") == "lora"
+    assert parameter_group("decoder.h.3.attn.prefix_gate") == "prefix"
+    assert parameter_group("decoder.prefix.kv") == "prefix"
+    assert parameter_group("decoder.h.0.adapter_mlp.up.weight") == "adapter"
+    assert parameter_group("decoder.h.0.cross.kv.weight") == "cross_attention"
+    assert parameter_group("decoder.visual_proj.bias") == "visual_proj"
+
+
+def test_shape_is_read_from_the_weights(tiny_gpt2):
+    state = load_gpt2_state(tiny_gpt2[0])
+    assert infer_gpt2_shape(state) == dict(n_layer=2, n_embd=128, vocab_size=50257, n_ctx=64)
+    assert DecoderConfig(**infer_gpt2_shape(state)).n_head == 2
+
+
+def test_causal_mask_buffers_are_accepted(tiny_gpt2, tmp_path):
+    state = torch.load(tiny_gpt2[0])
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "with_buffers.bin")
+    assert set(load_gpt2_state(str(tmp_path / "with_buffers.bin"))) == set(load_gpt2_state(tiny_gpt2[0]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("h.1.mlp.c_fc.bias"), "missing ['h.1.mlp.c_fc.bias']"),
+    (lambda s: s.update({"h.0.attn.extra": torch.zeros(1)}), "unexpected ['h.0.attn.extra']"),
+    (lambda s: s.update({"h.0.mlp.c_fc.weight": torch.zeros(128, 100)}), "h.0.mlp.c_fc.weight has shape"),
+    (lambda s: s.pop("wte.weight"), "no 'wte.weight'"),
+])
+def test_bad_decoder_files_fail_clearly(tiny_gpt2, tmp_path, damage, message):
+    state = torch.load(tiny_gpt2[0])
+    damage(state)
+    torch.save(state, tmp_path / "bad.bin")
+    with pytest.raises(ValueError) as error:
+        load_gpt2_state(str(tmp_path / "bad.bin"))
+    assert message in str(error.value)
+
+
+def test_huggingface_prefixed_layout_is_rejected(tiny_gpt2, tmp_path):
+    state = {"transformer." + k: v for k, v in torch.load(tiny_gpt2[0]).items()}
+    torch.save(state, tmp_path / "prefixed.bin")
+    with pytest.raises(ValueError, match="decoder_model.bin layout"):
+        load_gpt2_state(str(tmp_path / "prefixed.bin"))
+    torch.save({"config": {}, "state_dict": {}}, tmp_path / "not_tensors.bin")
+    with pytest.raises(ValueError, match="dict of tensors"):
+        load_gpt2_state(str(tmp_path / "not_tensors.bin"))
+
+
+@pytest.mark.parametrize("case", ["plain", "prefix_reparam", "all_combined"])
+def test_key_value_cache_matches_full_forward(tiny_gpt2, case):
+    decoder = build(tiny_gpt2, **PEFT_CASES[case])
+    perturb_new_parameters(decoder)
+    idx = torch.randint(0, EOT + 1, (4, 9))
+    with torch.no_grad():
+        memory = decoder.memory(torch.randn(4, 5, 48))
+        full = decoder(idx, memory)[0]
+        past, pieces = None, []
+        for start, stop in [(0, 4), (4, 5), (5, 9)]:
+            logits, past, _ = decoder(idx[:, start:stop], memory, past)
+            pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
+
+
+def uncached_greedy(decoder, feats, max_len, eot):
+    """The textbook decoder: one image at a time, the whole prefix recomputed every step."""
+    captions = []
+    for b in range(feats.size(0)):
+        tokens = [eot]
+        memory = decoder.memory(feats[b:b + 1])
+        for t in range(max_len):
+            logp = decoder(torch.tensor([tokens]), memory)[0][0, -1].log_softmax(-1)
+            if t == 0:
+                logp[eot] = float("-inf")
+            nxt = int(logp.argmax())
+            if nxt == eot:
+                break
+            tokens.append(nxt)
+        captions.append(tokens[1:])
+    return captions
+
+
+def reference_beam_search(decoder, feat, beam_size, max_len, eot, alpha):
+    """Plain, uncached beam search for one image with the rules `Decoder.beam_search` documents."""
+    memory = decoder.memory(feat)
+    beams, ended = [([], 0.0)], []
+    for t in range(max_len):
+        candidates = []
+        for tokens, score in beams:
+            logp = decoder(torch.tensor([[eot] + tokens]), memory)[0][0, -1].float().log_softmax(-1)
+            if t == 0:
+                logp[eot] = float("-inf")
+            candidates += [(score + float(logp[v]), tokens, v) for v in range(logp.numel())]
+        candidates.sort(key=lambda c: -c[0])
+        beams = []
+        for rank, (score, tokens, v) in enumerate(candidates[:2 * beam_size]):
+            if v == eot:
+                if rank < beam_size:
+                    ended.append((score / (t + 1) ** alpha, tokens))
+            elif len(beams) < beam_size:
+                beams.append((tokens + [v], score))
+        best_live = max(score for _, score in beams) / max_len ** alpha
+        if len(ended) >= beam_size or (ended and max(s for s, _ in ended) >= best_live):
+            break
+    else:
+        ended += [(score / max_len ** alpha, tokens) for tokens, score in beams]
+    return max(ended, key=lambda e: e[0])[1]
+
+
+def small_vocab_decoder(seed=4, vocab=16):
+    """Random decoder with a tiny vocabulary and 16 images' features; with this seed
+    captions end at varied lengths, and some run to the length limit."""
+    torch.manual_seed(seed)
+    decoder = Decoder(DecoderConfig(n_layer=2, n_embd=64, vocab_size=vocab, n_ctx=32, encoder_width=16,
+                                    prefix_len=2, adapter_dim=8)).eval()
+    with torch.no_grad():
+        for name, param in decoder.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]))
+            elif name.endswith("prefix_gate"):
+                param.fill_(1.0)
+    return decoder, torch.randn(16, 5, 16)
+
+
+def test_cached_greedy_equals_uncached_recomputation(tiny_gpt2):
+    decoder = build(tiny_gpt2, **PEFT_CASES["all_combined"])
+    perturb_new_parameters(decoder, std=0.2)
+    feats = torch.randn(5, 7, 48)
+    with torch.no_grad():
+        assert decoder.greedy(feats, 8, EOT) == uncached_greedy(decoder, feats, 8, EOT)
+    small, feats = small_vocab_decoder()
+    with torch.no_grad():
+        captions = small.greedy(feats, 12, 15)
+        assert captions == uncached_greedy(small, feats, 12, 15)
+    lengths = {len(c) for c in captions}
+    assert min(lengths) < 12 and max(lengths) == 12  # both ended and cut-off captions were exercised
+
+
+@pytest.mark.parametrize("beam_size, alpha", [(1, 0.0), (1, 1.0), (3, 0.0), (3, 0.7), (4, 1.0)])
+def test_batched_beam_search_equals_reference(beam_size, alpha):
+    decoder, feats = small_vocab_decoder()
+    with torch.no_grad():
+        batched = decoder.beam_search(feats, beam_size, 12, 15, alpha)
+        reference = [reference_beam_search(decoder, feats[b:b + 1], beam_size, 12, 15, alpha) for b in range(16)]
+        greedy = decoder.greedy(feats, 12, 15)
+    assert batched == reference
+    if beam_size == 1:
+        assert batched == greedy
+    lengths = {len(c) for c in batched}
+    assert min(lengths) < 12 and 15 not in {t for c in batched for t in c}
+
+
+def test_beam_search_never_returns_empty_or_end_tokens(tiny_gpt2):
+    decoder = build(tiny_gpt2)
+    perturb_new_parameters(decoder)
+    with torch.no_grad():
+        decoder.ln_f.bias.add_(decoder.wte.weight[EOT] / decoder.wte.weight[EOT].norm() ** 2 * 5.0)  # EOT always best
+        feats = torch.randn(3, 7, 48)
+        for captions in (decoder.greedy(feats, 6, EOT), decoder.beam_search(feats, 3, 6, EOT, 0.5)):
+            assert all(len(c) >= 1 and EOT not in c for c in captions)
+
+
+def test_cross_attention_weights(tiny_gpt2):
+    decoder = build(tiny_gpt2)
+    idx = torch.randint(0, EOT, (2, 5))
+    with torch.no_grad():
+        _, _, att = decoder(idx, decoder.memory(torch.randn(2, 7, 48)))
+    assert att.shape == (2, 2, 5, 7)  # [N, H, T, S]
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 2, 5))
+
+
+def test_context_overflow_is_an_error(tiny_gpt2):
+    decoder = build(tiny_gpt2)
+    with pytest.raises(ValueError, match="exceeds GPT-2's context of 64"):
+        decoder(torch.zeros(1, 65, dtype=torch.long), decoder.memory(torch.randn(1, 3, 48)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_embd=100), "multiple of the head width"),
+    (dict(cross_layers=[12]), "cross_layers [12] out of range"),
+    (dict(adapter_dim=8, adapter_places=["ffn"]), "adapter_places ['ffn']"),
+    (dict(lora_rank=4, lora_targets=["attn.q"]), "lora_targets ['attn.q']"),
+    (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha must be > 0"),
+])
+def test_bad_configs_fail_clearly(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        DecoderConfig(**kwargs)
+    assert message in str(error.value)
