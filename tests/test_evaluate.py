@@ -1,0 +1,239 @@
+"""p2_evaluate.py end to end (a subprocess, as a student runs it) on a toy set.
+
+The CLIP is the tiny random one from conftest; the expected numbers are
+computed here independently: CIDEr by calling pycocoevalcap directly, CLIPScore
+by encoding each image and caption with the same CLIP one at a time.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG_CAPTION = " ".join(["a red bus parked next to a tall building"] * 25)  # 200 words
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr needs Java")
+
+# key -> (file on disk, PIL mode, references)
+IMAGES = {
+    "000000060623": ("000000060623.jpg", "RGB", ["a man riding a bike down the street .",
+                                                 "A man rides his bicycle on a city street.",
+                                                 "a person on a bike next to cars"]),
+    "2988244398": ("2988244398.png", "RGB", [" A dog runs through the grass .",
+                                             " A brown dog is running outside ."]),
+    "gray.v2": ("gray.v2.jpg", "L", ["a black and white photo of a cat on a couch",
+                                     "A cat sleeping on a sofa.", "a cat lying on a couch",
+                                     "an old photo of a cat", "a cat on the couch ."]),
+    "000000000009": ("000000000009.JPEG", "RGB", ["a plate of food with broccoli and rice",
+                                                  "A meal of rice, broccoli and meat."]),
+    "bus": ("bus.png", "RGB", ["a red bus parked next to a building", "a bus on the street"]),
+}
+PREDICTIONS = {
+    "000000060623": "a man riding a bike on a street",
+    "2988244398": "a dog running on the grass",
+    "gray.v2": "a cat on a couch",
+    "000000000009": "a plate of food with broccoli",
+    "bus": LONG_CAPTION,
+}
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Images (mixed extensions, one grayscale), a course annotation file, predictions."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    root.mkdir()
+    annotation = {"images": [], "annotations": []}
+    for image_id, (key, (name, mode, refs)) in enumerate(IMAGES.items(), start=1):
+        channels = 1 if mode == "L" else 3
+        pixels = rng.integers(0, 256, size=(40 + image_id, 48, channels), dtype=np.uint8)
+        Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(root / name)
+        # the course's file names always end in .jpg, whatever the file on disk
+        annotation["images"].append({"file_name": key + ".jpg", "id": image_id})
+        for caption in refs:
+            annotation["annotations"].append({"caption": caption, "image_id": image_id,
+                                              "id": len(annotation["annotations"])})
+    ann_file = tmp_path / "val.json"
+    ann_file.write_text(json.dumps(annotation))
+    pred_file = tmp_path / "pred.json"
+    pred_file.write_text(json.dumps(PREDICTIONS))
+    return {"root": root, "ann": ann_file, "pred": pred_file, "tmp": tmp_path}
+
+
+def run_evaluate(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(REPO, "p2_evaluate.py"), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def expected_cider(refs, preds):
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": preds[k]}] for k in refs})
+    return Cider().compute_score(gts, res)[0]
+
+
+def expected_clip_scores(model_file, root, preds):
+    """The course's per-image CLIPScore, one image at a time, truncating long text."""
+    import clip
+    import torch
+
+    model, preprocess = clip.load(model_file, device="cpu", jit=False)
+    scores = {}
+    with torch.no_grad():
+        for key, caption in preds.items():
+            name = IMAGES[key][0]
+            image = preprocess(Image.open(root / name).convert("RGB")).unsqueeze(0)
+            text = clip.tokenize(caption, truncate=True)
+            cos = torch.nn.functional.cosine_similarity(model.encode_image(image), model.encode_text(text))
+            scores[key] = 2.5 * max(cos.item(), 0.0)
+    return scores
+
+
+@needs_java
+def test_end_to_end_scores_equal_direct_computation(dataset, tiny_clip_file):
+    per_image = dataset["tmp"] / "out" / "per_image.json"
+    proc = run_evaluate("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                        "--annotation_file", dataset["ann"], "--clip-model", tiny_clip_file,
+                        "--per-image", per_image, "--device", "cpu", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    match = re.fullmatch(r"CIDEr: (\d+\.\d{4,}) \| CLIPScore: (\d+\.\d{4,})", proc.stdout.strip())
+    assert match, proc.stdout
+
+    refs = {k: v[2] for k, v in IMAGES.items()}
+    cider = expected_cider(refs, PREDICTIONS)
+    assert cider > 0.1
+    assert match.group(1) == f"{cider:.6f}"
+
+    direct = expected_clip_scores(tiny_clip_file, dataset["root"], PREDICTIONS)
+    assert any(s > 0 for s in direct.values())  # a random CLIP still gives some positive cosines
+    assert float(match.group(2)) == pytest.approx(np.mean(list(direct.values())), abs=1e-4)
+    assert "1 caption(s) longer than CLIP's 77-token context were truncated" in proc.stderr
+
+    rows = json.loads(per_image.read_text())
+    assert [r["key"] for r in rows] == sorted(direct, key=lambda k: -direct[k])
+    assert all(rows[i]["clip_score"] >= rows[i + 1]["clip_score"] for i in range(len(rows) - 1))
+    for row in rows:
+        assert row["caption"] == PREDICTIONS[row["key"]]
+        assert row["clip_score"] == pytest.approx(direct[row["key"]], abs=1e-4)
+
+
+def test_in_process_functions(dataset, tiny_clip_file):
+    import p2_evaluate
+
+    refs = p2_evaluate.load_references(str(dataset["ann"]))
+    assert refs == {k: v[2] for k, v in IMAGES.items()}
+    paths = p2_evaluate.find_images(str(dataset["root"]), refs)
+    assert {k: os.path.basename(p) for k, p in paths.items()} == {k: v[0] for k, v in IMAGES.items()}
+
+    short = {k: v for k, v in PREDICTIONS.items() if k != "bus"}
+    scores = p2_evaluate.clip_scores(short, str(dataset["root"]), tiny_clip_file, device="cpu", batch_size=3)
+    direct = expected_clip_scores(tiny_clip_file, dataset["root"], short)
+    assert set(scores) == set(short)
+    for key in short:
+        assert scores[key] == pytest.approx(direct[key], abs=1e-4)
+
+
+@needs_java
+def test_cider_pycoco_returns_mean_and_per_key(dataset):
+    import p2_evaluate
+
+    refs = p2_evaluate.load_references(str(dataset["ann"]))
+    mean, per_key = p2_evaluate.cider_pycoco(PREDICTIONS, refs)
+    assert set(per_key) == set(refs)
+    assert mean == pytest.approx(expected_cider(refs, PREDICTIONS), abs=1e-12)
+    assert mean == pytest.approx(np.mean(list(per_key.values())), abs=1e-12)
+    # a line break inside a caption must not shift the other captions
+    broken = dict(PREDICTIONS, bus="a red bus\rparked\u2028next to a building")
+    clean = dict(PREDICTIONS, bus="a red bus parked next to a building")
+    assert p2_evaluate.cider_pycoco(broken, refs)[1] == p2_evaluate.cider_pycoco(clean, refs)[1]
+
+
+def test_image_found_whatever_its_extension_prefers_jpg(tmp_path):
+    import p2_evaluate
+
+    for name in ("a.png", "a.jpg", "b.JPEG", "c.d.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    paths = p2_evaluate.find_images(str(tmp_path), ["a", "b", "c.d"])
+    assert {k: os.path.basename(p) for k, p in paths.items()} == {"a": "a.jpg", "b": "b.JPEG", "c.d": "c.d.png"}
+
+
+# ---------------------------------------------------------------------------
+# errors: non-zero exit, a message that names the problem
+# ---------------------------------------------------------------------------
+
+
+def test_key_mismatch_reports_counts_and_examples(dataset):
+    preds = dict(PREDICTIONS)
+    del preds["bus"], preds["gray.v2"]
+    preds["000000099999"] = "an extra caption"
+    dataset["pred"].write_text(json.dumps(preds))
+    proc = run_evaluate("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                        "--annotation_file", dataset["ann"])
+    assert proc.returncode != 0
+    assert "2 missing (e.g. ['bus', 'gray.v2'])" in proc.stderr
+    assert "1 extra (e.g. ['000000099999'])" in proc.stderr
+
+
+@pytest.mark.parametrize("annotation, message", [
+    ({"images": []}, "missing the 'annotations' list"),
+    ({"annotations": []}, "missing the 'images' list"),
+    ([1, 2], "expected a JSON object"),
+    ({"images": [{"file_name": "a.jpg", "id": 1}, {"file_name": "b.jpg", "id": 2}],
+      "annotations": [{"caption": "x", "image_id": 1}]}, "1 image(s) have no caption, e.g. ['b']"),
+    ({"images": [{"file_name": "a.jpg", "id": 1}],
+      "annotations": [{"caption": "x", "image_id": 7}]}, "image_id 7, which is not in 'images'"),
+    ({"images": [{"id": 1}], "annotations": []}, "images[0] must be an object with a string 'file_name'"),
+])
+def test_malformed_annotation_file(dataset, annotation, message):
+    dataset["ann"].write_text(json.dumps(annotation))
+    proc = run_evaluate("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                        "--annotation_file", dataset["ann"])
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_annotation_file_not_json(dataset):
+    dataset["ann"].write_text("{not json")
+    proc = run_evaluate("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                        "--annotation_file", dataset["ann"])
+    assert proc.returncode != 0
+    assert "is not valid JSON" in proc.stderr and "val.json" in proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (["a caption"], "expected a JSON object {image name: caption}, got list"),
+    ({"bus": 3}, "1 caption(s) are not strings, e.g. 'bus': 3"),
+])
+def test_prediction_file_must_map_names_to_strings(dataset, content, message):
+    dataset["pred"].write_text(json.dumps(content))
+    proc = run_evaluate("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                        "--annotation_file", dataset["ann"])
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_missing_image_is_named(dataset):
+    os.remove(dataset["root"] / "2988244398.png")
+    proc = run_evaluate("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                        "--annotation_file", dataset["ann"], "--no-cider")
+    assert proc.returncode != 0
+    assert "for 1 key(s), e.g. '2988244398'" in proc.stderr
+
+
+def test_java_missing_is_explained(dataset, tmp_path):
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = dict(os.environ, PATH=str(empty_bin))
+    proc = run_evaluate("--pred_file", dataset["pred"], "--annotation_file", dataset["ann"],
+                        "--no-clipscore", env=env)
+    assert proc.returncode != 0
+    assert "needs Java" in proc.stderr and "default-jre-headless" in proc.stderr
