@@ -8,7 +8,9 @@ unless the saved keys and the trainable parameters match one to one.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import sys
 
 import torch
@@ -16,7 +18,7 @@ import torch.nn as nn
 
 from decoder import Decoder, DecoderConfig, infer_gpt2_shape, load_gpt2_into, load_gpt2_state, parameter_group
 from encoder import DEFAULT_ENCODER, ImageEncoder
-from io_utils import atomic_torch_save, torch_load
+from io_utils import atomic_torch_save, torch_load, warn
 
 MAX_TRAINABLE = 35_000_000  # the course's limit, counted from the saved checkpoint
 CHECKPOINT_FORMAT = 1
@@ -32,6 +34,39 @@ PEFT_PRESETS = {
     "lora": dict(lora_rank=32, lora_alpha=32.0),  # +4.72M
 }
 GENERATION = dict(beam_size=5, max_len=30, length_penalty=0.0)
+CLIP_TOKENS = 75  # CLIP's 77-token context less its start and end tokens
+FALLBACK_CAPTION = "a photo."
+
+
+def autocast(device):
+    """fp16 autocast on CUDA (the 2080 Ti has no bf16); plain fp32 elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def caption_text(tokenizer, ids: list) -> str:
+    """Token ids -> caption: decoded, whitespace collapsed and stripped."""
+    return " ".join(tokenizer.decode(ids).split())
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_tokenizer():
+    from clip.simple_tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def fit_clip_context(caption: str) -> str:
+    """`caption` less the words at its end that do not fit CLIP's context.
+
+    max_len GPT-2 tokens are normally far fewer CLIP tokens, but one GPT-2
+    token can hold many bytes that CLIP spends a token each on, and the
+    course's CLIPScore script crashes beyond 77 tokens.
+    """
+    while len(_clip_tokenizer().encode(caption)) > CLIP_TOKENS:
+        caption = caption.rsplit(" ", 1)[0] if " " in caption else caption[:-1]
+    return caption
 
 
 def make_config(peft: str = "none", encoder: str = DEFAULT_ENCODER, encoder_kwargs: dict | None = None,
@@ -90,6 +125,28 @@ class Captioner(nn.Module):
         if beam_size == 1:
             return self.decoder.greedy(feats, max_len, EOT)
         return self.decoder.beam_search(feats, beam_size, max_len, EOT, length_penalty)
+
+    @torch.no_grad()
+    def captions(self, feats: torch.Tensor, tokenizer, names: list | None = None, **generation) -> list:
+        """Clean caption text per image: decoded, whitespace collapsed, never empty, within CLIP's context.
+
+        The model cannot end a caption before its first token, but whitespace
+        tokens can decode to nothing: such an image is decoded again greedily,
+        and gets FALLBACK_CAPTION only if that is empty too. `names` label the warnings.
+        """
+        names = names or [f"image {i}" for i in range(len(feats))]
+        texts = [caption_text(tokenizer, ids) for ids in self.generate(feats, **generation)]
+        empty = [i for i, text in enumerate(texts) if not text]
+        if empty:
+            greedy = self.generate(feats[empty], beam_size=1, max_len=generation.get("max_len"))
+            for i, ids in zip(empty, greedy):
+                texts[i] = caption_text(tokenizer, ids) or FALLBACK_CAPTION
+                warn(f"the caption of {names[i]!r} was empty; it is now {texts[i]!r}")
+        fitted = [fit_clip_context(text) for text in texts]
+        for name, text, fit in zip(names, texts, fitted):
+            if fit != text:
+                warn(f"the caption of {name!r} was cut to fit CLIP's 77-token context: {fit!r}")
+        return fitted
 
     @torch.no_grad()
     def cross_attention(self, feats: torch.Tensor, tokens: list) -> torch.Tensor:

@@ -81,7 +81,7 @@ def accuracy(args) -> dict:
             f"{args.id2label!r}: {misnamed[:5]}")
     specs = _specs(args.clip)
 
-    classifier = Classifier(specs, id2label, zs.pick_device())
+    classifier = Classifier(specs, id2label, io_utils.pick_device())
     kept, image_embs = classifier.encode_images([os.path.join(args.val_dir, n) for n in names], zs.batch_size())
     if not kept:
         raise SystemExit(f"error: no readable image in {args.val_dir!r}")
@@ -150,7 +150,7 @@ def top5(args) -> dict:
     for path in args.images:
         if not os.path.isfile(path):
             raise SystemExit(f"error: image {path!r} does not exist")
-    classifier = Classifier(specs, id2label, zs.pick_device())
+    classifier = Classifier(specs, id2label, io_utils.pick_device())
     kept, image_embs = classifier.encode_images(args.images, zs.batch_size())
     if not kept:
         raise SystemExit("error: none of the given files is a readable image")

@@ -44,8 +44,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 import io_utils
 
@@ -172,14 +170,7 @@ def _check_spec(spec: str) -> None:
 
 def batch_size() -> int:
     """$HW3_P1_BATCH as a positive integer (default 64)."""
-    value = os.environ.get("HW3_P1_BATCH") or str(DEFAULT_BATCH)
-    if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"error: HW3_P1_BATCH={value!r} is not a positive integer")
-    return int(value)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return io_utils.env_number("HW3_P1_BATCH", int, lambda v: v >= 1, "a positive integer", DEFAULT_BATCH)
 
 
 # ---------------------------------------------------------------- models
@@ -242,40 +233,6 @@ def text_embeddings(model, classnames, templates, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------- images
 
-class ImageFiles(Dataset):
-    """Each file decoded once and passed through every model's preprocess.
-
-    An item is (index, tuple of [3, R, R] tensors, one per model), or
-    (index, warning text) when the file is not a readable image;
-    `_collate` separates the two so the loader stays a single pass.
-    """
-
-    def __init__(self, paths, transforms):
-        self.paths = list(paths)
-        self.transforms = list(transforms)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        path = self.paths[index]
-        try:
-            image = io_utils.open_rgb(path)
-        # Pillow's plugins raise more than OSError on corrupt data (ValueError,
-        # struct.error, DecompressionBombError...); one bad file must not end the run.
-        except Exception as error:  # noqa: BLE001
-            return index, io_utils.image_error(path, error)
-        return index, tuple(transform(image) for transform in self.transforms)
-
-
-def _collate(items):
-    """-> (kept indices, per model a [B, 3, R, R] batch, warnings of skipped files)."""
-    kept = [(i, x) for i, x in items if not isinstance(x, str)]
-    skipped = [x for _, x in items if isinstance(x, str)]
-    batches = [torch.stack(per_model) for per_model in zip(*(x for _, x in kept))]
-    return [i for i, _ in kept], batches, skipped
-
-
 def _encode_with_flip(model, images: torch.Tensor) -> torch.Tensor:
     """[B, 3, R, R] -> [B, D]: mean of the normalised embeddings of the
     image and its mirror image, normalised. The mirror is taken on the
@@ -286,29 +243,20 @@ def _encode_with_flip(model, images: torch.Tensor) -> torch.Tensor:
     return F.normalize((plain + mirrored) / 2, dim=-1)
 
 
-def image_embeddings(models, paths, device, batch_size, num_workers=None):
+def image_embeddings(models, paths, device, batch_size):
     """Encode every readable image in `paths` with every model, flip TTA included.
 
     models: [(model, preprocess), ...]. Returns (kept_paths, [[N, D] fp32 CPU
     tensor per model]), rows in the order of kept_paths; a file Pillow cannot
     read is skipped with a warning naming it. N may be 0 (tensors [0, 0]).
     """
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-    dataset = ImageFiles(paths, [preprocess for _, preprocess in models])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
     kept, outputs = [], [[] for _ in models]
-    with torch.no_grad(), tqdm(total=len(dataset), unit="img", desc="CLIP", file=sys.stderr) as bar:
-        for indices, batches, skipped in loader:
-            for message in skipped:
-                with tqdm.external_write_mode(file=sys.stderr):
-                    io_utils.warn(message)
-            if indices:
-                kept.extend(dataset.paths[i] for i in indices)
-                for (model, _), images, out in zip(models, batches, outputs):
-                    out.append(_encode_with_flip(model, images.to(device, non_blocking=True)).cpu())
-            bar.update(len(indices) + len(skipped))
+    transforms = [preprocess for _, preprocess in models]
+    with torch.no_grad():
+        for indices, batches in io_utils.readable_batches(paths, transforms, batch_size, device, "CLIP"):
+            kept.extend(paths[i] for i in indices)
+            for (model, _), images, out in zip(models, batches, outputs):
+                out.append(_encode_with_flip(model, images.to(device, non_blocking=True)).cpu())
     return kept, [torch.cat(out) if out else torch.empty(0, 0) for out in outputs]
 
 
@@ -349,7 +297,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: output path {args.out_csv!r} is a folder, expected a file name")
     names = io_utils.list_files(args.img_dir)
 
-    device = pick_device()
+    device = io_utils.pick_device()
     class_ids = list(id2label)
     classnames = [id2label[i] for i in class_ids]
     models = [load_clip(spec, device) for spec in specs]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import io_utils
 import p1_report
 import p1_zeroshot as zs
 
@@ -24,7 +25,7 @@ ID2LABEL = {"0": "maple_tree", "3": "aquarium_fish", "4": "bicycle", "11": "pick
 def on_cpu(monkeypatch):
     """The direct computations run in fp32 on the CPU; so does the code under test,
     even on a machine with a GPU (where CLIP would run in fp16)."""
-    monkeypatch.setattr(zs, "pick_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(io_utils, "pick_device", lambda: torch.device("cpu"))
 
 
 def write_json(path, data):
