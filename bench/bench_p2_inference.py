@@ -1,0 +1,234 @@
+"""Speed of the graders' Problem 2 path, worst case, without any downloaded weight.
+
+Builds the full-size captioner (timm ViT-L/14 CLIP tower + GPT-2 small with
+the adapter preset) with random weights, saves it as the graders would get it
+(checkpoint of trainable tensors, GPT-2 in the course's decoder_model.bin
+layout, encoder weights file), writes N synthetic 224x224 JPEG scenes and
+times `p2_inference.main` on them: loading, reading, encoding, batched beam
+search with the key/value cache (beam 5), the JSON.
+
+Worst case: <|endoftext|> is made unreachable, so every caption runs to the
+checkpoint's max_len. Channel 0 of GPT-2's final LayerNorm is pinned to a
+constant (weight 0, bias 100) and only <|endoftext|>'s output embedding reads
+it (-100), which puts 10^4 below its logit; nothing else changes in cost.
+
+Then a naive decoder, as public solutions decode: one image at a time, beam 5,
+the whole prefix recomputed at every step (no cache), on a subset, and
+extrapolated to N. The speed-up is the naive estimate over our measured time.
+
+    python3 bench/bench_p2_inference.py [--n-images 1404] [--naive-images 20] [--out-json FILE]
+    python3 bench/bench_p2_inference.py --small      # toy models on the CPU: does it run?
+
+The 2080 Ti estimate is the H100 time x 18 (HW3_SPEC.md 8, conservative); it
+means little on any other device. The graders allow 40 minutes for hw3_2.sh.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import io_utils
+import p2_inference
+import synthetic
+from captioner import (
+    EOT,
+    Captioner,
+    autocast,
+    load_checkpoint,
+    make_config,
+    mark_trainable,
+    save_checkpoint,
+)
+from decoder import CONV1D_WEIGHTS, parameter_group
+from io_utils import open_rgb
+from tokenizer import BPETokenizer
+
+# A ViT and GPT-2 small enough for the CPU (the test suite's sizes).
+SMALL_ENCODER = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2})
+SMALL_DECODER = {"n_layer": 2, "n_embd": 128, "adapter_dim": 16}
+LIMIT_S = 40 * 60
+
+
+def build_model(small: bool) -> Captioner:
+    """Random captioner with GPT-2's initialisation (N(0, 0.02)) and <|endoftext|> unreachable."""
+    config = (make_config("adapter", encoder=SMALL_ENCODER[0], encoder_kwargs=SMALL_ENCODER[1], **SMALL_DECODER)
+              if small else make_config("adapter"))
+    model = Captioner(config, decoder_weights=None, pretrained_encoder=False)
+    with torch.no_grad():
+        for param in model.decoder.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.02)
+        decoder = model.decoder
+        decoder.ln_f.weight[0], decoder.ln_f.bias[0] = 0.0, 100.0
+        decoder.wte.weight[:, 0] = 0.0
+        decoder.wte.weight[EOT, 0] = -100.0
+    mark_trainable(model, verbose=False)
+    return model
+
+
+def save_as_graders_get_it(model: Captioner, folder: str) -> dict:
+    """checkpoint, decoder_model.bin (course layout: Conv1D weights (in, out)) and encoder weights."""
+    files = {name: os.path.join(folder, name) for name in ("checkpoint.pt", "decoder_model.bin", "encoder.pth")}
+    save_checkpoint(model, files["checkpoint.pt"])
+    gpt2 = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
+            for k, v in model.decoder.state_dict().items() if parameter_group(k) is None}
+    torch.save(gpt2, files["decoder_model.bin"])
+    torch.save({k: v.half() for k, v in model.encoder.vit.state_dict().items()}, files["encoder.pth"])
+    return files
+
+
+def ensure_vocab(folder: str) -> str:
+    """GPT-2's vocabulary where the tokenizer finds it, else a stand-in of made-up words
+    (same ids and size; decoding cost is negligible either way)."""
+    try:
+        BPETokenizer()
+        return "GPT-2"
+    except FileNotFoundError:
+        pass
+    words = {}
+    for i in range(EOT):
+        word, n = "", i
+        while True:
+            word, n = chr(ord("a") + n % 26) + word, n // 26
+            if n == 0:
+                break
+        words["\u0120" + word] = i  # \u0120 is GPT-2's byte table's space
+    words["<|endoftext|>"] = EOT
+    with open(os.path.join(folder, "encoder.json"), "w", encoding="utf-8") as f:
+        json.dump(words, f)
+    with open(os.path.join(folder, "vocab.bpe"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    os.environ["HW3_BPE_DIR"] = folder
+    return "stand-in (made-up words)"
+
+
+def write_images(folder: str, n: int) -> list:
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        scene = synthetic.random_scene(rng)
+        paths.append(os.path.join(folder, f"{i:012d}.jpg"))
+        synthetic.draw_scene(scene, 224, rng).save(paths[-1], quality=90)
+    return paths
+
+
+@torch.no_grad()
+def naive_beam_search(model: Captioner, feats: torch.Tensor, beam_size: int, max_len: int) -> list:
+    """One image feats [1, S, W]; every step re-runs the decoder on all beams' whole prefix [K, t + 1]."""
+    memory = model.decoder.memory(feats)  # K beams of one image share it (CrossAttention folds them)
+    seqs = torch.full((1, 1), EOT, dtype=torch.long, device=feats.device)  # [k, t + 1]
+    scores = torch.zeros(1, device=feats.device)
+    ended = []
+    for t in range(max_len):
+        logp = model.decoder(seqs, memory)[0][:, -1].float().log_softmax(-1)  # [k, V], no cache
+        if t == 0:
+            logp[:, EOT] = float("-inf")
+        top, idx = (scores[:, None] + logp).view(-1).topk(2 * beam_size)
+        beam, tok = idx // logp.size(1), idx % logp.size(1)
+        if (tok == EOT).any():
+            ended += [(float(top[i]), seqs[beam[i], 1:].tolist()) for i in (tok == EOT).nonzero().squeeze(1).tolist()]
+        keep = (tok != EOT).nonzero().squeeze(1)[:beam_size]
+        seqs = torch.cat([seqs[beam[keep]], tok[keep, None]], dim=1)
+        scores = top[keep]
+        if len(ended) >= beam_size:
+            break
+    ended += [(float(s), seq[1:].tolist()) for s, seq in zip(scores, seqs)]
+    return max(ended)[1]
+
+
+def time_naive(files: dict, paths: list, device: torch.device) -> tuple:
+    model = load_checkpoint(files["checkpoint.pt"], files["decoder_model.bin"], files["encoder.pth"]).to(device)
+    gen = model.config["generation"]
+    lengths = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for path in paths:
+        image = model.encoder.transform(open_rgb(path)).unsqueeze(0).to(device)
+        with autocast(device):
+            lengths.append(len(naive_beam_search(model, model.encode(image), gen["beam_size"], gen["max_len"])))
+    sync()
+    seconds = time.perf_counter() - start
+    # the forcing works: our generate runs every caption to max_len too
+    with autocast(device):
+        image = torch.stack([model.encoder.transform(open_rgb(p)) for p in paths[:4]]).to(device)
+        ours = model.generate(model.encode(image))
+    assert all(len(ids) == gen["max_len"] for ids in ours) and set(lengths) == {gen["max_len"]}, (lengths, ours)
+    return seconds, gen
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-images", type=int, help="images to caption (1404, the private test set; 16 with --small)")
+    parser.add_argument("--naive-images", type=int, help="images for the naive decoder (20; 4 with --small)")
+    parser.add_argument("--small", action="store_true", help="toy-size models, to check that it runs")
+    parser.add_argument("--out-json", help="also write the numbers here")
+    args = parser.parse_args()
+    n_images = args.n_images or (16 if args.small else 1404)
+    n_naive = min(args.naive_images or (4 if args.small else 20), n_images)
+
+    torch.manual_seed(0)
+    device = io_utils.pick_device()
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="bench_p2_") as tmp:
+        files = save_as_graders_get_it(build_model(args.small), tmp)
+        vocab = ensure_vocab(tmp)
+        paths = write_images(os.path.join(tmp, "images"), n_images)
+        os.environ.update(HW3_P2_CKPT=files["checkpoint.pt"], HW3_P2_ENCODER_WEIGHTS=files["encoder.pth"])
+        out = os.path.join(tmp, "out", "pred.json")
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        p2_inference.main([os.path.dirname(paths[0]), out, files["decoder_model.bin"]])
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak_mb = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
+        with open(out, encoding="utf-8") as f:
+            assert len(json.load(f)) == n_images
+
+        naive_seconds, gen = time_naive(files, paths[:n_naive], device)
+
+    naive_total = naive_seconds * n_images / n_naive
+    result = {
+        "n_images": n_images,
+        "model": ("small test models" if args.small else
+                  "timm ViT-L/14 CLIP tower + GPT-2 small, adapter preset (random weights)"),
+        "generation": gen,
+        "captions": f"all {gen['max_len']} tokens (<|endoftext|> unreachable)",
+        "vocabulary": vocab,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(n_images / seconds, 1),
+        "peak_gpu_mb": peak_mb,
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "estimate_2080ti_s": round(seconds * 18, 1),
+        "estimate_note": "H100 seconds x 18 (HW3_SPEC.md 8); only meaningful when device is an H100",
+        "limit_s": LIMIT_S,
+        "naive_images": n_naive,
+        "naive_seconds": round(naive_seconds, 2),
+        "naive_seconds_for_n_images": round(naive_total, 1),
+        "naive_estimate_2080ti_s": round(naive_total * 18, 1),
+        "speedup": round(naive_total / seconds, 1),
+        "speedup_note": "naive (one image at a time, no key/value cache, model load excluded) "
+                        "over the whole p2_inference run (model load included)",
+    }
+    print(json.dumps(result, indent=2))
+    if args.out_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
+        with open(args.out_json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Problem 2 inference: `bash hw3_2.sh` end to end on a tiny checkpoint against
+a direct computation, its error cases, the environment overrides and the
+caption clean-up (never empty, within CLIP's context)."""
+import json
+import os
+import subprocess
+
+import clip
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT, TINY_VIT_KWARGS
+from PIL import Image
+
+import captioner
+import io_utils
+import p2_inference
+from captioner import (
+    Captioner,
+    load_checkpoint,
+    make_config,
+    mark_trainable,
+    save_checkpoint,
+)
+from io_utils import open_rgb, strip_extension
+from tokenizer import BPETokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ("HW3_P2_BEAM", "HW3_P2_MAX_LEN", "HW3_P2_LENGTH_PENALTY", "HW3_P2_BATCH")
+
+
+def make_checkpoint(path, encoder_weights, decoder_weights):
+    """The checkpoint every test captions with: a tiny adapter captioner whose
+    trainable tensors are perturbed so that images get different captions.
+    (One place to swap in a checkpoint trained by p2_train.py.)"""
+    torch.manual_seed(0)
+    config = make_config("adapter", encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS, adapter_dim=16,
+                         generation={"max_len": 12})
+    model = Captioner(config, decoder_weights, encoder_weights=encoder_weights)
+    mark_trainable(model, verbose=False)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    save_checkpoint(model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_vit_file, tiny_gpt2):
+    return make_checkpoint(tmp_path_factory.mktemp("p2_ckpt") / "model.pt", tiny_vit_file, tiny_gpt2[0])
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, checkpoint, tiny_vit_file):
+    """In-process runs: the tiny checkpoint, a private cache, the CPU, no overrides."""
+    monkeypatch.setenv("HW3_P2_CKPT", checkpoint)
+    monkeypatch.setenv("HW3_P2_ENCODER_WEIGHTS", tiny_vit_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    for name in OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(io_utils, "pick_device", lambda: torch.device("cpu"))
+
+
+def noise_image(seed, mode="RGB", size=(40, 30)):
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, size[::-1], dtype=np.uint16))
+    image = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+    return image.convert("P", palette=Image.ADAPTIVE) if mode == "P" else image.convert(mode)
+
+
+def save_images(folder, modes):
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, mode) in enumerate(modes.items()):
+        noise_image(seed, mode).save(folder / name, format="PNG" if mode in ("RGBA", "P", "I;16") else "JPEG")
+    return folder
+
+
+def direct_captions(checkpoint, decoder_weights, encoder_weights, paths, **generation):
+    """{key: caption} written out from the model's own API: one batch, decoded, whitespace collapsed."""
+    model = load_checkpoint(checkpoint, decoder_weights, encoder_weights=encoder_weights)
+    images = torch.stack([model.encoder.transform(open_rgb(str(p))) for p in paths])
+    with torch.no_grad():
+        ids = model.generate(model.encode(images), **generation)
+    tokenizer = BPETokenizer()
+    return {strip_extension(os.path.basename(p)): " ".join(tokenizer.decode(i).split()) for p, i in zip(paths, ids)}
+
+
+def clip_tokens(text):
+    return len(captioner._clip_tokenizer().encode(text))
+
+
+# ---------------------------------------------------------------- end to end
+
+READABLE = {  # name -> mode; the keys strip only the last extension
+    "whatever.png": "RGBA", "photo.v2.JPEG": "CMYK", "0_0.jpg": "L", "cat_2.jpg": "RGB",
+    "a name with spaces.png": "P", "貓.jpg": "RGB", "gray16.png": "I;16", "no_extension": "RGB",
+}
+KEYS = {"whatever", "photo.v2", "0_0", "cat_2", "a name with spaces", "貓", "gray16", "no_extension"}
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, checkpoint, tiny_vit_file, tiny_gpt2):
+    """One run of `bash hw3_2.sh` on tricky names and modes, a text file and a broken image."""
+    tmp = tmp_path_factory.mktemp("p2_e2e")
+    folder = save_images(tmp / "images", READABLE)
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")
+    (folder / "broken.jpg").write_bytes((folder / "cat_2.jpg").read_bytes()[:200])
+    out = tmp / "new" / "folder" / "pred.json"
+    env = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
+    env.update(HW3_P2_CKPT=checkpoint, HW3_P2_ENCODER_WEIGHTS=tiny_vit_file, HW3_CACHE=str(tmp / "cache"),
+               CUDA_VISIBLE_DEVICES="")  # the CPU, as the direct computation
+    result = subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), tiny_gpt2[0]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    return folder, out, result
+
+
+def test_e2e_keys_and_clean_captions(e2e):
+    _, out, result = e2e
+    assert result.returncode == 0, result.stderr
+    preds = json.loads(out.read_text(encoding="utf-8"))
+    assert set(preds) == KEYS
+    for caption in preds.values():
+        assert isinstance(caption, str) and caption and caption == " ".join(caption.split())
+        assert "<|endoftext|>" not in caption
+        clip.tokenize(caption)  # raises beyond CLIP's 77 tokens
+    text = out.read_text(encoding="utf-8")
+    assert "貓" in text and list(preds) == sorted(preds)  # UTF-8, not \\u escapes; keys sorted
+
+
+def test_e2e_warns_about_skipped_files(e2e):
+    _, _, result = e2e
+    assert "'notes.txt': not an image" in result.stderr
+    assert "'broken.jpg': broken image" in result.stderr
+    assert "wrote 8 captions" in result.stderr
+
+
+def test_e2e_equals_direct_computation(e2e, checkpoint, tiny_vit_file, tiny_gpt2):
+    folder, out, _ = e2e
+    preds = json.loads(out.read_text(encoding="utf-8"))
+    paths = sorted(folder / name for name in READABLE)
+    expected = direct_captions(checkpoint, tiny_gpt2[0], tiny_vit_file, paths)
+    assert len(set(expected.values())) > 1, "the checkpoint gives every image the same caption"
+    for key, caption in expected.items():
+        if clip_tokens(caption) <= captioner.CLIP_TOKENS:
+            assert preds[key] == caption, key
+        else:  # cut to CLIP's context at a word boundary
+            assert caption.startswith(preds[key]) and preds[key], key
+
+
+# ---------------------------------------------------------------- errors
+
+def run_main(args):
+    with pytest.raises(SystemExit) as info:
+        p2_inference.main([str(a) for a in args])
+    return str(info.value)
+
+
+def test_no_checkpoint_is_an_error_saying_how_to_get_one(tmp_path, tiny_vit_file, tiny_gpt2):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    out = tmp_path / "out" / "pred.json"
+    env = {k: v for k, v in os.environ.items() if k not in OVERRIDES + ("HW3_P2_CKPT",)}
+    env.update(HW3_CACHE=str(tmp_path / "empty_cache"), HW3_P2_ENCODER_WEIGHTS=tiny_vit_file)
+    result = subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), tiny_gpt2[0]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    assert str(tmp_path / "empty_cache" / "p2_checkpoint.pt") in result.stderr
+    assert "bash hw3_download.sh" in result.stderr and "python3 p2_train.py" in result.stderr
+    assert not out.exists()
+
+
+def test_checkpoint_that_is_not_a_captioner_is_an_error(env, tmp_path, monkeypatch, tiny_gpt2):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    out = tmp_path / "pred.json"
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "bare.pt")
+    monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "bare.pt"))
+    assert "not a captioner checkpoint" in run_main([folder, out, tiny_gpt2[0]])
+    (tmp_path / "text.pt").write_text("hello", encoding="utf-8")
+    monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "text.pt"))
+    assert "cannot build the captioner from" in run_main([folder, out, tiny_gpt2[0]])
+    assert not out.exists()
+
+
+def test_decoder_weights_of_another_layout_are_an_error(env, tmp_path):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    out = tmp_path / "pred.json"
+    torch.save({"transformer.wte.weight": torch.zeros(10, 128)}, tmp_path / "hf.bin")
+    assert "not a GPT-2 decoder state dict" in run_main([folder, out, tmp_path / "hf.bin"])
+    assert "do not exist" in run_main([folder, out, tmp_path / "absent.bin"])
+    assert not out.exists()
+
+
+def test_missing_encoder_weights_are_an_error(env, tmp_path, monkeypatch, tiny_gpt2):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    monkeypatch.setenv("HW3_P2_ENCODER_WEIGHTS", str(tmp_path / "absent.pth"))
+    assert "absent.pth' does not exist" in run_main([folder, tmp_path / "pred.json", tiny_gpt2[0]])
+    monkeypatch.delenv("HW3_P2_ENCODER_WEIGHTS")  # the empty cache, offline: no silent download
+    assert "hw3_download.sh" in run_main([folder, tmp_path / "pred.json", tiny_gpt2[0]])
+    assert not (tmp_path / "pred.json").exists()
+
+
+def test_missing_or_imageless_folder_is_an_error(env, tmp_path, tiny_gpt2):
+    out = tmp_path / "pred.json"
+    assert "does not exist" in run_main([tmp_path / "absent", out, tiny_gpt2[0]])
+    (tmp_path / "empty").mkdir()
+    assert "contains no files" in run_main([tmp_path / "empty", out, tiny_gpt2[0]])
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a", encoding="utf-8")
+    assert "no readable image" in run_main([tmp_path / "texts", out, tiny_gpt2[0]])
+    assert not out.exists()
+
+
+def test_two_images_with_one_key_are_an_error(env, tmp_path, tiny_gpt2):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB", "a.png": "RGBA", "b.jpg": "RGB"})
+    out = tmp_path / "pred.json"
+    message = run_main([folder, out, tiny_gpt2[0]])
+    assert "'a.jpg' and 'a.png'" in message and "'a'" in message
+    assert not out.exists()
+
+
+def test_a_non_image_sharing_a_key_is_no_conflict(tmp_path):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    (folder / "a.txt").write_text("caption notes", encoding="utf-8")
+    assert p2_inference.image_keys(str(folder), ["a.jpg", "a.txt"]) == {"a.jpg": "a", "a.txt": "a"}
+
+
+@pytest.mark.parametrize("name, value", [
+    ("HW3_P2_BEAM", "0"), ("HW3_P2_BEAM", "five"), ("HW3_P2_BEAM", "2.5"), ("HW3_P2_MAX_LEN", "-3"),
+    ("HW3_P2_LENGTH_PENALTY", "nan"), ("HW3_P2_LENGTH_PENALTY", "-1"), ("HW3_P2_BATCH", "0"),
+])
+def test_bad_override_is_an_error(env, tmp_path, monkeypatch, tiny_gpt2, name, value):
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "pred.json"
+    assert f"{name}={value!r} is not" in run_main([tmp_path / "absent", out, tiny_gpt2[0]])
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- overrides and clean-up
+
+def test_beam_1_gives_the_greedy_captions(env, tmp_path, monkeypatch, checkpoint, tiny_vit_file, tiny_gpt2):
+    folder = save_images(tmp_path / "images", {"x.jpg": "RGB", "y.jpg": "L", "z.png": "RGBA"})
+    monkeypatch.setenv("HW3_P2_BEAM", "1")
+    monkeypatch.setenv("HW3_P2_MAX_LEN", "7")
+    monkeypatch.setenv("HW3_P2_BATCH", "2")  # two batches
+    out = tmp_path / "out" / "pred.json"
+    p2_inference.main([str(folder), str(out), tiny_gpt2[0]])
+    paths = sorted(folder.iterdir())
+    expected = direct_captions(checkpoint, tiny_gpt2[0], tiny_vit_file, paths, beam_size=1, max_len=7)
+    assert json.loads(out.read_text(encoding="utf-8")) == expected
+
+
+class ScriptedModel:
+    """Stands in for the captioner: fixed token ids for beam search and for greedy decoding."""
+
+    def __init__(self, beam, greedy):
+        self.beam, self.greedy, self.calls = beam, greedy, []
+
+    def generate(self, feats, beam_size=None, max_len=None, length_penalty=None):
+        self.calls.append((len(feats), beam_size))
+        return [list(ids) for ids in (self.greedy if beam_size == 1 else self.beam)][:len(feats)]
+
+
+def test_empty_captions_fall_back_to_greedy_then_a_constant(capsys):
+    tokenizer = BPETokenizer()
+    space, newline, a, man, bike = 220, 198, 64, 582, 7161
+    model = ScriptedModel(beam=[[a, man], [space], [space, newline]], greedy=[[bike], [space]])
+    texts = captioner.Captioner.captions(model, torch.zeros(3, 1, 1), tokenizer, ["a.jpg", "b.jpg", "c.jpg"])
+    assert texts == ["a man", "bike", captioner.FALLBACK_CAPTION]
+    assert model.calls == [(3, None), (2, 1)]  # greedy only for the two empty ones
+    err = capsys.readouterr().err
+    assert "'b.jpg'" in err and "'c.jpg'" in err and "'a.jpg'" not in err
+
+
+def test_captions_are_cut_to_clip_context():
+    caption = "a man riding a bike down the street"
+    assert captioner.fit_clip_context(caption) == caption
+    long = " ".join(f"word{i}" for i in range(200))
+    cut = captioner.fit_clip_context(long)
+    following = long[len(cut):].split()[0]
+    assert long.startswith(cut + " ") and clip_tokens(cut) <= 75 < clip_tokens(cut + " " + following)
+    clip.tokenize(cut)
+    assert 0 < clip_tokens(captioner.fit_clip_context("!?" * 100)) <= 75  # one long "word"
