@@ -207,5 +207,47 @@ def main(argv=None) -> None:
               f"({s['n_gray']} grayscale, {s['n_cmyk']} CMYK) -> {s['json']}")
 
 
+def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0):
+    """A tiny GPT-2 (transformers) taught the synthetic captions' language: the stand-in for
+    GPT-2's pretraining, so that training the new modules has a language model to ground.
+
+    Test and benchmark tooling: it needs `transformers` (a test-only dependency).
+    Rows of the (tied) embedding for tokens the captions never use are zero, so their
+    logits are exactly 0 and the full 50257-way softmax equals a softmax over the used
+    tokens plus one logit of log(#unused): exact, and ~1000x cheaper than the full one.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from p2_data import make_batch
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=50257, n_positions=64))
+    used = torch.tensor(sorted({t for c in captions for t in c} | {50256}))
+    with torch.no_grad():
+        keep = torch.zeros(50257, dtype=torch.bool)
+        keep[used] = True
+        model.transformer.wte.weight[~keep] = 0.0
+    column = torch.full((50257,), -100, dtype=torch.long)
+    column[used] = torch.arange(len(used))
+    unused_logit = math.log(50257 - len(used))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = torch.randint(0, len(captions), (32,), generator=generator).tolist()
+        inp, tgt = make_batch([captions[i] for i in batch])
+        hidden = model.transformer(inp).last_hidden_state  # [B, T, C]
+        logits = hidden @ model.transformer.wte.weight[used].t()  # [B, T, used]
+        logits = torch.cat([logits, torch.full_like(logits[..., :1], unused_logit)], dim=-1)
+        target = torch.where(tgt >= 0, column[tgt.clamp(min=0)], tgt)
+        F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
 if __name__ == "__main__":
     main()

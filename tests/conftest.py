@@ -81,47 +81,6 @@ def tiny_gpt2(tmp_path_factory):
     return str(path), model
 
 
-def _pretrain_caption_lm(captions, steps=150, seed=0):
-    """A tiny GPT-2 (transformers) taught the synthetic captions' language: the stand-in for
-    GPT-2's pretraining, so that training the new modules has a language model to ground.
-
-    Rows of the (tied) embedding for tokens the captions never use are zero, so their
-    logits are exactly 0 and the full 50257-way softmax equals a softmax over the used
-    tokens plus one logit of log(#unused): exact, and ~1000x cheaper than the full one.
-    """
-    import math
-
-    import torch
-    import torch.nn.functional as F
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from p2_data import make_batch
-
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=50257, n_positions=64))
-    used = torch.tensor(sorted({t for c in captions for t in c} | {50256}))
-    with torch.no_grad():
-        keep = torch.zeros(50257, dtype=torch.bool)
-        keep[used] = True
-        model.transformer.wte.weight[~keep] = 0.0
-    column = torch.full((50257,), -100, dtype=torch.long)
-    column[used] = torch.arange(len(used))
-    unused_logit = math.log(50257 - len(used))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = torch.randint(0, len(captions), (32,), generator=generator).tolist()
-        inp, tgt = make_batch([captions[i] for i in batch])
-        hidden = model.transformer(inp).last_hidden_state  # [B, T, C]
-        logits = hidden @ model.transformer.wte.weight[used].t()  # [B, T, used]
-        logits = torch.cat([logits, torch.full_like(logits[..., :1], unused_logit)], dim=-1)
-        target = torch.where(tgt >= 0, column[tgt.clamp(min=0)], tgt)
-        F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def captioning_setup(tmp_path_factory, tiny_vit_file, bpe_dir):
     """A synthetic captioning set in the course's layout, and a tiny GPT-2 that knows its language.
@@ -142,7 +101,7 @@ def captioning_setup(tmp_path_factory, tiny_vit_file, bpe_dir):
     tokenizer = BPETokenizer()
     with open(os.path.join(data_root, "train.json"), encoding="utf-8") as f:
         captions = [tokenizer.encode(normalize_caption(a["caption"])) for a in json.load(f)["annotations"]]
-    lm = _pretrain_caption_lm(captions)
+    lm = synthetic.pretrain_caption_lm(captions)
     decoder_weights = str(root / "decoder_model.bin")
     torch.save(lm.transformer.state_dict(), decoder_weights)
     encoder_args = ["--encoder", TINY_VIT, "--encoder-weights", tiny_vit_file,
