@@ -9,18 +9,13 @@ import clip
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIT, TINY_VIT_KWARGS
 from PIL import Image
 
 import captioner
 import io_utils
 import p2_inference
 from captioner import (
-    Captioner,
     load_checkpoint,
-    make_config,
-    mark_trainable,
-    save_checkpoint,
 )
 from io_utils import open_rgb, strip_extension
 from tokenizer import BPETokenizer
@@ -29,26 +24,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ("HW3_P2_BEAM", "HW3_P2_MAX_LEN", "HW3_P2_LENGTH_PENALTY", "HW3_P2_BATCH")
 
 
-def make_checkpoint(path, encoder_weights, decoder_weights):
-    """The checkpoint every test captions with: a tiny adapter captioner whose
-    trainable tensors are perturbed so that images get different captions.
-    (One place to swap in a checkpoint trained by p2_train.py.)"""
-    torch.manual_seed(0)
-    config = make_config("adapter", encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS, adapter_dim=16,
-                         generation={"max_len": 12})
-    model = Captioner(config, decoder_weights, encoder_weights=encoder_weights)
-    mark_trainable(model, verbose=False)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
-    save_checkpoint(model, str(path))
-    return str(path)
+@pytest.fixture(scope="module")
+def checkpoint(trained_checkpoint):
+    """The checkpoint every test captions with: a tiny adapter captioner trained by p2_train.py."""
+    return trained_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_vit_file, tiny_gpt2):
-    return make_checkpoint(tmp_path_factory.mktemp("p2_ckpt") / "model.pt", tiny_vit_file, tiny_gpt2[0])
+def decoder_weights(captioning_setup):
+    """The decoder_model.bin that checkpoint was trained on."""
+    return captioning_setup["decoder_weights"]
 
 
 @pytest.fixture
@@ -101,7 +86,7 @@ KEYS = {"whatever", "photo.v2", "0_0", "cat_2", "a name with spaces", "貓", "gr
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory, checkpoint, tiny_vit_file, tiny_gpt2):
+def e2e(tmp_path_factory, checkpoint, tiny_vit_file, decoder_weights):
     """One run of `bash hw3_2.sh` on tricky names and modes, a text file and a broken image."""
     tmp = tmp_path_factory.mktemp("p2_e2e")
     folder = save_images(tmp / "images", READABLE)
@@ -111,7 +96,7 @@ def e2e(tmp_path_factory, checkpoint, tiny_vit_file, tiny_gpt2):
     env = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
     env.update(HW3_P2_CKPT=checkpoint, HW3_P2_ENCODER_WEIGHTS=tiny_vit_file, HW3_CACHE=str(tmp / "cache"),
                CUDA_VISIBLE_DEVICES="")  # the CPU, as the direct computation
-    result = subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), tiny_gpt2[0]], cwd=REPO, env=env,
+    result = subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), decoder_weights], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     return folder, out, result
 
@@ -136,11 +121,11 @@ def test_e2e_warns_about_skipped_files(e2e):
     assert "wrote 8 captions" in result.stderr
 
 
-def test_e2e_equals_direct_computation(e2e, checkpoint, tiny_vit_file, tiny_gpt2):
+def test_e2e_equals_direct_computation(e2e, checkpoint, tiny_vit_file, decoder_weights):
     folder, out, _ = e2e
     preds = json.loads(out.read_text(encoding="utf-8"))
     paths = sorted(folder / name for name in READABLE)
-    expected = direct_captions(checkpoint, tiny_gpt2[0], tiny_vit_file, paths)
+    expected = direct_captions(checkpoint, decoder_weights, tiny_vit_file, paths)
     assert len(set(expected.values())) > 1, "the checkpoint gives every image the same caption"
     for key, caption in expected.items():
         if clip_tokens(caption) <= captioner.CLIP_TOKENS:
@@ -157,12 +142,12 @@ def run_main(args):
     return str(info.value)
 
 
-def test_no_checkpoint_is_an_error_saying_how_to_get_one(tmp_path, tiny_vit_file, tiny_gpt2):
+def test_no_checkpoint_is_an_error_saying_how_to_get_one(tmp_path, tiny_vit_file, decoder_weights):
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     out = tmp_path / "out" / "pred.json"
     env = {k: v for k, v in os.environ.items() if k not in OVERRIDES + ("HW3_P2_CKPT",)}
     env.update(HW3_CACHE=str(tmp_path / "empty_cache"), HW3_P2_ENCODER_WEIGHTS=tiny_vit_file)
-    result = subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), tiny_gpt2[0]], cwd=REPO, env=env,
+    result = subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), decoder_weights], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode != 0
     assert str(tmp_path / "empty_cache" / "p2_checkpoint.pt") in result.stderr
@@ -170,15 +155,15 @@ def test_no_checkpoint_is_an_error_saying_how_to_get_one(tmp_path, tiny_vit_file
     assert not out.exists()
 
 
-def test_checkpoint_that_is_not_a_captioner_is_an_error(env, tmp_path, monkeypatch, tiny_gpt2):
+def test_checkpoint_that_is_not_a_captioner_is_an_error(env, tmp_path, monkeypatch, decoder_weights):
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     out = tmp_path / "pred.json"
     torch.save({"weight": torch.zeros(3)}, tmp_path / "bare.pt")
     monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "bare.pt"))
-    assert "not a captioner checkpoint" in run_main([folder, out, tiny_gpt2[0]])
+    assert "not a captioner checkpoint" in run_main([folder, out, decoder_weights])
     (tmp_path / "text.pt").write_text("hello", encoding="utf-8")
     monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "text.pt"))
-    assert "cannot build the captioner from" in run_main([folder, out, tiny_gpt2[0]])
+    assert "cannot build the captioner from" in run_main([folder, out, decoder_weights])
     assert not out.exists()
 
 
@@ -191,30 +176,30 @@ def test_decoder_weights_of_another_layout_are_an_error(env, tmp_path):
     assert not out.exists()
 
 
-def test_missing_encoder_weights_are_an_error(env, tmp_path, monkeypatch, tiny_gpt2):
+def test_missing_encoder_weights_are_an_error(env, tmp_path, monkeypatch, decoder_weights):
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     monkeypatch.setenv("HW3_P2_ENCODER_WEIGHTS", str(tmp_path / "absent.pth"))
-    assert "absent.pth' does not exist" in run_main([folder, tmp_path / "pred.json", tiny_gpt2[0]])
+    assert "absent.pth' does not exist" in run_main([folder, tmp_path / "pred.json", decoder_weights])
     monkeypatch.delenv("HW3_P2_ENCODER_WEIGHTS")  # the empty cache, offline: no silent download
-    assert "hw3_download.sh" in run_main([folder, tmp_path / "pred.json", tiny_gpt2[0]])
+    assert "hw3_download.sh" in run_main([folder, tmp_path / "pred.json", decoder_weights])
     assert not (tmp_path / "pred.json").exists()
 
 
-def test_missing_or_imageless_folder_is_an_error(env, tmp_path, tiny_gpt2):
+def test_missing_or_imageless_folder_is_an_error(env, tmp_path, decoder_weights):
     out = tmp_path / "pred.json"
-    assert "does not exist" in run_main([tmp_path / "absent", out, tiny_gpt2[0]])
+    assert "does not exist" in run_main([tmp_path / "absent", out, decoder_weights])
     (tmp_path / "empty").mkdir()
-    assert "contains no files" in run_main([tmp_path / "empty", out, tiny_gpt2[0]])
+    assert "contains no files" in run_main([tmp_path / "empty", out, decoder_weights])
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("a", encoding="utf-8")
-    assert "no readable image" in run_main([tmp_path / "texts", out, tiny_gpt2[0]])
+    assert "no readable image" in run_main([tmp_path / "texts", out, decoder_weights])
     assert not out.exists()
 
 
-def test_two_images_with_one_key_are_an_error(env, tmp_path, tiny_gpt2):
+def test_two_images_with_one_key_are_an_error(env, tmp_path, decoder_weights):
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB", "a.png": "RGBA", "b.jpg": "RGB"})
     out = tmp_path / "pred.json"
-    message = run_main([folder, out, tiny_gpt2[0]])
+    message = run_main([folder, out, decoder_weights])
     assert "'a.jpg' and 'a.png'" in message and "'a'" in message
     assert not out.exists()
 
@@ -229,24 +214,24 @@ def test_a_non_image_sharing_a_key_is_no_conflict(tmp_path):
     ("HW3_P2_BEAM", "0"), ("HW3_P2_BEAM", "five"), ("HW3_P2_BEAM", "2.5"), ("HW3_P2_MAX_LEN", "-3"),
     ("HW3_P2_LENGTH_PENALTY", "nan"), ("HW3_P2_LENGTH_PENALTY", "-1"), ("HW3_P2_BATCH", "0"),
 ])
-def test_bad_override_is_an_error(env, tmp_path, monkeypatch, tiny_gpt2, name, value):
+def test_bad_override_is_an_error(env, tmp_path, monkeypatch, decoder_weights, name, value):
     monkeypatch.setenv(name, value)
     out = tmp_path / "pred.json"
-    assert f"{name}={value!r} is not" in run_main([tmp_path / "absent", out, tiny_gpt2[0]])
+    assert f"{name}={value!r} is not" in run_main([tmp_path / "absent", out, decoder_weights])
     assert not out.exists()
 
 
 # ---------------------------------------------------------------- overrides and clean-up
 
-def test_beam_1_gives_the_greedy_captions(env, tmp_path, monkeypatch, checkpoint, tiny_vit_file, tiny_gpt2):
+def test_beam_1_gives_the_greedy_captions(env, tmp_path, monkeypatch, checkpoint, tiny_vit_file, decoder_weights):
     folder = save_images(tmp_path / "images", {"x.jpg": "RGB", "y.jpg": "L", "z.png": "RGBA"})
     monkeypatch.setenv("HW3_P2_BEAM", "1")
     monkeypatch.setenv("HW3_P2_MAX_LEN", "7")
     monkeypatch.setenv("HW3_P2_BATCH", "2")  # two batches
     out = tmp_path / "out" / "pred.json"
-    p2_inference.main([str(folder), str(out), tiny_gpt2[0]])
+    p2_inference.main([str(folder), str(out), decoder_weights])
     paths = sorted(folder.iterdir())
-    expected = direct_captions(checkpoint, tiny_gpt2[0], tiny_vit_file, paths, beam_size=1, max_len=7)
+    expected = direct_captions(checkpoint, decoder_weights, tiny_vit_file, paths, beam_size=1, max_len=7)
     assert json.loads(out.read_text(encoding="utf-8")) == expected
 
 
