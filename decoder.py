@@ -423,7 +423,7 @@ class Decoder(nn.Module):
             V = logp.size(-1)
             cand = (scores.view(B * K, 1) + logp).view(B, K * V)
             top, idx = cand.topk(2 * K, dim=1)  # [B, 2K]
-            beam, tok = idx // V, idx % V
+            beam, tok = torch.div(idx, V, rounding_mode="floor"), idx % V  # tensor // warns on torch 1.12
             is_eot = tok == eot
             # ended hypotheses: <|endoftext|> among the top K candidates
             new = is_eot & (rank < K) & ~done.unsqueeze(1)
