@@ -31,12 +31,19 @@ def cached_weights_path(name: str) -> str:
 
 
 def download_weights(name: str) -> str:
-    """Fetch `name`'s pretrained weights through timm and store them in the repository cache."""
+    """Fetch `name`'s pretrained weights through timm and store them in the repository cache.
+
+    A `*_clip_quickgelu_*` name is fetched under its plain `*_clip_*` name: the
+    tensors are the same (QuickGELU is an activation, not a weight), and timm
+    0.9.10 points the quickgelu names at hub repositories that do not exist
+    (timm fixed that in a later release).
+    """
     import timm
 
     path = cached_weights_path(name)
-    print(f"downloading encoder weights {name!r} into {path}", file=sys.stderr)
-    model = timm.create_model(name, pretrained=True)
+    source = name.replace("_clip_quickgelu_", "_clip_")
+    print(f"downloading encoder weights {source!r} into {path}", file=sys.stderr)
+    model = timm.create_model(source, pretrained=True)
     atomic_torch_save(model.state_dict(), path)
     return path
 

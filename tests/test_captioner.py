@@ -219,3 +219,26 @@ def test_full_size_parameter_budget(peft):
         trainable["prefix.kv"] = decoder.prefix().detach()
     total = sum(t.numel() for t in trainable.values())
     assert 29_000_000 <= total < 35_000_000, total
+
+
+def test_quickgelu_weights_are_fetched_under_the_plain_name(tmp_path, monkeypatch, tiny_vit_file):
+    """timm 0.9.10 maps `*_clip_quickgelu_*.openai` to hub repositories that do not exist."""
+    import timm
+
+    import encoder
+
+    asked = []
+
+    def fake_create_model(name, pretrained=False, **kwargs):
+        asked.append((name, pretrained))
+        model = timm.models.create_model(TINY_VIT, pretrained=False, **TINY_VIT_KWARGS)
+        model.load_state_dict(torch.load(tiny_vit_file))
+        return model
+
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path))
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    path = encoder.download_weights("vit_large_patch14_clip_quickgelu_224.openai")
+    assert asked == [("vit_large_patch14_clip_224.openai", True)]
+    assert path == encoder.cached_weights_path("vit_large_patch14_clip_quickgelu_224.openai")
+    assert path.startswith(str(tmp_path)) and torch.equal(torch.load(path)["cls_token"],
+                                                          torch.load(tiny_vit_file)["cls_token"])
