@@ -2,7 +2,8 @@
 
     python3 p2_evaluate.py --pred_file P --images_root DIR --annotation_file A
 
-prints `CIDEr: x | CLIPScore: y`. Same command line and same numbers as the
+prints `CIDEr: x | CLIPScore: y` (and writes them as JSON with --metrics-out
+FILE, for build_report.py). Same command line and same numbers as the
 course's `p2_evaluate.py`:
 
 - CIDEr is coco-caption's CIDEr-D through `pycocoevalcap`: the Java Stanford
@@ -300,6 +301,9 @@ def parse_args(argv=None):
     p.add_argument("--clip-model", default="ViT-B/32", help="CLIP model name or checkpoint file (default ViT-B/32)")
     p.add_argument("--per-image", metavar="FILE",
                    help="write a JSON list of {key, caption, clip_score[, cider]} sorted by CLIPScore, best first")
+    p.add_argument("--metrics-out", metavar="FILE",
+                   help="write the scores as JSON {cider, clipscore, n_images, pred_file, annotation_file} "
+                        "(null for a skipped metric); build_report.py reads it")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="image loading processes (default 4 on CUDA, 0 on CPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -327,16 +331,21 @@ def main(argv=None) -> None:
             check_java()
         if not args.no_clipscore:
             find_images(args.images_root, preds)  # fail before any slow work
-        parts, cider = [], None
+        parts, cider, cider_mean, clip_mean = [], None, None, None
         if not args.no_cider:
             cider_mean, cider = cider_pycoco(preds, refs)
             parts.append(f"CIDEr: {cider_mean:.6f}")
         if not args.no_clipscore:
             clip = clip_scores(preds, args.images_root, args.clip_model, args.device, args.batch_size, args.workers)
-            parts.append(f"CLIPScore: {sum(clip.values()) / len(clip):.6f}")
+            clip_mean = sum(clip.values()) / len(clip)
+            parts.append(f"CLIPScore: {clip_mean:.6f}")
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
     print(" | ".join(parts))
+    if args.metrics_out:
+        metrics = {"cider": cider_mean, "clipscore": clip_mean, "n_images": len(preds),
+                   "pred_file": args.pred_file, "annotation_file": args.annotation_file}
+        atomic_write_text(args.metrics_out, json.dumps(metrics, indent=2) + "\n")
     if args.per_image:
         rows = [{"key": k, "caption": preds[k], "clip_score": s} for k, s in clip.items()]
         if cider is not None:

@@ -126,6 +126,22 @@ def test_end_to_end_scores_equal_direct_computation(dataset, tiny_clip_file):
         assert row["clip_score"] == pytest.approx(direct[row["key"]], abs=1e-4)
 
 
+@needs_java
+def test_metrics_out_holds_the_printed_scores(dataset):
+    """--metrics-out (what build_report.py reads): the scores as numbers, null for a skipped one."""
+    metrics_file = dataset["tmp"] / "new" / "metrics.json"
+    proc = run_evaluate("--pred_file", dataset["pred"], "--annotation_file", dataset["ann"],
+                        "--no-clipscore", "--metrics-out", metrics_file)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(metrics_file.read_text())
+    assert proc.stdout.strip() == f"CIDEr: {metrics['cider']:.6f}"
+    assert metrics == {"cider": pytest.approx(expected_cider({k: v[2] for k, v in IMAGES.items()}, PREDICTIONS),
+                                              abs=1e-12),
+                       "clipscore": None, "n_images": len(PREDICTIONS),
+                       "pred_file": str(dataset["pred"]), "annotation_file": str(dataset["ann"])}
+    assert os.listdir(metrics_file.parent) == ["metrics.json"]  # no temporary file left
+
+
 def test_in_process_functions(dataset, tiny_clip_file):
     import p2_evaluate
 

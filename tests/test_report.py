@@ -1,0 +1,238 @@
+"""build_report.py: the report PDF from an empty results folder and from a full one.
+
+The PDFs are read back with pypdfium2: their text (every number from the
+result files must appear exactly as formatted), their embedded images, and
+their first pages rendered to pixels (not blank).
+
+Every number in FULL_* below is made up: TEST DATA, not a measurement.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pdfium = pytest.importorskip("pypdfium2")
+
+import build_report  # noqa: E402
+from captioner import make_config  # noqa: E402
+
+# TEST DATA: made-up accuracies, scores and probabilities.
+FULL_PROMPTS = {
+    "models": ["ViT-L/14@336px", "ViT-B/16"], "n_images": 2500,
+    "results": [
+        {"prompt": "This is a photo of {object}", "accuracy": 0.6123, "per_model": [0.6011, 0.5432]},
+        {"prompt": "This is not a photo of {object}", "accuracy": 0.4207, "per_model": [0.4113, 0.3876]},
+        {"prompt": "No {object}, no score.", "accuracy": 0.3391, "per_model": [0.3202, 0.2954]},
+        {"prompt": "18 CIFAR templates (ensemble)", "accuracy": 0.8254, "per_model": [0.8021, 0.7688]},
+    ],
+}
+FULL_TOP5 = {name: [{"class_id": i, "class": f"class{i}", "prompt": f"a photo of a class{i}",
+                     "probability": p} for i, p in enumerate(probs)]
+             for name, probs in {"3_450.png": [0.9137, 0.0412, 0.0101, 0.0057, 0.0021],
+                                 "17_471.png": [0.5531, 0.2214, 0.0833, 0.0402, 0.0188],
+                                 "42_499.png": [0.3306, 0.3105, 0.1207, 0.0731, 0.0519]}.items()}
+FULL_METRICS = {"best": (0.9512, 0.7348), "adapter": (0.9123, 0.7211), "prefix": (0.8345, 0.7056),
+                "lora": (0.9278, 0.7290)}
+FULL_DECODER = {  # what Captioner fills into a checkpoint's decoder config besides the PEFT values
+    "adapter": dict(adapter_dim=96, adapter_places=["attn", "mlp"], adapter_layers=None),
+    "prefix": dict(prefix_len=48, prefix_hidden=0),
+    "lora": dict(lora_rank=24, lora_alpha=48.0, lora_targets=["attn.c_attn", "mlp.c_fc"], lora_dropout=0.05),
+}
+FULL_TENSORS = {"adapter": [(123, 45), (67,)], "prefix": [(12, 2, 48, 64)], "lora": [(24, 77), (77, 24)]}
+FULL_ATTENTION = {stem: f"a test caption for {stem} number {i}" for i, stem in enumerate(build_report.ATTENTION_IMAGES)}
+FULL_EXTREMES = {"top1": ("000000060623", "a man riding a bike down a street", 1.0234),
+                 "last1": ("2988244398", "a blurry photo of something", 0.3127)}
+
+
+def pdf_text(path) -> str:
+    """All the PDF's text, whitespace collapsed (a wrapped line reads on)."""
+    doc = pdfium.PdfDocument(path)
+    try:
+        return " ".join(" ".join(page.get_textpage().get_text_range().split()) for page in doc)
+    finally:
+        doc.close()
+
+
+def page_stats(path):
+    """(pages, images per page, first two pages rendered as grayscale arrays)."""
+    doc = pdfium.PdfDocument(path)
+    try:
+        images = [len(list(page.get_objects(filter=(pdfium.raw.FPDF_PAGEOBJ_IMAGE,)))) for page in doc]
+        renders = [np.asarray(doc[i].render(scale=0.5).to_pil().convert("L")) for i in range(min(2, len(doc)))]
+        return len(doc), images, renders
+    finally:
+        doc.close()
+
+
+def save_png(path, size, seed):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def write_json(path, data):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def fake_checkpoint(path, peft):
+    """A checkpoint shaped like captioner.save_checkpoint's, with tiny tensors (config of a real size)."""
+    config = make_config(peft, cross_layers=[10, 11] if peft == "lora" else None,
+                         generation=dict(beam_size=3, max_len=25, length_penalty=0.5))
+    config["decoder"].update(FULL_DECODER[peft], n_layer=12, n_embd=768, encoder_width=1024)
+    config["decoder"].setdefault("cross_layers", None)
+    state = {f"decoder.{peft}.{i}": torch.zeros(shape) for i, shape in enumerate(FULL_TENSORS[peft])}
+    torch.save({"config": config, "state_dict": state}, path)
+    return sum(int(np.prod(shape)) for shape in FULL_TENSORS[peft])
+
+
+@pytest.fixture(scope="module")
+def empty_pdf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("empty")
+    (root / "results").mkdir()
+    out = root / "report.pdf"
+    build_report.main(["--results", str(root / "results"), "--notes", os.path.join(REPO, "report_notes.md"),
+                       "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """A results folder with every file the report reads, and the PDF built from it."""
+    root = tmp_path_factory.mktemp("full")
+    res = root / "results"
+    res.mkdir()
+    write_json(res / "p1_prompts.json", FULL_PROMPTS)
+    write_json(res / "p1_top5.json", {"models": FULL_PROMPTS["models"], "templates": 18, "images": FULL_TOP5})
+    for i, name in enumerate(FULL_TOP5):
+        save_png(res / f"p1_top5_{os.path.splitext(name)[0]}.png", (270, 90), i)
+    for run, (cider, clip) in FULL_METRICS.items():
+        write_json(res / f"p2_metrics_{run}.json", {"cider": cider, "clipscore": clip, "n_images": 1789,
+                                                    "pred_file": f"{run}.json", "annotation_file": "val.json"})
+    counts = {}
+    for peft in build_report.PEFT_RUNS:
+        ckpt = root / f"{peft}.pt"
+        counts[peft] = fake_checkpoint(ckpt, peft)
+        (res / f"p2_ckpt_{peft}.txt").write_text(str(ckpt) + "\n")
+    with open(str(root / "lora.pt") + ".log.jsonl", "w") as f:
+        for step, cider in ((0, 0.01), (500, 0.71), (1000, 0.83)):
+            f.write(json.dumps({"step": step, "phase": "xe", "val_cider": cider}) + "\n")
+    attention = {}
+    for i, (stem, caption) in enumerate(FULL_ATTENTION.items()):
+        save_png(res / f"attention_{stem}.png", (500, 300), 10 + i)
+        attention[stem] = {"caption": caption, "tokens": caption.split(), "png": str(res / f"attention_{stem}.png")}
+    for which, (key, caption, score) in FULL_EXTREMES.items():
+        save_png(res / f"attention_{which}_{key}.png", (500, 200), 20)
+        attention[which] = {"key": key, "caption": caption, "clip_score": score,
+                            "png": f"attention_{which}_{key}.png"}  # a name relative to the folder
+    write_json(res / "attention.json", attention)
+    notes = root / "notes.md"
+    notes.write_text("## Student\n\nTest Student / R00000000\n\n## P1 why CLIP works zero-shot\n\n"
+                     "Contrastive pretraining.\n\n## P2 attention analysis\n\nThe maps follow the objects:\n"
+                     "- bike: the wheels\n- sheep: the flock\n")
+    out = root / "report.pdf"
+    build_report.main(["--results", str(res), "--notes", str(notes), "--out", str(out),
+                       "--checkpoint", f"best={root / 'lora.pt'}"])
+    return {"pdf": out, "counts": counts, "root": root, "results": res, "notes": notes}
+
+
+def test_empty_results_build_a_readable_report(empty_pdf):
+    text = pdf_text(empty_pdf)
+    pages, images, renders = page_stats(empty_pdf)
+    assert pages >= 4 and sum(images) == 0
+    assert text.count(build_report.NOT_MEASURED) >= 10
+    for prompt in ("This is a photo of {object}", "This is not a photo of {object}", "No {object}, no score."):
+        assert prompt in text
+    assert "contrastive" in text  # the pre-filled conceptual answer
+    assert build_report.TO_BE_WRITTEN in text
+    assert "python3 p1_report.py top5" in text and "p2_evaluate.py" in text and "p2_attention.py" in text
+    assert "Student: name / ID" in text
+    for render in renders:  # dark text on a white page
+        assert render.min() < 80 and render.max() > 240
+        assert 0.01 < (render < 250).mean() < 0.5
+
+
+def test_every_number_of_the_result_files_is_in_the_report(full):
+    text = pdf_text(full["pdf"])
+    for row in FULL_PROMPTS["results"]:
+        assert row["prompt"] in text
+        for value in [row["accuracy"]] + row["per_model"]:
+            assert f"{value:.2%}" in text, value
+    for rows in FULL_TOP5.values():
+        for r in rows:
+            assert f"{r['probability']:.2%}" in text
+    for cider, clip in FULL_METRICS.values():
+        assert f"{cider:.4f}" in text and f"{clip:.4f}" in text
+    for count in full["counts"].values():
+        assert f"{count:,d}" in text
+    for value in ("bottleneck 96", "48 key/value tokens", "rank 24", "alpha 48", "dropout 0.05",
+                  "blocks 10, 11", "beam 3", "at most 25 tokens", "length penalty 0.5"):
+        assert value in text, value
+    for caption in FULL_ATTENTION.values():
+        assert caption in text
+    for key, caption, score in FULL_EXTREMES.values():
+        assert key in text and caption in text and f"{score:.4f}" in text
+    assert "Test Student / R00000000" in text
+    assert "the wheels" in text and "Contrastive pretraining." in text
+    assert text.count(build_report.NOT_MEASURED) == 1  # the title block's explanation of the term
+
+
+def test_figures_are_embedded(full, empty_pdf):
+    pages, images, renders = page_stats(full["pdf"])
+    empty_pages, _, _ = page_stats(empty_pdf)
+    assert pages > empty_pages
+    # three top-5 figures, five attention figures, top-1 and last-1 (the CIDEr curve is vector art)
+    assert sum(images) == 3 + 5 + 2
+    assert all(r.std() > 10 for r in renders)
+
+
+def test_top1_last1_from_the_per_image_list_without_attention_json(full, tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    rows = [{"key": "best_one", "caption": "a clear caption", "clip_score": 0.9876},
+            {"key": "middle", "caption": "so so", "clip_score": 0.6},
+            {"key": "worst_one", "caption": "a wrong caption", "clip_score": 0.1234}]
+    write_json(res / "p2_per_image.json", rows)
+    out = tmp_path / "r.pdf"
+    build_report.build(str(res), str(full["notes"]), str(out), {})
+    text = pdf_text(out)
+    assert "best_one" in text and "0.9876" in text and "worst_one" in text and "0.1234" in text
+    assert "attention_top1_<key>.png: not measured" in text
+
+
+def test_notes_sections_are_parsed_and_a_wrong_heading_refused(tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# title\nignored\n## Student\nA / B\n## P2 PEFT comparison\n\nline one\nline two\n")
+    assert build_report.read_notes(str(notes)) == {"student": "A / B", "p2_peft": "line one\nline two"}
+    notes.write_text("## P2 PEFT comparisons\ntext\n")
+    with pytest.raises(SystemExit, match="unknown section"):
+        build_report.read_notes(str(notes))
+
+
+def test_the_shipped_notes_file_has_every_section():
+    notes = build_report.read_notes(os.path.join(REPO, "report_notes.md"))
+    assert set(notes) == set(build_report.NOTES_SECTIONS)
+    assert len(notes["p1_zero_shot"]) > 500
+    measured = [k for k in build_report.NOTES_SECTIONS if k not in ("student", "p1_zero_shot")]
+    assert all(notes[k] == build_report.TO_BE_WRITTEN for k in measured)
+
+
+def test_a_checkpoint_under_the_wrong_attempt_is_refused(full, tmp_path):
+    with pytest.raises(SystemExit, match="trained with --peft 'lora'"):
+        build_report.build(str(tmp_path), str(full["notes"]), str(tmp_path / "r.pdf"),
+                           {"adapter": str(full["root"] / "lora.pt")})
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_checkpoint_option_syntax():
+    assert build_report.parse_checkpoint("lora=/a/b=c.pt") == ("lora", "/a/b=c.pt")
+    with pytest.raises(SystemExit):
+        build_report.main(["--checkpoint", "bias=x.pt"])
+
+
+def test_nothing_left_beside_the_output(full):
+    leftovers = [n for n in os.listdir(full["root"]) if n.endswith(".tmp")]
+    assert leftovers == []
