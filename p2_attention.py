@@ -1,0 +1,349 @@
+"""Problem 2 report: the decoder's cross-attention over the image, word by word.
+
+    python3 p2_attention.py --images hw3_data/p3_data/images/*.jpg --out-dir outputs \\
+        --decoder-weights hw3_data/p2_data/decoder_model.bin
+    python3 p2_attention.py --per-image outputs/p2_per_image.json \\
+        --images-root hw3_data/p2_data/images/val \\
+        --out-dir outputs --decoder-weights hw3_data/p2_data/decoder_model.bin
+
+The first command draws the five report images (bike, girl, sheep, ski,
+umbrella) in one go: `--images` takes any number of files, so the shell's
+glob `p3_data/images/*.jpg` is all it needs. The second draws the top-1 and
+last-1 validation images by CLIPScore from the list that
+`p2_evaluate.py --per-image FILE` writes. Each image is captioned with the
+checkpoint's own decoding settings (beam search unless it says otherwise;
+`--beam-size` overrides) and drawn as `OUT_DIR/attention_<stem>.png`
+(`attention_top1_<key>.png`, `attention_last1_<key>.png`).
+`OUT_DIR/attention.json` records, per stem, `{"caption", "tokens" (the panel
+titles), "png"}`, and under `"top1"` / `"last1"` also the key, the scored
+caption and its CLIPScore. Entries an earlier run wrote to the same JSON are
+kept; this run's replace theirs.
+The checkpoint is `--checkpoint`, else $HW3_P2_CKPT, else the cache (as for
+p2_inference.py).
+
+Which attention belongs to which word
+-------------------------------------
+The maps are the last cross-attention block's weights over the patch tokens
+(class token dropped, heads averaged), read in one teacher-forced pass over
+[<|endoftext|>, t1 .. tN, <|endoftext|>] (`Captioner.cross_attention`). The
+decoder is causal, so the attention at position i is exactly the attention it
+had while choosing token i + 1 during generation. A panel shows the attention
+of the step that PRODUCED its word, as in the course's figure:
+
+    panel 0        the image itself, titled <|endoftext|> (the start token is
+                   given, not produced, so it has no map; the caption is the
+                   figure's title);
+    panel k        the k-th word: the attention at the positions that produced
+                   its tokens, i.e. position k - 1 for a one-token word;
+    last panel     <|endoftext|>: the attention at position N, the step that
+                   produced the end token (the step after the last word when
+                   the caption was cut at max_len: attention at a position
+                   does not depend on what the step went on to choose).
+
+The attention while reading the final <|endoftext|> (position N + 1) chose
+nothing and is not shown. GPT-2's byte-level BPE splits some words into
+several tokens (" skateboarding" -> " skate" "boarding"; "ramp." -> " ramp"
+"."): a word starts at the first token, at a token beginning with whitespace,
+or after a whitespace-only token (which belongs to no word). The tokens of a
+word are one panel titled with the whole word, its map the mean of their
+maps, so the panels are exactly the caption's whitespace-separated words.
+
+Drawing: each map [rows, cols] is upsampled bilinearly to the image the
+encoder sees (after its resize and centre crop, so the patches line up),
+min-max normalised per panel (the colours say where, not how much) and laid
+over the image with the jet colormap at alpha 0.5; COLUMNS panels a row.
+Figures are drawn with matplotlib's Agg canvas directly, never shown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import io_utils
+from captioner import autocast, caption_text, load_checkpoint
+from tokenizer import EOT, BPETokenizer
+
+COLUMNS = 5
+# Figure geometry in pixels at DPI, fixed so that every figure of n panels has the same size.
+DPI = 100
+PANEL_PX = 240  # one square panel
+TITLE_PX = 30  # its title, above it
+HEADER_PX = 50  # the caption, above the grid
+MARGIN_PX = 6  # between panels
+ALPHA = 0.5
+EXTREMES = ("top1", "last1")
+
+
+# ---------------------------------------------------------------------------
+# Maps
+# ---------------------------------------------------------------------------
+
+
+def word_groups(tokenizer, ids: list) -> list:
+    """Token ids -> [(word, [token positions in ids])]: whitespace-separated words, each
+    the run of tokens from one starting with whitespace (or the first) to the next."""
+    groups, boundary = [], True
+    for pos, tid in enumerate(ids):
+        piece = tokenizer.id_to_bytes[int(tid)]
+        if not piece.strip():  # whitespace only: ends the word, belongs to none
+            boundary = True
+            continue
+        if boundary or piece[:1].isspace():
+            groups.append([])
+        groups[-1].append(pos)
+        boundary = piece[-1:].isspace()
+    return [(tokenizer.decode([ids[p] for p in group]).strip(), group) for group in groups]
+
+
+def model_view(image, transform):
+    """The PIL image as the encoder sees it: the transform's steps before ToTensor
+    (timm's eval transform: Resize, CenterCrop, ToTensor, Normalize)."""
+    for step in getattr(transform, "transforms", ()):
+        if "ToTensor" in type(step).__name__:
+            break
+        image = step(image)
+    return image
+
+
+@torch.no_grad()
+def word_maps(model, tokenizer, image, device, beam_size: int | None = None):
+    """Caption `image` (PIL, RGB) and return (caption, panels).
+
+    panels: [(title, map)] -- ("<|endoftext|>", None) for the start, then one
+    (word, float32 [rows, cols]) per caption word, then ("<|endoftext|>", map
+    of the step that produced the end token). See the module docstring.
+    """
+    device = torch.device(device)
+    x = model.encoder.transform(image).unsqueeze(0).to(device)  # [1, 3, H, W]
+    with autocast(device):
+        feats = model.encode(x)  # [1, S, W]
+        ids = [int(t) for t in model.generate(feats, beam_size=beam_size)[0]]
+        att = model.cross_attention(feats, ids)  # [N + 2, rows, cols]
+    att = att.float().cpu().numpy()
+    assert att.shape[0] == len(ids) + 2, (att.shape, len(ids))
+    panels = [(EOT, None)]
+    # position p produced token p + 1, i.e. ids[p]: token position p's map is att[p]
+    panels += [(word, att[positions].mean(0)) for word, positions in word_groups(tokenizer, ids)]
+    panels.append((EOT, att[len(ids)]))
+    return caption_text(tokenizer, ids), panels
+
+
+# ---------------------------------------------------------------------------
+# Figure
+# ---------------------------------------------------------------------------
+
+
+def figure_size(n_panels: int, columns: int = COLUMNS) -> tuple:
+    """(width, height) in pixels of a figure of n_panels."""
+    columns = max(1, min(columns, n_panels))
+    rows = math.ceil(n_panels / columns)
+    return columns * PANEL_PX, HEADER_PX + rows * (TITLE_PX + PANEL_PX)
+
+
+def heat_map(att: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[rows, cols] attention -> [height, width] in [0, 1]: bilinear upsampling, then min-max."""
+    grid = torch.from_numpy(np.ascontiguousarray(att, dtype=np.float32))[None, None]  # [1, 1, rows, cols]
+    up = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    span = up.max() - up.min()
+    return (up - up.min()) / span if span > 0 else np.zeros_like(up)
+
+
+def draw_figure(image, caption: str, panels: list, path: str, columns: int = COLUMNS) -> str:
+    """Draw the panels over `image` (PIL, as the encoder sees it) into a PNG at `path`, atomically.
+
+    A panel whose map is None shows the plain image. Returns path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = max(1, min(columns, len(panels)))
+    width, height = figure_size(len(panels), columns)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(fig)
+    fig.text(0.5, 1 - HEADER_PX / 2 / height, caption, ha="center", va="center", fontsize=13, wrap=True)
+    pixels = np.asarray(image)
+    for k, (title, att) in enumerate(panels):
+        row, col = divmod(k, columns)
+        top = HEADER_PX + row * (TITLE_PX + PANEL_PX) + TITLE_PX  # panel's top edge, pixels from the top
+        side = PANEL_PX - 2 * MARGIN_PX
+        ax = fig.add_axes([(col * PANEL_PX + MARGIN_PX) / width, 1 - (top + side) / height,
+                           side / width, side / height])
+        ax.imshow(pixels)
+        if att is not None:
+            ax.imshow(heat_map(att, *pixels.shape[:2]), cmap="jet", alpha=ALPHA, vmin=0.0, vmax=1.0)
+        ax.set_title(title, fontsize=12)
+        ax.axis("off")
+    _save_png(fig, path)
+    return path
+
+
+def _save_png(fig, path: str) -> None:
+    """fig.savefig through a temporary file and a rename (as io_utils.atomic_write_text)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def figure_for(path_to_image: str, out_png: str, model, tokenizer, device, beam_size: int | None = None) -> dict:
+    """Caption one image file and draw its figure; returns {"caption", "tokens", "png"}."""
+    image = model_view(io_utils.open_rgb(path_to_image), model.encoder.transform)
+    caption, panels = word_maps(model, tokenizer, image, device, beam_size)
+    draw_figure(image, caption, panels, out_png)
+    return {"caption": caption, "tokens": [title for title, _ in panels], "png": out_png}
+
+
+# ---------------------------------------------------------------------------
+# Top-1 / last-1 by CLIPScore
+# ---------------------------------------------------------------------------
+
+
+def read_per_image(path: str) -> list:
+    """p2_evaluate.py's --per-image list, checked: [{"key", "caption", "clip_score", ...}]."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot read the per-image file {path!r}: {error}") from None
+    if not isinstance(rows, list) or not rows:
+        raise SystemExit(f"error: {path!r} is not a non-empty JSON list (p2_evaluate.py --per-image FILE)")
+    for i, row in enumerate(rows):
+        if (not isinstance(row, dict) or not isinstance(row.get("key"), str)
+                or not isinstance(row.get("clip_score"), (int, float)) or not isinstance(row.get("caption"), str)):
+            raise SystemExit(f"error: {path!r}: entry {i} needs a string 'key' and 'caption' and a number "
+                             f"'clip_score', got {row!r}")
+    return rows
+
+
+def extreme_figures(per_image: str, images_root: str, out_dir: str, model, tokenizer, device,
+                    beam_size: int | None = None) -> dict:
+    """Draw the best and worst image by CLIPScore; {"top1": record, "last1": record}.
+
+    A record is the per-image row (key, caption as scored, clip_score[, cider])
+    with the figure's "png" and "tokens"; the figure's title is the caption
+    generated now, which differs from the scored one only if the decoding does.
+    """
+    from p2_evaluate import InputError, find_images
+
+    rows = sorted(read_per_image(per_image), key=lambda r: (-r["clip_score"], r["key"]))
+    chosen = {"top1": rows[0], "last1": rows[-1]}
+    try:
+        paths = find_images(images_root, sorted({row["key"] for row in chosen.values()}))
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    records = {}
+    for rank, row in chosen.items():
+        png = os.path.join(out_dir, f"attention_{rank}_{row['key']}.png")
+        figure = figure_for(paths[row["key"]], png, model, tokenizer, device, beam_size)
+        if figure["caption"] != row["caption"]:
+            io_utils.warn(f"{row['key']!r} is captioned {figure['caption']!r} now, but was scored as "
+                          f"{row['caption']!r}: different decoding settings?")
+        records[rank] = {**row, "png": figure["png"], "tokens": figure["tokens"]}
+    return records
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def load_model(checkpoint: str, decoder_weights: str, encoder_weights: str | None = None, device=None):
+    """(model on device, tokenizer, device) from a P2 checkpoint."""
+    device = torch.device(device) if device is not None else io_utils.pick_device()
+    model = load_checkpoint(checkpoint, decoder_weights, encoder_weights).to(device)
+    return model, BPETokenizer(), device
+
+
+def _read_json_dict(path: str) -> dict:
+    """The JSON object at path, or {} when there is none yet."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as error:
+        raise SystemExit(f"error: {path!r} exists but is not JSON ({error}); move it away") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path!r} exists but is not a JSON object; move it away")
+    return data
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", nargs="+", default=[], metavar="IMG", help="images to draw (e.g. p3_data/images/*.jpg)")
+    p.add_argument("--per-image", metavar="FILE", help="p2_evaluate.py --per-image output: draw its top-1 and last-1")
+    p.add_argument("--images-root", metavar="DIR", help="the folder of the --per-image keys' images")
+    p.add_argument("--out-dir", required=True, help="folder for attention_*.png and attention.json")
+    p.add_argument("--checkpoint", help="P2 checkpoint (default $HW3_P2_CKPT, else the cache)")
+    p.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (GPT-2)")
+    p.add_argument("--encoder-weights", default=os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None,
+                   help="local encoder weights (default $HW3_P2_ENCODER_WEIGHTS, else the cache)")
+    p.add_argument("--beam-size", type=int, help="override the checkpoint's beam size (1 = greedy)")
+    args = p.parse_args(argv)
+    if not args.images and not args.per_image:
+        p.error("nothing to draw: give --images and/or --per-image")
+    if bool(args.per_image) != bool(args.images_root):
+        p.error("--per-image and --images-root go together")
+    if args.beam_size is not None and args.beam_size < 1:
+        p.error(f"--beam-size must be >= 1, got {args.beam_size}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # Every cheap check before the model loads.
+    stems = {}
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: image {path!r} does not exist")
+        stem = io_utils.strip_extension(os.path.basename(path))
+        if stem in stems or (args.per_image and stem in EXTREMES):
+            raise SystemExit(f"error: {path!r} and {stems.get(stem, args.per_image)!r} would both be "
+                             f"recorded as {stem!r} in attention.json")
+        stems[stem] = path
+    if args.per_image:
+        read_per_image(args.per_image)
+    if not os.path.isfile(args.decoder_weights):
+        raise SystemExit(f"error: decoder weights {args.decoder_weights!r} do not exist (the course's decoder_model.bin)")
+    if args.checkpoint is None:
+        from p2_inference import checkpoint_path
+
+        args.checkpoint = checkpoint_path()
+    json_path = os.path.join(args.out_dir, "attention.json")
+    results = _read_json_dict(json_path)
+
+    model, tokenizer, device = load_model(args.checkpoint, args.decoder_weights, args.encoder_weights)
+    for stem, path in stems.items():
+        record = figure_for(path, os.path.join(args.out_dir, f"attention_{stem}.png"), model, tokenizer, device,
+                            args.beam_size)
+        results[stem] = {**record, "png": os.path.basename(record["png"])}
+        print(f"{stem}: {record['caption']}", file=sys.stderr)
+    if args.per_image:
+        extremes = extreme_figures(args.per_image, args.images_root, args.out_dir, model, tokenizer, device,
+                                   args.beam_size)
+        for rank, record in extremes.items():
+            results[rank] = {**record, "png": os.path.basename(record["png"])}
+            print(f"{rank}: {record['key']} (CLIPScore {record['clip_score']:.4f}): {record['caption']}",
+                  file=sys.stderr)
+    io_utils.atomic_write_text(json_path, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(stems) + (2 if args.per_image else 0)} figures and {json_path} ({device.type})",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""p2_attention.py: per-word cross-attention maps, their figures, the CLI and the notebook."""
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import p2_attention  # noqa: E402
+import synthetic  # noqa: E402
+from io_utils import open_rgb  # noqa: E402
+from tokenizer import EOT, BPETokenizer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_checkpoint, captioning_setup):
+    """(model, tokenizer, device) of the tiny trained adapter captioner, on the CPU."""
+    return p2_attention.load_model(trained_checkpoint, captioning_setup["decoder_weights"],
+                                   captioning_setup["encoder_weights"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def report_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("p3_data") / "images"
+    return synthetic.make_report_images(str(folder), size=64)
+
+
+def model_input(model, path):
+    """(image as the encoder sees it, its image tokens [1, S, W])"""
+    image = p2_attention.model_view(open_rgb(path), model.encoder.transform)
+    return image, model.encode(model.encoder.transform(image).unsqueeze(0))
+
+
+def test_word_maps_one_panel_per_word_from_the_step_that_produced_it(loaded, report_images, monkeypatch):
+    model, tokenizer, device = loaded
+    image, feats = model_input(model, report_images[0])
+    generated = []  # the caption's token ids, as word_maps got them (beam search: the checkpoint's decoding)
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: generated.extend(generate(*a, **k)) or generated)
+    caption, panels = p2_attention.word_maps(model, tokenizer, image, device)
+    words = caption.split()
+    assert words, "the trained captioner should say something"
+    assert [title for title, _ in panels] == [EOT, *words, EOT]
+    assert len(panels) == len(words) + 2
+    assert panels[0][1] is None  # the start token is given, not produced: the plain image
+    for title, att in panels[1:]:
+        assert att.shape == model.encoder.grid == (4, 4), title
+        assert np.isfinite(att).all() and (att >= 0).all() and 0 < att.sum() <= 1 + 1e-5, title
+
+    # The convention: token ids[j] is chosen by the query at position j (reading ids[j-1], or the start).
+    assert len(generated) == 1
+    ids = generated[0]
+    att = model.cross_attention(feats, ids).numpy()  # [N + 2, 4, 4]
+    groups = p2_attention.word_groups(tokenizer, ids)
+    assert [word for word, _ in groups] == words
+    for (word, positions), (_, panel) in zip(groups, panels[1:-1]):
+        np.testing.assert_allclose(panel, att[positions].mean(0), atol=1e-6, err_msg=word)
+    np.testing.assert_allclose(panels[1][1], att[0], atol=1e-6)  # the first word came from reading the start
+    np.testing.assert_allclose(panels[-1][1], att[len(ids)], atol=1e-6)  # the step that chose the end token
+
+
+def test_a_multi_token_word_is_one_panel_with_the_mean_of_its_tokens(loaded, report_images, monkeypatch):
+    model, tokenizer, device = loaded
+    ids = tokenizer.encode("a man skateboarding down a ramp.")
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert pieces[2:4] == [" skate", "boarding"] and pieces[-2:] == [" ramp", "."]
+    monkeypatch.setattr(model, "generate", lambda feats, **kwargs: [list(ids)])
+    image, feats = model_input(model, report_images[1])
+
+    caption, panels = p2_attention.word_maps(model, tokenizer, image, device)
+    assert caption == "a man skateboarding down a ramp."
+    assert [t for t, _ in panels] == [EOT, "a", "man", "skateboarding", "down", "a", "ramp.", EOT]
+    att = model.cross_attention(feats, ids).numpy()
+    np.testing.assert_allclose(panels[3][1], (att[2] + att[3]) / 2, atol=1e-6)  # " skate" + "boarding"
+    np.testing.assert_allclose(panels[6][1], (att[6] + att[7]) / 2, atol=1e-6)  # " ramp" + "."
+    np.testing.assert_allclose(panels[-1][1], att[len(ids)], atol=1e-6)
+
+
+def test_word_groups_skip_whitespace_tokens_and_keep_split_characters_whole(bpe_dir):
+    tokenizer = BPETokenizer()
+    ids = tokenizer.encode("a caf\u00e9 \u2603 bike\n\nx")  # the snowman is split over two tokens
+    groups = p2_attention.word_groups(tokenizer, ids)
+    assert [w for w, _ in groups] == ["a", "caf\u00e9", "\u2603", "bike", "x"]
+    assert groups[2][1] == [2, 3]
+    assert all(tokenizer.decode([ids[p]]).strip() for _, positions in groups for p in positions)
+
+
+def test_heat_map_keeps_the_patch_layout_and_is_normalised():
+    att = np.zeros((4, 4), dtype=np.float32)
+    att[0, 3] = 0.7  # top-right patch
+    heat = p2_attention.heat_map(att, 64, 64)
+    assert heat.shape == (64, 64) and heat.min() == 0.0 and heat.max() == pytest.approx(1.0)
+    row, col = np.unravel_index(heat.argmax(), heat.shape)
+    assert row < 16 and col >= 48
+    assert not p2_attention.heat_map(np.full((4, 4), 0.1), 8, 8).any()  # flat map: no spurious colour
+
+
+def test_cli_draws_the_five_report_images(loaded, report_images, trained_checkpoint, captioning_setup, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "attention"
+    folder = os.path.dirname(report_images[0])
+    images = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".jpg"))  # the shell's *.jpg
+    cmd = [sys.executable, os.path.join(REPO, "p2_attention.py"), "--images", *images, "--out-dir", str(out),
+           "--checkpoint", trained_checkpoint, "--decoder-weights", captioning_setup["decoder_weights"],
+           "--encoder-weights", captioning_setup["encoder_weights"], "--beam-size", "1"]
+    env = dict(os.environ, MPLBACKEND="Agg", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    with open(out / "attention.json", encoding="utf-8") as f:
+        records = json.load(f)
+    stems = ["bike", "girl", "sheep", "ski", "umbrella"]
+    assert sorted(records) == stems
+    model, tokenizer, device = loaded
+    image, _ = model_input(model, images[0])
+    assert records["bike"]["caption"] == p2_attention.word_maps(model, tokenizer, image, device, beam_size=1)[0]
+    for stem in stems:
+        record = records[stem]
+        assert record["png"] == f"attention_{stem}.png"
+        assert record["tokens"] == [EOT, *record["caption"].split(), EOT]
+        with Image.open(out / record["png"]) as png:
+            png.load()
+            size, colours = png.size, len(png.convert("RGB").getcolors(1 << 20) or ())
+        n = len(record["tokens"])
+        columns, rows = min(p2_attention.COLUMNS, n), -(-n // p2_attention.COLUMNS)
+        assert size == (columns * p2_attention.PANEL_PX,
+                        p2_attention.HEADER_PX + rows * (p2_attention.TITLE_PX + p2_attention.PANEL_PX))
+        assert colours > 100, "the heat maps should be drawn, not a blank figure"
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_cli_per_image_draws_top1_and_last1(trained_checkpoint, captioning_setup, report_images, tmp_path):
+    rows = [  # deliberately not in CLIPScore order
+        {"key": "sheep", "caption": "a sheep", "clip_score": 0.61, "cider": 0.4},
+        {"key": "girl", "caption": "a girl", "clip_score": 0.93, "cider": 1.2},
+        {"key": "ski", "caption": "a skier", "clip_score": 0.22, "cider": 0.1},
+    ]
+    per_image = tmp_path / "per_image.json"
+    per_image.write_text(json.dumps(rows), encoding="utf-8")
+    out = tmp_path / "attention"
+    out.mkdir()
+    (out / "attention.json").write_text(json.dumps({"bike": {"caption": "kept"}}), encoding="utf-8")
+
+    p2_attention.main(["--per-image", str(per_image), "--images-root", os.path.dirname(report_images[0]),
+                       "--out-dir", str(out), "--checkpoint", trained_checkpoint, "--beam-size", "1",
+                       "--decoder-weights", captioning_setup["decoder_weights"],
+                       "--encoder-weights", captioning_setup["encoder_weights"]])
+
+    records = json.loads((out / "attention.json").read_text(encoding="utf-8"))
+    assert set(records) == {"bike", "top1", "last1"} and records["bike"] == {"caption": "kept"}
+    for rank, row in (("top1", rows[1]), ("last1", rows[2])):
+        record = records[rank]
+        assert {k: record[k] for k in row} == row  # the scored caption and scores, unchanged
+        assert record["png"] == f"attention_{rank}_{row['key']}.png" and (out / record["png"]).is_file()
+        assert record["tokens"][0] == record["tokens"][-1] == EOT and len(record["tokens"]) >= 3
+
+
+def test_cli_refuses_bad_arguments_before_loading(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        p2_attention.main(["--per-image", "x.json", "--out-dir", str(tmp_path), "--decoder-weights", "b"])
+    assert error.value.code == 2  # --per-image without --images-root
+    with pytest.raises(SystemExit, match="does not exist"):
+        p2_attention.main(["--images", str(tmp_path / "missing.jpg"), "--out-dir", str(tmp_path),
+                           "--decoder-weights", "b"])
+
+
+def test_notebook_is_thin_valid_and_stores_no_outputs():
+    with open(os.path.join(REPO, "p2_visualize.ipynb"), encoding="utf-8") as f:
+        notebook = json.load(f)
+    assert notebook["nbformat"] == 4
+    code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert code
+    used = set()
+    for i, cell in enumerate(code):
+        assert cell["outputs"] == [] and cell["execution_count"] is None, f"code cell {i} stores outputs"
+        source = "".join(cell["source"])
+        tree = ast.parse(compile(source, f"p2_visualize.ipynb cell {i}", "exec", ast.PyCF_ONLY_AST))
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], "logic goes in the module"
+        used |= set(re.findall(r"p2_attention\.(\w+)", source))
+    assert {"load_model", "figure_for", "extreme_figures"} <= used
+    assert all(hasattr(p2_attention, name) for name in used), sorted(used)
