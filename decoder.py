@@ -12,11 +12,14 @@ what GPT-2 computes (the golden test checks this against `transformers`):
 - adapters (Houlsby et al. 2019): a bottleneck MLP with a residual after the
   self-attention and/or the MLP of chosen blocks, its up-projection at zero;
 - prefix tuning (Li & Liang 2021): P learned key/value pairs per layer that
-  every self-attention query also attends to. They get their own softmax and
-  join through a per-head gate that starts at zero (LLaMA-Adapter's zero-init
-  attention): a shared softmax would shift GPT-2's attention before any
-  training. An optional reparameterisation MLP is used while training and
-  folded into plain tensors for the checkpoint (`captioner.trainable_state`);
+  every self-attention query also attends to, through their own softmax
+  whose output is added (a shared softmax would take attention away from
+  GPT-2's tokens before any training). The prefix values start at zero, so
+  the prefix adds nothing at first while both keys and values get gradients
+  from the first step (a zero-initialised gate, as in LLaMA-Adapter, would
+  leave the prefix without gradient until the gate opens). An optional
+  reparameterisation MLP is used while training and folded into plain
+  tensors for the checkpoint (`captioner.trainable_state`);
 - LoRA (Hu et al. 2021): W x + (alpha / r) B A x on chosen GPT-2 linears,
   B at zero. Written here rather than with loralib: loralib merges B A into
   W on `eval()`, so weights loaded after that are silently ignored, and its
@@ -117,7 +120,7 @@ def parameter_group(name: str) -> str | None:
     parts = name.split(".")
     if "lora_A" in parts or "lora_B" in parts:
         return "lora"
-    if "prefix" in parts or "prefix_gate" in parts:
+    if "prefix" in parts:
         return "prefix"
     if "adapter_attn" in parts or "adapter_mlp" in parts:
         return "adapter"
@@ -175,7 +178,7 @@ def _merge_heads(y: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """GPT-2's causal self-attention, with a key/value cache and optional gated prefix."""
+    """GPT-2's causal self-attention, with a key/value cache and an optional prefix."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -184,8 +187,6 @@ class SelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.c_attn = Linear(C, 3 * C, cfg.lora_rank if "attn.c_attn" in cfg.lora_targets else 0, **lora)
         self.c_proj = Linear(C, C, cfg.lora_rank if "attn.c_proj" in cfg.lora_targets else 0, **lora)
-        # tanh(0) = 0: the prefix contributes nothing until training opens the gate
-        self.prefix_gate = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.prefix_len else None
 
     def forward(self, x, past=None, prefix=None):
         """x [N, T, C]; past (k, v) [N, H, t, D] or None; prefix (k, v) [P, C] or None.
@@ -205,8 +206,7 @@ class SelfAttention(nn.Module):
         if prefix is not None:
             pk, pv = (z.view(1, -1, self.n_head, C // self.n_head).transpose(1, 2) for z in prefix)  # [1, H, P, D]
             patt = ((q @ pk.transpose(-2, -1).to(q.dtype)) * scale).softmax(dim=-1)  # [N, H, T, P]
-            gate = torch.tanh(self.prefix_gate).view(1, -1, 1, 1)  # [1, H, 1, 1]
-            y = y + gate.to(y.dtype) * (patt.to(y.dtype) @ pv.to(y.dtype))
+            y = y + patt.to(y.dtype) @ pv.to(y.dtype)
         return self.c_proj(_merge_heads(y)), (k, v)
 
 
@@ -287,11 +287,13 @@ class Block(nn.Module):
 
 
 class Prefix(nn.Module):
-    """Learned key/value prefixes for every layer: `forward()` -> [L, 2, P, C].
+    """Learned key/value prefixes for every layer: `forward()` -> [L, 2, P, C] (keys, values).
 
-    With `hidden > 0` they are produced by an MLP from P embeddings while
-    training (Li & Liang's reparameterisation, which they found steadier);
-    the checkpoint holds only its output (`captioner.trainable_state`).
+    Keys start random, values at zero: a fresh prefix adds nothing. With
+    `hidden > 0` they are produced by an MLP from P embeddings while training
+    (Li & Liang's reparameterisation, which they found steadier), its output
+    rows for the values at zero; the checkpoint holds only the MLP's output
+    (`captioner.trainable_state`).
     """
 
     def __init__(self, n_layer: int, width: int, length: int, hidden: int = 0):
@@ -300,9 +302,15 @@ class Prefix(nn.Module):
         if hidden:
             self.embedding = nn.Parameter(torch.randn(length, width) * 0.02)
             self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, n_layer * 2 * width))
+            with torch.no_grad():
+                out = self.mlp[2]
+                out.weight.view(n_layer, 2, width, hidden)[:, 1] = 0.0  # value rows
+                out.bias.view(n_layer, 2, width)[:, 1] = 0.0
             self.kv = None
         else:
-            self.kv = nn.Parameter(torch.randn(*self.shape) * 0.02)
+            kv = torch.randn(*self.shape) * 0.02
+            kv[:, 1] = 0.0  # values
+            self.kv = nn.Parameter(kv)
 
     def forward(self) -> torch.Tensor:
         if self.kv is not None:

@@ -214,7 +214,7 @@ def test_full_size_parameter_budget(peft):
     config = make_config(peft)
     decoder = Decoder(DecoderConfig(**{**captioner.GPT2_SMALL, **config["decoder"], "encoder_width": 1024}))
     trainable = {k: v for k, v in decoder.state_dict().items() if parameter_group(k) is not None}
-    if peft == "prefix":  # saved folded: prefixes (not the MLP) and the gates
+    if peft == "prefix":  # saved folded: the prefixes, not the MLP
         trainable = {k: v for k, v in trainable.items() if not k.startswith("prefix.")}
         trainable["prefix.kv"] = decoder.prefix().detach()
     total = sum(t.numel() for t in trainable.values())

@@ -81,7 +81,7 @@ def test_parameter_groups_by_name():
     assert parameter_group("decoder.wte.weight") is None
     assert parameter_group("encoder.vit.blocks.0.attn.qkv.weight") is None
     assert parameter_group("decoder.h.3.attn.c_attn.lora_A") == "lora"
-    assert parameter_group("decoder.h.3.attn.prefix_gate") == "prefix"
+    assert parameter_group("decoder.prefix.mlp.0.weight") == "prefix"
     assert parameter_group("decoder.prefix.kv") == "prefix"
     assert parameter_group("decoder.h.0.adapter_mlp.up.weight") == "adapter"
     assert parameter_group("decoder.h.0.cross.kv.weight") == "cross_attention"
@@ -198,8 +198,8 @@ def small_vocab_decoder(seed=4, vocab=16):
         for name, param in decoder.named_parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]))
-            elif name.endswith("prefix_gate"):
-                param.fill_(1.0)
+            elif name == "prefix.kv":
+                param.normal_(0.0, 1.0)
     return decoder, torch.randn(16, 5, 16)
 
 
@@ -267,3 +267,25 @@ def test_bad_configs_fail_clearly(kwargs, message):
     with pytest.raises(ValueError) as error:
         DecoderConfig(**kwargs)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_a_fresh_prefix_learns_from_the_first_step(tiny_gpt2, hidden):
+    """The prefix values start at zero (so a fresh model is GPT-2) yet get gradients at once;
+    after one step, everything in the prefix does (no zero gate to open first)."""
+    decoder = build(tiny_gpt2, prefix_len=4, prefix_hidden=hidden)
+    assert (decoder.prefix()[:, 1] == 0).all() and (decoder.prefix()[:, 0] != 0).any()
+    idx = torch.randint(0, EOT + 1, (2, 6))
+    feats = torch.randn(2, 5, 48)
+    params = [p for n, p in decoder.named_parameters() if n.startswith("prefix.")]
+    for step in range(2):
+        decoder(idx, decoder.memory(feats))[0].log_softmax(-1)[..., 7].mean().backward()
+        grads = [p.grad if p.grad is not None else torch.zeros(1) for p in params]
+        if step == 0:
+            assert any(g.abs().sum() > 0 for g in grads)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(0.1 * g)
+                    p.grad = None
+        else:
+            assert all(g.abs().sum() > 0 for g in grads)
