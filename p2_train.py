@@ -182,48 +182,69 @@ def make_optimizer(params, lr: float, weight_decay: float):
 
 
 class Trainer:
-    def __init__(self, args):
+    """The optimisation state and the steps; `from_args` adds the data and a resumable run.
+
+    Built directly (`Trainer(args, model, steps_per_epoch)`) it can take steps
+    on batches it is given (the training benchmark does); `run` needs
+    `from_args`.
+    """
+
+    def __init__(self, args, model: Captioner, steps_per_epoch: int):
         self.args = args
         self.device = torch.device(resolve_device(args.device))
         self.amp = self.device.type == "cuda"
         self.workers = args.workers if args.workers is not None else (4 if self.amp else 0)
-        torch.manual_seed(args.seed)
         self.tokenizer = BPETokenizer()
-        # cheap checks first: the data, then the decoder file, then the (slow) encoder
-        if not os.path.isdir(args.data_root):
-            raise InputError(f"--data-root {args.data_root!r} does not exist")
-        self.train_split = Split(args.data_root, "train", self.tokenizer)
-        self.val_split = Split(args.data_root, "val", self.tokenizer)
-        if args.val_images:
-            self.val_split.keys = self.val_split.keys[:args.val_images]
-            self.val_split.paths = self.val_split.paths[:args.val_images]
-        self.config = build_config(args)
-        self.model = Captioner(self.config, args.decoder_weights, args.encoder_weights)
-        self.config = self.model.config
-        print("trainable parameters by group:", file=sys.stderr)
-        mark_trainable(self.model)
-        self.model.to(self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.train_images = self._image_source(self.train_split)
-        self.val_images = self._image_source(self.val_split)
-        self.steps_per_epoch = math.ceil(len(self.train_split.samples) / args.batch_size)
-        self.total_steps = args.epochs * self.steps_per_epoch
+        self.model, self.config = model, model.config
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters: call mark_trainable first")
+        # with cached features the frozen ViT is not needed on the GPU
+        model.decoder.to(self.device)
+        model.encoder.to("cpu" if args.cache_features else self.device)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = args.epochs * steps_per_epoch
         self.optimizer = make_optimizer(self.params, args.lr, args.weight_decay)
         self.scaler = make_scaler(self.amp)
-        self.scst_generator = torch.Generator().manual_seed(args.seed + 1)
+        # torch.multinomial wants its generator on the device it samples on
+        self.scst_generator = torch.Generator(device=self.device).manual_seed(args.seed + 1)
         self.progress = dict(phase="xe", epoch=0, batch=0, step=0, best_cider=-1.0, best_step=-1)
-        self.state_path, self.log_path = args.out + ".state", args.out + ".log.jsonl"
+
+    @classmethod
+    def from_args(cls, args) -> "Trainer":
+        """Checks the inputs (cheap ones first: the data, the decoder file, then the slow encoder),
+        builds the model and the image sources, and resumes when asked."""
+        torch.manual_seed(args.seed)
+        if not os.path.isdir(args.data_root):
+            raise InputError(f"--data-root {args.data_root!r} does not exist")
+        tokenizer = BPETokenizer()
+        train_split = Split(args.data_root, "train", tokenizer)
+        val_split = Split(args.data_root, "val", tokenizer)
+        if args.val_images:
+            val_split.keys = val_split.keys[:args.val_images]
+            val_split.paths = val_split.paths[:args.val_images]
+        model = Captioner(build_config(args), args.decoder_weights, args.encoder_weights)
+        print("trainable parameters by group:", file=sys.stderr)
+        mark_trainable(model)
+        device = torch.device(resolve_device(args.device))
+        workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+
+        def image_source(split):
+            if args.cache_features:
+                return FeatureCache(args.cache_features, model.encoder, split, device, args.batch_size, workers)
+            return ImageFiles(split.paths, model.encoder.transform)
+
+        train_images, val_images = image_source(train_split), image_source(val_split)
+        trainer = cls(args, model, math.ceil(len(train_split.samples) / args.batch_size))
+        trainer.train_split, trainer.val_split = train_split, val_split
+        trainer.train_images, trainer.val_images = train_images, val_images
+        trainer.state_path, trainer.log_path = args.out + ".state", args.out + ".log.jsonl"
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if args.resume:
-            self._load_state()
-        elif os.path.exists(self.state_path):
-            raise InputError(f"{self.state_path} exists: continue that run with --resume, or choose another --out")
-
-    def _image_source(self, split):
-        if self.args.cache_features:
-            return FeatureCache(self.args.cache_features, self.model.encoder, split, self.device,
-                                self.args.batch_size, self.workers)
-        return ImageFiles(split.paths, self.model.encoder.transform)
+            trainer._load_state()
+        elif os.path.exists(trainer.state_path):
+            raise InputError(f"{trainer.state_path} exists: continue that run with --resume, or choose another --out")
+        return trainer
 
     def _loader(self, data, batch_size, sampler=None, collate_fn=None):
         # its own generator: creating a loader draws a worker seed, which must not move the global RNG
@@ -283,6 +304,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> None:
         """Captions for the validation images, CIDEr-D in-process (and CLIPScore); keep the best model."""
+        if self.progress.get("validated_step") == self.progress["step"]:
+            return  # an epoch end, --val-every and --max-steps may fall on one step
+        self.progress["validated_step"] = self.progress["step"]
         split, model = self.val_split, self.model
         model.eval()
         with torch.random.fork_rng(devices=[]):  # validation leaves the training's random stream alone
@@ -436,7 +460,7 @@ def main(argv=None) -> None:
         if args.print_params:
             print_params(args)
             return
-        trainer = Trainer(args)
+        trainer = Trainer.from_args(args)
     except (InputError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     trainer.run()
