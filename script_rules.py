@@ -47,7 +47,7 @@ NEW_TORCH_APIS = (
 )
 
 
-def _strip_comment(line: str) -> str:
+def strip_comment(line: str) -> str:
     """The line without its trailing `# comment` (a `#` inside quotes stays)."""
     quote = None
     for i, ch in enumerate(line):
@@ -61,6 +61,29 @@ def _strip_comment(line: str) -> str:
     return line
 
 
+def unquoted_urls(line: str) -> list[str]:
+    """URLs (`scheme://...`) in a shell line that stand outside quotes."""
+    found, quote, i = [], None, 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif line.startswith("://", i):
+            start = i
+            while start > 0 and (line[start - 1].isalnum() or line[start - 1] in "+.-"):
+                start -= 1
+            end = i
+            while end < len(line) and not line[end].isspace() and line[end] not in "'\";|":
+                end += 1
+            found.append(line[start:end])
+            i = end
+            continue
+        i += 1
+    return found
+
+
 def check_script(path: str) -> list[str]:
     """Violations of the course's script rules in one bash script."""
     name = os.path.basename(path)
@@ -70,10 +93,12 @@ def check_script(path: str) -> list[str]:
     if lines and lines[0].startswith("#!") and "bash" not in lines[0]:
         problems.append(f"{name}:1: shebang {lines[0]!r} is not bash (graders run `bash {name}`)")
     for number, raw in enumerate(lines, 1):
-        line = _strip_comment(raw).strip()
+        line = strip_comment(raw).strip()
         if not line:
             continue
         where = f"{name}:{number}"
+        for url in unquoted_urls(line):
+            problems.append(f"{where}: URL {url!r} must be quoted (an unquoted & breaks it)")
         if "CUDA_VISIBLE_DEVICES" in line:
             problems.append(f"{where}: CUDA_VISIBLE_DEVICES is not allowed")
         try:
@@ -93,8 +118,6 @@ def check_script(path: str) -> list[str]:
                     problems.append(f"{where}: `{bare}` is not allowed in the graders' scripts")
                 elif bare in PYTHON_WORDS and bare != "python3":
                     problems.append(f"{where}: run Python as `python3`, not `{bare}`")
-            if "://" in token and not (token[0] in "'\"" and token[-1] == token[0]):
-                problems.append(f"{where}: URL {token!r} must be quoted (an unquoted & breaks it)")
             if bare.startswith("/") or re.match(r"^~(/|$)", bare):
                 problems.append(f"{where}: hard-coded absolute path {bare!r}")
             command_position = token in COMMAND_SEPARATORS or token.endswith(("$(", "`"))

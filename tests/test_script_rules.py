@@ -46,6 +46,7 @@ def test_clean_script_passes(tmp_path):
     ("python x.py", "`python3`, not `python`"),
     ("CUDA_VISIBLE_DEVICES=0 python3 x.py", "CUDA_VISIBLE_DEVICES"),
     ("wget -O m.pt https://example.com/a?b=1&c=2", "must be quoted"),
+    ("URL=https://example.com/a?b=1&c=2", "must be quoted"),
     ("python3 /home/me/hw3/x.py", "absolute path"),
     ("echo ok; rm x", "`rm`"),
     ("x=$(mkdir y)", "`mkdir`"),
