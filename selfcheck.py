@@ -138,6 +138,22 @@ def check_report(repo: str) -> Result:
     return Result("PASS", name, f"found {found}")
 
 
+def check_download(repo: str) -> Result:
+    """hw3_download.sh must name the trained checkpoint (P2_CKPT_URL), or the graders get none."""
+    path = os.path.join(repo, "hw3_download.sh")
+    if not os.path.isfile(path):
+        return Result("FAIL", "download URL", "hw3_download.sh is missing: the graders fetch checkpoints over "
+                                              "50 MB only through it")
+    with open(path, encoding="utf-8") as f:
+        found = re.search(r"^\s*P2_CKPT_URL=(.*)$", "\n".join(script_rules.strip_comment(line) for line in f), re.M)
+    value = found.group(1).strip().strip("'\"") if found else ""
+    if not value:
+        return Result("FAIL", "download URL", "P2_CKPT_URL at the top of hw3_download.sh is empty: the graders "
+                                              "would get no Problem 2 checkpoint; set it to your checkpoint's "
+                                              "Google Drive id or URL (public)")
+    return Result("PASS", "download URL", f"P2_CKPT_URL = {value}")
+
+
 def check_tracked_files(repo: str) -> Result:
     name = "tracked files"
     files = tracked_files(repo)
@@ -350,7 +366,8 @@ def run_checks(args) -> list:
     repo = os.path.abspath(args.repo)
     decoder = args.decoder_weights or os.path.join(repo, "hw3_data", "p2_data", "decoder_model.bin")
     decoder = decoder if os.path.isfile(decoder) or args.decoder_weights else None
-    results = [check_scripts(repo), check_absolute_paths(repo), check_report(repo), check_tracked_files(repo)]
+    results = [check_scripts(repo), check_absolute_paths(repo), check_download(repo), check_report(repo),
+               check_tracked_files(repo)]
     results += check_checkpoint(args.checkpoint or default_checkpoint(repo), decoder)
     if args.skip_run:
         results += [Result("SKIP", f"{key} {what}", "--skip-run") for key in PROBLEMS for what in ("run", "time")]

@@ -55,11 +55,14 @@ def test_repository_with_tiny_models_passes(tmp_path, tiny_clip_file, trained_ch
     if not has_report:
         expected["report PDF"] = "FAIL"
         assert messages["report PDF"] == "no hw3_<studentID>.pdf at the repository root"
+    if 'P2_CKPT_URL=""' in open(os.path.join(REPO, "hw3_download.sh"), encoding="utf-8").read():
+        expected["download URL"] = "FAIL"  # the student sets it once the checkpoint is uploaded
+        assert "P2_CKPT_URL at the top of hw3_download.sh is empty" in messages["download URL"]
     if not torch.cuda.is_available():
         expected["P1 time"] = expected["P2 time"] = "SKIP"
         assert "no CUDA GPU here" in messages["P2 time"]
     assert statuses == expected, result.stdout + result.stderr[-3000:]
-    assert set(statuses) == {"script rules", "absolute paths", "report PDF", "tracked files", "P2 checkpoint",
+    assert set(statuses) == {"script rules", "absolute paths", "download URL", "report PDF", "tracked files", "P2 checkpoint",
                              "P2 model count", "P1 run", "P1 time", "P2 run", "P2 time", "Python 3.8"}
     saved = captioner.count_parameters(captioner.read_checkpoint(trained_checkpoint)["state_dict"])
     assert f"{saved:,d} saved parameters" in messages["P2 checkpoint"]
@@ -253,3 +256,12 @@ def test_validate_json(tmp_path):
 def test_estimate(key, one, many, n, slowdown, status, minutes):
     result = selfcheck.estimate(key, one, many, n, slowdown)
     assert result.status == status and f"~{minutes:.1f} min" in result.message, result
+
+
+def test_download_url_must_be_set(tmp_path):
+    (tmp_path / "hw3_download.sh").write_text('#!/bin/bash\nP2_CKPT_URL=""  # set me\nwget -O x "$P2_CKPT_URL"\n')
+    assert selfcheck.check_download(str(tmp_path)).status == "FAIL"
+    (tmp_path / "hw3_download.sh").write_text('#!/bin/bash\nP2_CKPT_URL="1AbCdEf"\n')
+    assert selfcheck.check_download(str(tmp_path)) == ("PASS", "download URL", "P2_CKPT_URL = 1AbCdEf")
+    (tmp_path / "hw3_download.sh").unlink()
+    assert "missing" in selfcheck.check_download(str(tmp_path)).message
