@@ -200,7 +200,8 @@ class SelfAttention(nn.Module):
         scale = 1.0 / math.sqrt(q.size(-1))
         att = (q @ k.transpose(-2, -1)) * scale  # [N, H, T, t + T]
         # query i sits at absolute position t + i and sees keys 0 .. t + i
-        causal = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+        keys = k.size(2)  # t + T
+        causal = torch.arange(keys - T, keys, device=x.device)[:, None] >= torch.arange(keys, device=x.device)
         att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
         y = att.to(v.dtype) @ v  # [N, H, T, D]
         if prefix is not None:
