@@ -73,6 +73,7 @@ def test_repository_with_tiny_models_passes(tmp_path, tiny_clip_file, trained_ch
 
 def test_main_exit_status(repo_copy, trained_checkpoint, capsys):
     (repo_copy / "hw3_r12345678.pdf").write_bytes(b"%PDF-1.4\n")
+    edit(repo_copy / "hw3_download.sh", 'P2_CKPT_URL=""', 'P2_CKPT_URL="1AbCdEf"')
     argv = ["--repo", str(repo_copy), "--checkpoint", trained_checkpoint, "--skip-run"]
     assert selfcheck.main(argv) == 0, capsys.readouterr().out
     edit(repo_copy / "hw3_2.sh", "python3 p2_inference.py", "rm -f \"$2\"\npython3 p2_inference.py")
