@@ -35,8 +35,9 @@ def download_weights(name: str) -> str:
 
     A `*_clip_quickgelu_*` name is fetched under its plain `*_clip_*` name: the
     tensors are the same (QuickGELU is an activation, not a weight), and timm
-    0.9.10 points the quickgelu names at hub repositories that do not exist
-    (timm fixed that in a later release).
+    0.9.10 derives hub ids for the quickgelu names (`timm/<quickgelu name>`)
+    that a later timm release replaced with the plain names' repositories
+    ("Fix openai quickgelu loading"); the plain ids work in both.
     """
     import timm
 

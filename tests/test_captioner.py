@@ -222,7 +222,7 @@ def test_full_size_parameter_budget(peft):
 
 
 def test_quickgelu_weights_are_fetched_under_the_plain_name(tmp_path, monkeypatch, tiny_vit_file):
-    """timm 0.9.10 maps `*_clip_quickgelu_*.openai` to hub repositories that do not exist."""
+    """timm 0.9.10 derives hub ids for `*_clip_quickgelu_*.openai` that a later release replaced."""
     import timm
 
     import encoder
