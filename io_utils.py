@@ -69,6 +69,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def is_image(path: str) -> bool:
+    """Whether Pillow can identify `path` as an image (reads the header only)."""
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 -- any failure means "not an image"
+        return False
+
+
 def open_rgb(path: str) -> Image.Image:
     """Decode the image at `path` fully and return it as RGB.
 

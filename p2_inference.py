@@ -27,7 +27,6 @@ import os
 import sys
 
 import torch
-from PIL import Image
 
 import io_utils
 from captioner import autocast, load_checkpoint
@@ -61,21 +60,13 @@ def generation_overrides() -> dict:
     }
 
 
-def _is_image(path: str) -> bool:
-    try:
-        with Image.open(path):  # reads the header only
-            return True
-    except Exception:  # noqa: BLE001 -- any failure means "not an image"
-        return False
-
-
 def image_keys(folder: str, names: list) -> dict:
     """File name -> output key; exits naming both files when two images share a key."""
     groups = {}
     for name in names:
         groups.setdefault(io_utils.strip_extension(name), []).append(name)
     for key, group in groups.items():
-        images = [n for n in group if _is_image(os.path.join(folder, n))] if len(group) > 1 else group
+        images = [n for n in group if io_utils.is_image(os.path.join(folder, n))] if len(group) > 1 else group
         if len(images) > 1:
             raise SystemExit(f"error: images {' and '.join(map(repr, images))} in {folder!r} would both be "
                              f"captioned as {key!r}; the output holds one caption per name without extension")

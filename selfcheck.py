@@ -32,9 +32,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 
 import captioner
+import io_utils
 import p2_inference
 import script_rules
 import synthetic
@@ -220,18 +220,10 @@ def check_checkpoint(path: str, decoder_weights: str | None) -> list:
 
 # ---------------------------------------------------------------- running the scripts
 
-def is_image(path: str) -> bool:
-    try:
-        with Image.open(path):  # the header only
-            return True
-    except Exception:  # noqa: BLE001 -- any failure means "not an image"
-        return False
-
-
 def image_files(folder: str) -> list:
     """Names of the files in `folder` that Pillow can open: what the graders' folders hold."""
     return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
-                  and is_image(os.path.join(folder, n)))
+                  and io_utils.is_image(os.path.join(folder, n)))
 
 
 def make_p1_samples(folder: str, n: int) -> list:
