@@ -4,26 +4,39 @@ A checkpoint describes itself: `{"config": plain dict, "state_dict":
 trainable tensors only}`. `load_checkpoint` rebuilds the model from the
 config, takes the frozen parts from their sources (the encoder's weights,
 the course's `decoder_model.bin`) and then the trained tensors, and fails
-unless the saved keys and the trainable parameters match one to one.
+unless the saved keys and the trainable parameters match one to one, in
+shape, with finite values. Its decoding settings (`generation`) are checked
+when it is read (`check_generation`), not at the first batch.
+
+What the graders receive as a caption (never empty, within CLIP's context)
+is `p2_inference.py`'s policy, not the model's.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
+import math
 import sys
 
 import torch
 import torch.nn as nn
 
-from decoder import Decoder, DecoderConfig, infer_gpt2_shape, load_gpt2_into, load_gpt2_state, parameter_group
+from decoder import (
+    GPT2_SMALL,
+    Decoder,
+    DecoderConfig,
+    check_finite,
+    infer_gpt2_shape,
+    load_gpt2_into,
+    load_gpt2_state,
+    parameter_group,
+)
 from encoder import DEFAULT_ENCODER, ImageEncoder
-from io_utils import atomic_torch_save, torch_load, warn
+from io_utils import atomic_torch_save, torch_load
+from tokenizer import EOT_ID
 
 MAX_TRAINABLE = 35_000_000  # the course's limit, counted from the saved checkpoint
 CHECKPOINT_FORMAT = 1
-GPT2_SMALL = dict(n_layer=12, n_embd=768, vocab_size=50257, n_ctx=1024)
-EOT = 50256  # <|endoftext|>: GPT-2's start and end token
 
 # Each --peft choice as decoder settings; cross-attention in every block for all.
 # Sized to use the 35M budget: cross-attention + visual_proj is 29.15M at full size.
@@ -34,8 +47,11 @@ PEFT_PRESETS = {
     "lora": dict(lora_rank=32, lora_alpha=32.0),  # +4.72M
 }
 GENERATION = dict(beam_size=5, max_len=30, length_penalty=0.0)
-CLIP_TOKENS = 75  # CLIP's 77-token context less its start and end tokens
-FALLBACK_CAPTION = "a photo."
+# Upper bounds of the decoding settings: beyond them captions stop improving while
+# memory (logits [images * beams, 50257]) and time keep growing; the bounds turn a
+# typo (HW3_P2_BEAM=100000 would ask for ~240 GB) into a clear error.
+MAX_BEAM = 20
+MAX_LENGTH_PENALTY = 5.0
 
 
 def autocast(device):
@@ -50,23 +66,32 @@ def caption_text(tokenizer, ids: list) -> str:
     return " ".join(tokenizer.decode(ids).split())
 
 
-@functools.lru_cache(maxsize=None)
-def _clip_tokenizer():
-    from clip.simple_tokenizer import SimpleTokenizer
+def check_generation(settings, context: int, source: str = "generation settings") -> dict:
+    """Decoding settings checked against their ranges; returns them as plain int / float.
 
-    return SimpleTokenizer()
-
-
-def fit_clip_context(caption: str) -> str:
-    """`caption` less the words at its end that do not fit CLIP's context.
-
-    max_len GPT-2 tokens are normally far fewer CLIP tokens, but one GPT-2
-    token can hold many bytes that CLIP spends a token each on, and the
-    course's CLIPScore script crashes beyond 77 tokens.
+    `settings` must hold exactly beam_size (1..MAX_BEAM), max_len (1..context - 2:
+    a caption and its start and end tokens must fit GPT-2's context of `context`
+    positions) and length_penalty (0..MAX_LENGTH_PENALTY). Raises ValueError
+    naming `source`, the bad value and the allowed range.
     """
-    while len(_clip_tokenizer().encode(caption)) > CLIP_TOKENS:
-        caption = caption.rsplit(" ", 1)[0] if " " in caption else caption[:-1]
-    return caption
+    if not isinstance(settings, dict):
+        raise ValueError(f"{source}: expected a dict with {sorted(GENERATION)}, got {type(settings).__name__}")
+    missing, unknown = sorted(set(GENERATION) - set(settings)), sorted(set(settings) - set(GENERATION))
+    if missing or unknown:
+        raise ValueError(f"{source}: expected exactly {sorted(GENERATION)}; missing {missing}, unknown {unknown}")
+    ranges = {"beam_size": (int, 1, MAX_BEAM), "max_len": (int, 1, context - 2),
+              "length_penalty": (float, 0.0, MAX_LENGTH_PENALTY)}
+    checked = {}
+    for name, (kind, low, high) in ranges.items():
+        value = settings[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            number = number and float(value).is_integer()
+        if not (number and math.isfinite(value) and low <= value <= high):
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{source}: {name}={value!r} is out of range; expected {what} in {low}..{high}")
+        checked[name] = kind(value)
+    return checked
 
 
 def make_config(peft: str = "none", encoder: str = DEFAULT_ENCODER, encoder_kwargs: dict | None = None,
@@ -99,6 +124,7 @@ class Captioner(nn.Module):
                                  f"but {decoder_weights} has {key}={value}")
         decoder.update({**GPT2_SMALL, **decoder, **shape, "encoder_width": self.encoder.width})
         config["decoder"] = DecoderConfig(**decoder).to_dict()
+        config["generation"] = check_generation(config.get("generation"), config["decoder"]["n_ctx"])
         self.config = config
         self.decoder = Decoder(DecoderConfig(**config["decoder"]))
         if gpt2 is not None:
@@ -112,41 +138,17 @@ class Captioner(nn.Module):
         """Teacher-forced logits [B, T, V] for input tokens idx [B, T] given image tokens feats [B, S, W]."""
         return self.decoder(idx, self.decoder.memory(feats.to(self.decoder.visual_proj.weight.dtype)))[0]
 
+    def generation(self, **overrides) -> dict:
+        """The config's decoding settings with `overrides` (None keeps the config's), checked."""
+        settings = {**self.config["generation"], **{k: v for k, v in overrides.items() if v is not None}}
+        return check_generation(settings, self.decoder.cfg.n_ctx)
+
     @torch.no_grad()
     def generate(self, feats: torch.Tensor, beam_size: int | None = None, max_len: int | None = None,
                  length_penalty: float | None = None) -> list:
         """Caption token ids (without <|endoftext|>) per image; defaults from the config."""
-        gen = self.config["generation"]
-        beam_size = gen["beam_size"] if beam_size is None else beam_size
-        max_len = gen["max_len"] if max_len is None else max_len
-        length_penalty = gen["length_penalty"] if length_penalty is None else length_penalty
-        if beam_size < 1 or max_len < 1:
-            raise ValueError(f"beam_size and max_len must be >= 1, got {beam_size} and {max_len}")
-        if beam_size == 1:
-            return self.decoder.greedy(feats, max_len, EOT)
-        return self.decoder.beam_search(feats, beam_size, max_len, EOT, length_penalty)
-
-    @torch.no_grad()
-    def captions(self, feats: torch.Tensor, tokenizer, names: list | None = None, **generation) -> list:
-        """Clean caption text per image: decoded, whitespace collapsed, never empty, within CLIP's context.
-
-        The model cannot end a caption before its first token, but whitespace
-        tokens can decode to nothing: such an image is decoded again greedily,
-        and gets FALLBACK_CAPTION only if that is empty too. `names` label the warnings.
-        """
-        names = names or [f"image {i}" for i in range(len(feats))]
-        texts = [caption_text(tokenizer, ids) for ids in self.generate(feats, **generation)]
-        empty = [i for i, text in enumerate(texts) if not text]
-        if empty:
-            greedy = self.generate(feats[empty], beam_size=1, max_len=generation.get("max_len"))
-            for i, ids in zip(empty, greedy):
-                texts[i] = caption_text(tokenizer, ids) or FALLBACK_CAPTION
-                warn(f"the caption of {names[i]!r} was empty; it is now {texts[i]!r}")
-        fitted = [fit_clip_context(text) for text in texts]
-        for name, text, fit in zip(names, texts, fitted):
-            if fit != text:
-                warn(f"the caption of {name!r} was cut to fit CLIP's 77-token context: {fit!r}")
-        return fitted
+        gen = self.generation(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        return self.decoder.beam_search(feats, gen["beam_size"], gen["max_len"], EOT_ID, gen["length_penalty"])
 
     @torch.no_grad()
     def cross_attention(self, feats: torch.Tensor, tokens: list) -> torch.Tensor:
@@ -156,7 +158,7 @@ class Captioner(nn.Module):
         The model is causal, so position i's attention in this one teacher-forced
         pass is exactly its attention while generating token i + 1.
         """
-        idx = torch.tensor([[EOT, *tokens, EOT]], device=feats.device)
+        idx = torch.tensor([[EOT_ID, *tokens, EOT_ID]], device=feats.device)
         _, _, att = self.decoder(idx, self.decoder.memory(feats[:1]))  # [1, H, T, S]
         att = att[0].mean(0)[:, self.encoder.prefix_tokens:]  # [T, patches]
         rows, cols = self.encoder.grid
@@ -194,11 +196,11 @@ def trainable_state(model: Captioner) -> dict:
     if not names:
         raise RuntimeError("no trainable parameters: call mark_trainable(model) first")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
-    prefix = model.decoder.prefix
-    if prefix is not None and prefix.kv is None:  # reparameterised while training: save its output
+    cfg = model.decoder.cfg
+    if cfg.prefix_len and cfg.prefix_hidden:  # reparameterised while training: save its output
         state = {k: v for k, v in state.items() if not k.startswith("decoder.prefix.")}
         with torch.no_grad():
-            state["decoder.prefix.kv"] = prefix().detach().float().cpu().clone()
+            state["decoder.prefix.kv"] = model.decoder.prefix().detach().float().cpu().clone()
     return state
 
 
@@ -222,30 +224,57 @@ def save_checkpoint(model: Captioner, path: str) -> int:
     return total
 
 
+def _what_it_holds(obj) -> str:
+    """What a file that is not a captioner checkpoint holds instead, for error messages."""
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        if "wte.weight" in obj:
+            return f"{len(obj)} GPT-2 tensors: it looks like the course's decoder_model.bin, the decoder weights"
+        return f"a bare state_dict of {len(obj)} tensors, as the course's template saves"
+    if isinstance(obj, dict):
+        return f"a dict with keys {sorted(map(str, obj))[:8]}"
+    return f"a {type(obj).__name__}"
+
+
 def read_checkpoint(path: str) -> dict:
+    """A checkpoint file, checked: {config, state_dict} of finite tensors, its format and decoding settings."""
     checkpoint = torch_load(path)
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict)
             and isinstance(checkpoint.get("state_dict"), dict)):
-        raise ValueError(f"{path}: not a captioner checkpoint (expected a dict with 'config' and 'state_dict')")
-    if checkpoint["config"].get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {checkpoint['config'].get('format')!r}, "
-                         f"this code reads {CHECKPOINT_FORMAT}")
+        raise ValueError(f"{path}: not a captioner checkpoint; expected a dict with 'config' and 'state_dict' "
+                         f"(as p2_train.py saves), found {_what_it_holds(checkpoint)}")
+    config, state = checkpoint["config"], checkpoint["state_dict"]
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {config.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
+    not_tensors = sorted(k for k, v in state.items() if not torch.is_tensor(v))
+    if not_tensors:
+        raise ValueError(f"{path}: state_dict values that are not tensors: {not_tensors[:8]}")
+    check_finite(state, path)
+    decoder = config.get("decoder")
+    n_ctx = decoder.get("n_ctx") if isinstance(decoder, dict) else None
+    config["generation"] = check_generation(config.get("generation"), n_ctx if isinstance(n_ctx, int) else
+                                            GPT2_SMALL["n_ctx"], f"{path}: generation settings")
     return checkpoint
 
 
 def load_checkpoint(path: str, decoder_weights: str | None, encoder_weights: str | None = None,
                     pretrained_encoder: bool = True) -> Captioner:
-    """Rebuild the captioner from a checkpoint; the saved keys must equal the trainable parameters."""
+    """Rebuild the captioner from a checkpoint; the saved tensors must be exactly the trainable
+    parameters, name for name and shape for shape."""
     checkpoint = read_checkpoint(path)
     model = Captioner(checkpoint["config"], decoder_weights, encoder_weights, pretrained_encoder)
     mark_trainable(model, verbose=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    saved = set(checkpoint["state_dict"])
-    if saved != trainable:
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state = checkpoint["state_dict"]
+    if set(state) != set(trainable):
         raise ValueError(f"{path}: saved tensors do not match the model's trainable parameters: "
-                         f"not in the model {sorted(saved - trainable)[:8]}, "
-                         f"not saved {sorted(trainable - saved)[:8]}")
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-    assert not unexpected and not (set(missing) & saved), (missing, unexpected)
+                         f"not in the model {sorted(set(state) - set(trainable))[:8]}, "
+                         f"not saved {sorted(set(trainable) - set(state))[:8]}")
+    wrong = [f"{k} {tuple(v.shape)}, expected {tuple(trainable[k].shape)}"
+             for k, v in sorted(state.items()) if v.shape != trainable[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: saved tensors of another shape than its config builds: {wrong[:5]}")
+    with torch.no_grad():  # names and shapes match one to one: nothing is left to a strict=False load
+        for name, tensor in state.items():
+            trainable[name].copy_(tensor)
     model.requires_grad_(False)
     return model.eval()

@@ -60,50 +60,104 @@ _ABBREVIATIONS = (
     "gov", "sen", "rep", "cf", "calif",
 )
 
-# Characters Java's tokenizer rewrites before lowercasing.
+# Characters Java's tokenizer rewrites before lowercasing: the apostrophe
+# forms it reads as an apostrophe (so "don’t" splits as "don't" does), dashes,
+# the ellipsis (CP1252's included) and the quote entity (case-sensitive there).
 _CHAR_MAP = {
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"',
-    "\u2013": "--", "\u2014": "--", "\u2015": "--", "\u2026": " ... ",
-    "\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4",
-    "\u20ac": "$", "\u00a3": "#",
+    "\u2019": "'", "\u0092": "'",
+    "\u2013": "--", "\u2014": "--", "\u2015": "--", "\u0096": "--", "\u0097": "--",
+    "\u2026": " ... ", "\u0085": " ... ", "&quot;": '"',
 }
 _CHAR_RE = re.compile("|".join(re.escape(c) for c in _CHAR_MAP))
-# Characters Java's tokenizer treats as separators and drops: control and
-# zero-width characters, and those outside the Basic Multilingual Plane (emoji).
-_DROPPED_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f\u200b-\u200f\u2060\ufeff\U00010000-\U0010ffff]")
+# Characters Java's tokenizer deletes, measured on the jar one code point at a
+# time ("x <c> y" -> "x y") in the blocks caption text draws on: controls,
+# spaces, zero-width and bidi marks, dots leaders, most general punctuation
+# after U+2044, currency signs it does not know (the rupee), number forms
+# other than the vulgar fractions, CJK punctuation, private use, variation
+# selectors, and everything outside the Basic Multilingual Plane (emoji).
+# U+2010 and U+2011 are deleted only alone: inside a word they are hyphens.
+_DROPPED_RE = re.compile(
+    "[\x00-\x08\x0e-\x1f\x7f\x81-\x84\x86-\x90\x95\x98-\x9f\u2000-\u200f\u2012\u2024\u2025\u2027"
+    "\u202a-\u202f\u203c\u203d\u2043\u2045-\u206f\u2072\u2073\u208f\u209d-\u209f\u20a1-\u20a3"
+    "\u20a5-\u20ab\u20ad-\u20ff\u2150-\u2152\u215f-\u2182\u2185-\u218f\u3000\u3003\u3004"
+    "\u3007-\u3011\u3013-\u3030\u3036-\u303a\u303d-\u303f\ue000-\uf8ff\ufe00-\ufe6f\ufeff"
+    "\U00010000-\U0010ffff]"
+    "|(?<![^\\W_])[\u2010\u2011]|[\u2010\u2011](?![^\\W_])"
+)
 
-# Single characters Java escapes: brackets become -LRB- ... (lower-cased by
-# -lowerCase), a double quote becomes `` or '' (both dropped later).
-_OTHER = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
+# Single characters Java rewrites as tokens: brackets become -LRB- ...
+# (lower-cased by -lowerCase); quotes of fixed direction become `` '' ` '
+# (all dropped later); the vulgar fractions it knows become n/m; currency
+# signs become PTB's $ and # (and "cents").
+_OTHER = {
+    "(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-",
+    '"': "''", "\u201c": "``", "\u00ab": "``", "\u201d": "''", "\u00bb": "''",
+    "\u2018": "`", "\u201b": "`", "\u2039": "`", "\u203a": "'",
+    "\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3",
+    "\u00a2": "cents", "\u00a3": "#", "\u00a4": "$", "\u20a0": "$", "\u20ac": "$", "\u0080": "$",
+    "\u0091": "`", "\u0093": "``", "\u0094": "''",  # CP1252 quotes and euro read as Latin-1
+}
+# HTML entities Java reads (case-insensitive), as the token each becomes;
+# None: no token (a space).
+_ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&nbsp;": None,
+             "&mdash;": "--", "&ndash;": "--", "&md;": "--"}
 
 # Words Java splits in two (case-insensitive, whole word).
 _SPLIT_WORDS = {"cannot": 3, "gonna": 3, "gotta": 3, "wanna": 3, "gimme": 3, "lemme": 3}
 
+# A character of a word for Java: a letter or a decimal digit (not "_", not
+# superscripts or vulgar fractions, which Python's \w includes), a soft
+# hyphen (deleted from the word afterwards), or a combining mark of the
+# ranges Java's word rule lists (measured: "cafe\u0301" stays one word).
+_NOT_WORD = "_\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f\u2460-\u24ff\u2776-\u2793"
+_MARKS = ("\u00ad\u0300-\u036f\u0483-\u0487\u0591-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u05c7"
+          "\u0615-\u061a\u064b-\u065e\u0670\u06d6-\u06dc\u06df-\u06e4\u06e7\u06e8\u06ea-\u06ed"
+          "\u0711\u0730-\u074a\u07a6-\u07b0\u07eb-\u07f3\u0900-\u0903\u093c\u093e-\u094e"
+          "\u0951-\u0955\u0962\u0963\u0981-\u0983\u09bc\u09be-\u09c4\u09c7\u09c8\u09cb-\u09cd"
+          "\u09d7\u09e2\u09e3\u0a01-\u0a03\u0a3c\u0a3e-\u0a42\u0a47\u0a48\u0a4b-\u0a4d"
+          "\u0a81-\u0a83\u0abc\u0abe-\u0ac5\u0ac7-\u0ac9\u0acb-\u0acd\u0b82\u0bbe-\u0bc2"
+          "\u0bc6-\u0bc8\u0bca-\u0bcd\u0c01-\u0c03\u0c3e-\u0c44\u0c46-\u0c48\u0c4a-\u0c4d"
+          "\u0c55\u0c56\u0d3e-\u0d44\u0d46-\u0d48\u0e31\u0e34-\u0e3a\u0e47-\u0e4e\u0eb1"
+          "\u0eb4-\u0ebc\u0ec8-\u0ecd\u1885\u1886")
+_W = f"(?:[^\\W{_NOT_WORD}]|[{_MARKS}])"
+
 # One alternative per token class, tried in order at each token start (Python's
-# alternation is first-match, so specific classes come before `word`).
+# alternation is first-match, so specific classes come before `word`; Java's
+# lexer takes the longest match, which the order and lookaheads reproduce).
 _TOKEN_RE = re.compile(
     r"""
-    (?P<special>(?i:'t(?=(?:is|was)(?!\w))|y'(?=all(?!\w))|'n'|ma'am|c'mon|'em(?!\w)|'cause(?!\w)))
+    (?P<plain>[A-Za-z]+(?=\ |$))                    # most tokens: no other class can start here
+  | (?P<angles><<|>>)
+  | (?P<tag></?[A-Za-z!][^>]*>)                      # <b>, </a>, <a href="x">: one token
+  | (?P<entity>(?i:&(?:amp|lt|gt|nbsp|mdash|ndash|md);))
+  | (?P<special>(?i:'t(?=(?:is|was)(?!\w))|y'(?=all(?!\w))|'n'|ma'am|c'mon|'em(?!\w)|'cause(?!\w)|'till?))
   | (?P<url>(?i:https?|ftp)://\S*[\w/])
   | (?P<acronym>(?:[A-Za-z]\.){2,}(?!\w))             # u.s.  a.m.  e.g.
   | (?P<initial>[A-Za-z]\.(?!\w))                     # "plan b." keeps "b."
   | (?P<abbrev>(?i:""" + "|".join(_ABBREVIATIONS) + r""")\.(?!\w))
   | (?P<number_abbrev>(?i:no)\.(?=\s*\d))
+  | (?P<quotes>''|``)
   | (?P<clitic>(?i:'(?:s|m|d|ll|re|ve|n))(?!\w))     # man's -> man 's
-  | (?P<year>(?<!\w)'\d\d(?i:s)(?!\w))               # '90s
+  | (?P<year>(?<!\w)'\d\d(?:(?i:s)(?!\w)|(?=\s|$)))    # '90s '07
+  | (?P<open_single>'(?=[A-Za-z][^ \t\u00a0]))       # 'quoted -> ` quoted
+  | (?P<open_double>"(?=[A-Za-z0-9$]))               # "quoted -> `` quoted
   | (?P<nt_stem>[^\W\d_]*[^\W\d_nN](?=(?i:n't)(?!\w)))  # don't -> do n't
   | (?P<nt>(?i:n't)(?!\w))
-  | (?P<hashtag>\#[^\W\d_]\w*)
-  | (?P<negative>(?<![\w-])-\d+(?:[.,]\d+)*)            # -3.5; "-3-year-old" -> -3 - year-old
-  | (?P<word>(?:[OoDdLl]'(?=[^\W\d_]))?\w+
-        (?:(?:[-./@]|(?<=\d)[,:](?=\d)|(?<=[A-Z])&(?=[A-Z]))\w+)*
+  | (?P<hashtag>[#@][^\W\d_]\w*)                     # #tag @user
+  | (?P<fraction>(?:\d{1,4}[- \u00a0])?\d{1,4}(?:\\?/|\u2044)\d{1,4}(?![\w/\u2044]))  # 3 1/2: one token
+  | (?P<subsup>[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+))
+  | (?P<signed>(?<![\w-])-\d+(?:[.,]\d+)*|\+\d+(?:[.,]\d+)*)  # -3.5 +5; "-3-year-old" -> -3 - year-old
+  | (?P<dollar>[A-Z]+\$)                             # US$ (upper case only: "a$" is a $)
+  | (?P<word>(?:[OoDdLl]'(?=[^\W\d_]))?WORDCHAR+
+        (?:(?:[-./@_\u2010\u2011]|(?<=[^\W\d_])[!?]|(?<=\d)[,:](?=\d)|(?<=[A-Z])&(?=[A-Z]))WORDCHAR+)*
         (?:\.(?=[,;:]))?)                             # "dog.," keeps "dog."
-  | (?P<ellipsis>\.{3,})
+  | (?P<ellipsis>\.{3,5}|(?:\.[ \u00a0]){2,4}\.)     # ... and . . .; six dots are ... .
+  | (?P<decimal>[.,:]\d+(?:[.,:]\d+)*)              # ,000 .5: Java's number rule allows them
   | (?P<dashes>-{2,})
   | (?P<exclaim>[?!]{2,})                             # "?!" stays one (kept) token
+  | (?P<repeated>\*+|_+|\#+|@+)
   | (?P<other>\S)
-    """,
+    """.replace("WORDCHAR", _W),
     re.VERBOSE,
 )
 _DECIMAL_UNIT_RE = re.compile(r"(\d+(?:[.,:]\d+)+)([^\W\d_]\w*)")  # 1.5x -> 1.5 x
@@ -115,7 +169,9 @@ def _ptb_tokens(text: str) -> list[str]:
     tokens = []
     for match in _TOKEN_RE.finditer(text):
         kind, token = match.lastgroup, match.group()
-        if kind == "word":
+        if kind in ("plain", "word"):
+            # a soft hyphen vanishes from a word; soft hyphens alone are a hyphen
+            token = token.replace("\u00ad", "") or "-"
             split = _SPLIT_WORDS.get(token.lower())
             unit = _DECIMAL_UNIT_RE.fullmatch(token)
             if token.endswith(".") and any(c in ".,:/" for c in token[:-1]):
@@ -126,10 +182,19 @@ def _ptb_tokens(text: str) -> list[str]:
                 tokens += [unit.group(1), unit.group(2)]
             else:
                 tokens.append(token)
+        elif kind in ("tag", "fraction"):
+            tokens.append(token.replace(" ", "\u00a0"))  # Java's normalizeSpace
+        elif kind == "entity":
+            if _ENTITIES[token.lower()] is not None:
+                tokens.append(_ENTITIES[token.lower()])
         elif kind == "ellipsis":
             tokens.append("...")
         elif kind == "dashes":
-            tokens.append("--")
+            tokens.append("--" if len(token) <= 4 else token)
+        elif kind == "open_single":
+            tokens.append("`")
+        elif kind == "open_double":
+            tokens.append("``")
         elif kind == "other":
             tokens.append(_OTHER.get(token, token))
         else:
@@ -143,22 +208,28 @@ def tokenize(caption: str) -> str:
     An in-process stand-in for `pycocoevalcap.tokenizer.ptbtokenizer`
     (Stanford PTBTokenizer -preserveLines -lowerCase, then the PUNCTUATIONS
     tokens removed), e.g. "A man's dog doesn't run." -> "a man 's dog does n't run".
-    Its rules were measured on the jar coco-caption ships and it agrees with
-    it on caption text: clitics ('s 're 'm n't, "cannot" -> "can not",
-    "gonna" -> "gon na"), hyphenated words, numbers (1,000 3.5 3:30 -3),
-    acronyms and common abbreviations (u.s. p.m. st. mr. "b."), quotes of
-    every kind (dropped), brackets (kept as -lrb- -rrb- ..., because the
-    drop list is upper case and Java lower-cases first), "?!" (kept),
-    $ % & / #tags, curly quotes, dashes and the ellipsis character.
+    Its rules were measured on the jar coco-caption ships, and
+    tests/test_cider.py compares its tokens with the jar's one by one on a
+    corpus of tricky text. It agrees on caption text: clitics ('s 're 'm
+    n't, "cannot" -> "can not", "gonna" -> "gon na"), hyphenated words,
+    numbers (1,000 3.5 3:30 -3 +5), fractions ("3½" -> "3 1/2", "3 1/2"
+    one token with a no-break space), acronyms and common abbreviations
+    (u.s. p.m. st. mr. "b."), quotes of every kind (dropped), brackets
+    (kept as -lrb- -rrb- ..., because the drop list is upper case and Java
+    lower-cases first), "?!" (kept), $ % & / #tags, dashes, ellipses,
+    soft hyphens (deleted inside words), combining accents (kept in the
+    word), "_" (its own token unless it joins two words: "_UNK" -> "_ unk"),
+    HTML-like tags (one token each) and entities, and the characters Java
+    deletes (emoji, variation selectors, zero-width and bidi marks...).
 
     Known differences, none in text that captions or captioning models
-    produce: "c++"/"c#" (split here), "v2.0" and "a1,2" (Java splits them),
-    HTML-like "<a>" and "a<b", rarer clitic forms ("can'ts", "gonna's",
-    "3.5n't"), URLs other than http(s)/ftp, abbreviations CoreNLP knows
-    beyond the list above, currency signs other than $, euro and pound,
-    characters Java cannot tokenise (dropped there, kept here), and
-    Unicode whose lower-casing or whitespace class differs between Java
-    and Python.
+    produce: tests/ptb_corpus.py's KNOWN_DIFFERENCES ("c++", "v2.0",
+    emoticons, phone numbers...), rarer clitic forms ("can'ts",
+    "gonna's", "3.5n't"), URLs other than http(s)/ftp, abbreviations
+    CoreNLP knows beyond the list above, letters and symbols newer than
+    the jar's Unicode tables or outside the blocks measured for deletion,
+    and Unicode whose lower-casing or whitespace class differs between
+    Java and Python.
     """
     lowered = (token.lower() for token in _ptb_tokens(caption))
     return " ".join(t for t in lowered if t not in PUNCTUATIONS)

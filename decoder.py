@@ -25,7 +25,11 @@ what GPT-2 computes (the golden test checks this against `transformers`):
   W on `eval()`, so weights loaded after that are silently ignored, and its
   default alpha of 1 scales the update by 1 / r.
 
-What trains is decided by `parameter_group` alone, by parameter name.
+A part a config leaves out is a module that passes the stream through
+(`nn.Identity` for an adapter, `NoCrossAttention`, `NoPrefix`), so the blocks'
+`forward` has no branch on the config; None is kept for optional inputs (the
+key/value cache, a layer's prefix). What trains is decided by
+`parameter_group` alone, by parameter name.
 
 Shapes: B images, K beams per image, N = B * K sequences, T caption tokens,
 S image tokens, P prefix tokens, C width, H heads, D = C / H head width,
@@ -51,15 +55,20 @@ ADAPTER_PLACES = ("attn", "mlp")
 HEAD_WIDTH = 64  # every GPT-2 size uses 64-wide heads
 
 
+# The course's decoder_model.bin. Used only for models built without a weights
+# file (parameter counts, benchmarks); otherwise `infer_gpt2_shape` reads the shape.
+GPT2_SMALL = dict(n_layer=12, n_embd=768, vocab_size=50257, n_ctx=1024)
+
+
 @dataclass
 class DecoderConfig:
-    # GPT-2's shape: read from the weights file (`infer_gpt2_shape`), never typed.
-    n_layer: int = 12
-    n_embd: int = 768
-    vocab_size: int = 50257
-    n_ctx: int = 1024
-    # width of the image tokens: read from the encoder
-    encoder_width: int = 1024
+    # GPT-2's shape: given, never defaulted (from `infer_gpt2_shape`, or GPT2_SMALL without weights)
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    n_ctx: int
+    # width of the image tokens: the encoder's
+    encoder_width: int
     # blocks with cross-attention; None = every block
     cross_layers: list | None = None
     # adapter: bottleneck width (0 = none), where in the block, which blocks (None = all)
@@ -177,6 +186,23 @@ def _merge_heads(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2).reshape(N, T, H * D)
 
 
+def sample_next(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """One token id per row of logits [N, V], drawn among the top_k likeliest (0: all) and among
+    the fewest likeliest holding probability top_p (the likeliest always stays).
+
+    The draw is over the kept candidates only: multinomial over all 50257 tokens costs ~10x more.
+    """
+    if 0 < top_k < logits.size(-1):
+        logits, ids = logits.topk(top_k, dim=-1)  # [N, k], likeliest first
+    else:
+        logits, ids = logits.sort(dim=-1, descending=True)  # [N, V]
+    if top_p < 1.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))  # mass before >= p
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # [N, 1]
+    return ids.gather(-1, choice).squeeze(1)
+
+
 class SelfAttention(nn.Module):
     """GPT-2's causal self-attention, with a key/value cache and an optional prefix."""
 
@@ -189,7 +215,7 @@ class SelfAttention(nn.Module):
         self.c_proj = Linear(C, C, cfg.lora_rank if "attn.c_proj" in cfg.lora_targets else 0, **lora)
 
     def forward(self, x, past=None, prefix=None):
-        """x [N, T, C]; past (k, v) [N, H, t, D] or None; prefix (k, v) [P, C] or None.
+        """x [N, T, C]; past (k, v) [N, H, t, D] or None; prefix [2, P, C] (keys, values) or None.
         Returns y [N, T, C] and the cache (k, v) [N, H, t + T, D]."""
         N, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -237,7 +263,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, memory):
         """x [N, T, C] with N = B * K, beams of one image adjacent; memory (k, v) [B, H, S, D].
-        Returns y [N, T, C] and the attention [N, H, T, S]."""
+        Returns x plus what it read from the image [N, T, C] (the residual included, as
+        in `Adapter`) and the attention [N, H, T, S]."""
         k, v = memory
         N, T, C = x.shape
         B, H, S, D = k.shape
@@ -247,7 +274,17 @@ class CrossAttention(nn.Module):
         y = att.to(v.dtype) @ v  # [B, H, K * T, D]
         y = y.view(B, H, K, T, D).permute(0, 2, 3, 1, 4).reshape(N, T, C)
         att = att.view(B, H, K, T, S).transpose(1, 2).reshape(N, H, T, S)
-        return self.c_proj(y), att
+        return x + self.c_proj(y), att
+
+
+class NoCrossAttention(nn.Module):
+    """A block without cross-attention (`cross_layers`): no image memory, the stream unchanged."""
+
+    def memory(self, img: torch.Tensor) -> None:
+        return None
+
+    def forward(self, x, memory):
+        return x, None
 
 
 class MLP(nn.Module):
@@ -272,17 +309,14 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(C)
         self.mlp = MLP(cfg)
-        self.cross = CrossAttention(cfg) if cfg.has_cross(layer) else None
+        self.cross = CrossAttention(cfg) if cfg.has_cross(layer) else NoCrossAttention()
         self.adapter_attn = Adapter(C, cfg.adapter_dim) if cfg.has_adapter(layer, "attn") else nn.Identity()
         self.adapter_mlp = Adapter(C, cfg.adapter_dim) if cfg.has_adapter(layer, "mlp") else nn.Identity()
 
     def forward(self, x, memory=None, past=None, prefix=None):
         h, present = self.attn(self.ln_1(x), past, prefix)
         x = x + self.adapter_attn(h)
-        att = None
-        if self.cross is not None:
-            h, att = self.cross(x, memory)
-            x = x + h
+        x, att = self.cross(x, memory)
         x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))
         return x, present, att
 
@@ -320,6 +354,17 @@ class Prefix(nn.Module):
         return self.mlp(self.embedding).view(P, L, two, C).permute(1, 2, 0, 3)  # [L, 2, P, C]
 
 
+class NoPrefix(nn.Module):
+    """No prefix tuning (`prefix_len` 0): no prefix for any of the L layers."""
+
+    def __init__(self, n_layer: int):
+        super().__init__()
+        self.n_layer = n_layer
+
+    def forward(self) -> list:
+        return [None] * self.n_layer
+
+
 class Decoder(nn.Module):
     """GPT-2 with cross-attention to image tokens and the PEFT modules above."""
 
@@ -332,12 +377,12 @@ class Decoder(nn.Module):
         self.h = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(C)
         self.visual_proj = nn.Linear(cfg.encoder_width, C)
-        self.prefix = Prefix(cfg.n_layer, C, cfg.prefix_len, cfg.prefix_hidden) if cfg.prefix_len else None
+        self.prefix = Prefix(cfg.n_layer, C, cfg.prefix_len, cfg.prefix_hidden) if cfg.prefix_len else NoPrefix(cfg.n_layer)
 
     def memory(self, feats: torch.Tensor) -> list:
         """Encoder tokens [B, S, encoder_width] -> per block the cross-attention (k, v) or None."""
         img = self.visual_proj(feats)  # [B, S, C]
-        return [block.cross.memory(img) if block.cross is not None else None for block in self.h]
+        return [block.cross.memory(img) for block in self.h]
 
     def forward(self, idx, memory, past=None):
         """idx [N, T] token ids; memory from `memory()`; past: per-block self-attention cache or None.
@@ -351,11 +396,10 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds GPT-2's context of {self.cfg.n_ctx}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # [N, T, C]
-        prefixes = self.prefix() if self.prefix is not None else None  # [L, 2, P, C]
+        prefixes = self.prefix()  # [L, 2, P, C]: per layer (keys, values), or L times None
         presents, last_att = [], None
         for i, block in enumerate(self.h):
-            prefix = (prefixes[i, 0], prefixes[i, 1]) if prefixes is not None else None
-            x, present, att = block(x, memory[i], None if past is None else past[i], prefix)
+            x, present, att = block(x, memory[i], None if past is None else past[i], prefixes[i])
             presents.append(present)
             last_att = att if att is not None else last_att
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head, [N, T, V]
@@ -364,37 +408,34 @@ class Decoder(nn.Module):
     # -- decoding -------------------------------------------------------------
 
     @torch.no_grad()
-    def greedy(self, feats, max_len: int, eot: int) -> list:
-        """Greedy captions as token lists (no <|endoftext|>), with the key/value cache."""
-        return self._decode_one(feats, max_len, eot, lambda logp: logp.argmax(-1))[0]
+    def sample(self, feats, n: int, max_len: int, eot: int, top_k: int = 0, top_p: float = 1.0,
+               temperature: float = 1.0, generator=None) -> list:
+        """n captions per image sampled with the key/value cache (self-critical training), as token
+        lists without <|endoftext|>, image-major: image b's samples are rows b * n .. b * n + n - 1.
 
-    @torch.no_grad()
-    def sample(self, feats, max_len: int, eot: int, temperature: float = 1.0, generator=None) -> list:
-        """Captions sampled from the model (self-critical training)."""
-        def pick(logp):
-            probs = (logp / temperature).softmax(-1)
-            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return self._decode_one(feats, max_len, eot, pick)[0]
-
-    def _decode_one(self, feats, max_len, eot, pick):
-        B = feats.size(0)
-        memory = self.memory(feats)
-        token = torch.full((B, 1), eot, dtype=torch.long, device=feats.device)
-        alive = torch.ones(B, dtype=torch.bool, device=feats.device)
+        The n samples of an image share its image tokens as beams do (`CrossAttention` folds them).
+        top_k > 0 keeps the k likeliest tokens, top_p < 1 the likeliest holding probability top_p.
+        """
+        B, dev = feats.size(0), feats.device
+        N = B * n
+        memory = self.memory(feats)  # [B, H, S, D] per block, shared by the n samples of each image
+        token = torch.full((N, 1), eot, dtype=torch.long, device=dev)
+        alive = torch.ones(N, dtype=torch.bool, device=dev)
         out, past = [], None
         for t in range(max_len):
             logits, past, _ = self(token, memory, past)
-            logp = logits[:, -1].float().log_softmax(-1)  # [B, V]
+            logits = logits[:, -1].float() / temperature  # [N, V]
             if t == 0:
-                logp[:, eot] = float("-inf")  # a caption has at least one token
-            nxt = pick(logp)  # [B]
+                logits[:, eot] = float("-inf")  # a caption has at least one token
+            nxt = sample_next(logits, top_k, top_p, generator)  # [N]
+            nxt = torch.where(alive, nxt, torch.full_like(nxt, eot))
+            out.append(nxt)
             alive = alive & (nxt != eot)
-            out.append(torch.where(alive, nxt, torch.full_like(nxt, eot)))
             if not alive.any():
                 break
             token = nxt.unsqueeze(1)
-        tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
-        return [row[:row.index(eot)] if eot in row else row for row in tokens], None
+        rows = torch.stack(out, 1).tolist()
+        return [row[:row.index(eot)] if eot in row else row for row in rows]
 
     @torch.no_grad()
     def beam_search(self, feats, beam_size: int, max_len: int, eot: int, length_penalty: float = 0.0) -> list:
@@ -406,7 +447,7 @@ class Decoder(nn.Module):
         An image is done once `beam_size` hypotheses have ended, or when no
         live beam can beat its best ended one any more (log-probabilities only
         fall, so a live beam's bound is its score / max_len ** length_penalty).
-        With beam_size 1 this is greedy decoding, token for token.
+        With beam_size 1 this is greedy decoding, token for token (the only greedy decoder here).
         """
         if length_penalty < 0:
             raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
@@ -482,25 +523,68 @@ def infer_gpt2_shape(state: dict) -> dict:
     return dict(n_layer=len(layers), n_embd=int(width), vocab_size=int(vocab), n_ctx=int(state["wpe.weight"].shape[0]))
 
 
+def gpt2_shapes(n_layer: int, n_embd: int, vocab_size: int, n_ctx: int) -> dict:
+    """Name -> shape of every GPT-2 tensor, in this module's layout (Conv1D weights as (out, in))."""
+    C = n_embd
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,),
+             "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+             "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
+             "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,)}
+    shapes = {"wte.weight": (vocab_size, C), "wpe.weight": (n_ctx, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(n_layer):
+        shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
+    return shapes
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Raise ValueError naming the tensors of `state` that hold NaN or inf.
+
+    Such weights do not fail: every logit turns NaN, and decoding then picks
+    token 0 ("!") at every step.
+    """
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:5]}; "
+                         "the file is damaged or comes from a diverged training run")
+
+
+def _describe_non_tensors(state) -> str:
+    """What a weights file that is not a flat dict of tensors holds instead, for error messages."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    if {"config", "state_dict"} <= set(state):
+        return "a captioner checkpoint ({config, state_dict}, as p2_train.py saves): that goes in HW3_P2_CKPT"
+    def kind(value) -> str:
+        if isinstance(value, dict) and value and all(torch.is_tensor(v) for v in value.values()):
+            return f"a dict of {len(value)} tensors"
+        return f"a {type(value).__name__}"
+
+    others = [(k, v) for k, v in state.items() if not torch.is_tensor(v)]
+    shown = ", ".join(f"{k!r}: {kind(v)}" for k, v in others[:5])
+    return f"a dict whose values are not all tensors ({shown})"
+
+
 def load_gpt2_state(path: str) -> dict:
     """The course's decoder_model.bin as tensors in this module's layout.
 
     Checks what the course's template never does: every key is a GPT-2 key,
-    nothing is missing, every shape fits, and the four Conv1D weights are
-    transposed for nn.Linear.
+    nothing is missing, every shape fits, every value is finite, and the four
+    Conv1D weights are transposed for nn.Linear.
     """
     state = torch_load(path)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (the course's decoder_model.bin), got {type(state).__name__}")
+        raise ValueError(f"{path} holds {_describe_non_tensors(state)}; expected the course's decoder_model.bin, "
+                         "a flat dict of GPT-2 tensors (wte.weight, wpe.weight, h.N.*, ln_f.*)")
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_BUFFERS)}
-    shape = infer_gpt2_shape(state)
-    expected = {k: tuple(v.shape) for k, v in Decoder(DecoderConfig(**shape)).state_dict().items()
-                if parameter_group(k) is None}
+    expected = gpt2_shapes(**infer_gpt2_shape(state))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path} is not the course's GPT-2 layout: missing {missing[:8]} "
                          f"({len(missing)} in all), unexpected {unexpected[:8]} ({len(unexpected)} in all)")
+    check_finite(state, path)
     out = {}
     for key, tensor in state.items():
         if key.endswith(CONV1D_WEIGHTS):

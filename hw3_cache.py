@@ -5,7 +5,7 @@ Everything lands in the repository-local cache (`io_utils.cache_dir()`:
 `cache/`, or $HW3_CACHE), exactly where hw3_1.sh and hw3_2.sh look, so that
 after one `bash hw3_download.sh` both run offline:
 
-  p2_checkpoint.pt         p2_inference.default_checkpoint()
+  p2_checkpoint.pt         io_utils.p2_checkpoint() (when $HW3_P2_CKPT is unset)
   clip/ViT-L-14*.pt        p1_zeroshot.load_clip (each of p1_zeroshot.DEFAULT_MODELS)
   timm/<encoder>.pth       encoder.cached_weights_path (the checkpoint's encoder)
   gpt2/encoder.json, gpt2/vocab.bpe
@@ -35,12 +35,10 @@ GPT2_FILES = ("encoder.json", "vocab.bpe")
 def target(name: str) -> str:
     """Final path of a downloaded file: `checkpoint` or one of GPT2_FILES."""
     if name == "checkpoint":
-        from p2_inference import default_checkpoint
-
-        return default_checkpoint()
+        return io_utils.cache_dir(io_utils.P2_CHECKPOINT_NAME)
     if name in GPT2_FILES:
         return io_utils.cache_dir("gpt2", name)
-    raise SystemExit(f"error: unknown download {name!r}; expected checkpoint or one of {list(GPT2_FILES)}")
+    raise io_utils.InputError(f"unknown download {name!r}; expected checkpoint or one of {list(GPT2_FILES)}")
 
 
 def part(name: str) -> str:
@@ -54,14 +52,14 @@ def _install(names: tuple, check) -> None:
     parts = [part(n) for n in names]
     missing = [p for p in parts if not os.path.isfile(p)]
     if missing:
-        raise SystemExit(f"error: download failed, no {missing}")
+        raise io_utils.InputError(f"download failed, no {missing}")
     try:
         check(*parts)
     # a failed download is an HTML page, an empty or a cut file: any parse error means "bad file"
     except Exception as error:  # noqa: BLE001
         for path in parts:
             os.remove(path)
-        raise SystemExit(f"error: the download of {', '.join(names)} is not usable ({error}); nothing installed")
+        raise io_utils.InputError(f"the download of {', '.join(names)} is not usable ({error}); nothing installed")
     for name, path in zip(names, parts):
         os.replace(path, target(name))
         print(f"installed {target(name)}", file=sys.stderr)
@@ -108,7 +106,7 @@ def encoder_name() -> str:
     from captioner import read_checkpoint
     from encoder import DEFAULT_ENCODER
 
-    path = os.environ.get("HW3_P2_CKPT") or target("checkpoint")
+    path = io_utils.p2_checkpoint()
     if not os.path.isfile(path):
         print(f"note: no checkpoint at {path}; fetching the default encoder {DEFAULT_ENCODER}", file=sys.stderr)
         return DEFAULT_ENCODER
@@ -128,9 +126,10 @@ def fetch_encoder() -> str:
         return encoder.download_weights(name)
     # timm's hub download fails in many ways (offline, HTTP, disk); the message says which
     except Exception as error:  # noqa: BLE001
-        raise SystemExit(f"error: could not download encoder weights {name!r}: {error}")
+        raise io_utils.InputError(f"could not download encoder weights {name!r}: {error}")
 
 
+@io_utils.reports_input_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["part", "install", "has", "clip", "encoder"])
@@ -141,11 +140,11 @@ def main(argv=None) -> None:
     elif args.command == "install":
         installers = {"checkpoint": install_checkpoint, "gpt2": install_gpt2}
         if args.name not in installers:
-            raise SystemExit(f"error: install what? {args.name!r}; expected one of {sorted(installers)}")
+            raise io_utils.InputError(f"install what? {args.name!r}; expected one of {sorted(installers)}")
         installers[args.name]()
     elif args.command == "has":
         if args.name != "gpt2":
-            raise SystemExit(f"error: has what? {args.name!r}; expected gpt2")
+            raise io_utils.InputError(f"has what? {args.name!r}; expected gpt2")
         sys.exit(0 if has_gpt2() else 1)
     elif args.command == "clip":
         fetch_clip()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 import torch
 
@@ -126,19 +125,6 @@ def _markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(figure, path: str) -> None:
-    """savefig through a temporary file and a rename, like io_utils.atomic_write_text."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def top5(args) -> dict:
     import matplotlib
 
@@ -187,7 +173,8 @@ def top5(args) -> dict:
             ax_bars.text(min(r["probability"] + 0.01, 0.9), rank, f"{r['probability']:.1%}", va="center", fontsize=8)
         models = " + ".join(os.path.basename(s) for s in specs)
         ax_bars.set_title(f"top-{k}: CLIP {models}, {len(zs.TEMPLATES)} templates, flip TTA", fontsize=9)
-        _save_figure(figure, os.path.join(args.out_dir, f"p1_top5_{stem}.png"))
+        with io_utils.atomic_output(os.path.join(args.out_dir, f"p1_top5_{stem}.png")) as tmp:
+            figure.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
         plt.close(figure)
 
     report = {"models": specs, "templates": len(zs.TEMPLATES), "images": numbers}
@@ -195,6 +182,7 @@ def top5(args) -> dict:
     return report
 
 
+@io_utils.reports_input_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

@@ -4,7 +4,9 @@
 
 Writes `filename,label` for every readable image in IMG_DIR, label being the
 integer class id (a key of ID2LABEL_JSON) whose text embedding the image is
-most similar to.
+most similar to. A file whose name is not valid UTF-8 gets no row: it is
+skipped with a warning naming its bytes, since the CSV is UTF-8 text and one
+row that is not would make the graders' pandas reject the whole file.
 
 Default setup, and why: it is the strongest one that the rules (no
 fine-tuning, free prompts) and the 10-minute limit on one RTX 2080 Ti allow.
@@ -137,7 +139,35 @@ def read_id2label(path: str) -> dict[int, str]:
             raise SystemExit(
                 f"error: id2label file {path!r}: key {key!r} repeats class id {int(key)}")
         id2label[int(key)] = value
-    return dict(sorted(id2label.items()))
+    id2label = dict(sorted(id2label.items()))
+    _warn_same_prompt_names(path, id2label)
+    return id2label
+
+
+def _warn_same_prompt_names(path: str, id2label: dict) -> None:
+    """Warn about ids whose names give the same prompts (CLIP's tokenizer lowercases;
+    underscores and spaces are cleaned): the later ids' text embeddings equal the
+    first one's, so argmax never picks them."""
+    first = {}
+    for class_id, name in id2label.items():
+        key = clean_classname(name).lower()
+        if key in first:
+            io_utils.warn(f"id2label file {path!r}: class {class_id} ({name!r}) has the same prompts as class "
+                          f"{first[key]} ({id2label[first[key]]!r}); class {class_id} can never be predicted")
+        else:
+            first[key] = class_id
+
+
+def check_prompt_lengths(id2label: dict, templates) -> None:
+    """Exit naming the first class whose prompts exceed CLIP's 77-token context
+    (clip.tokenize would raise only after the models have loaded)."""
+    for class_id, name in id2label.items():
+        try:
+            clip.tokenize([t.format(clean_classname(name)) for t in templates])
+        except RuntimeError:
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise SystemExit(f"error: the name of class {class_id} ({len(name)} characters, {shown!r}) is too "
+                             "long: its prompts exceed CLIP's context of 77 tokens") from None
 
 
 def clean_classname(name: str) -> str:
@@ -210,8 +240,18 @@ def load_clip(spec: str, device: torch.device):
             model, preprocess = _clip_load(spec, device, root)
         # torch.load and build_model fail in many ways (pickle, KeyError, shape) on a bad file.
         except Exception as error:  # noqa: BLE001
-            raise SystemExit(f"error: cannot load CLIP checkpoint {spec!r}: {error}")
+            raise SystemExit(f"error: {spec!r} is not a CLIP checkpoint: {_clip_load_problem(error)}; expected "
+                             "OpenAI's CLIP weights (like ViT-L-14.pt, which clip.load downloads) or the "
+                             "state_dict() of a clip.model.CLIP") from None
     return model.eval(), preprocess
+
+
+def _clip_load_problem(error: Exception) -> str:
+    """What clip.load's failure says about the file, in words rather than a bare key."""
+    if isinstance(error, KeyError):  # build_model indexes the CLIP tensors it needs by name
+        return f"it has no tensor {error.args[0]!r}"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
 
 
 def logit_scale(model) -> float:
@@ -281,6 +321,7 @@ def predictions_csv(names, labels) -> str:
     return buffer.getvalue()
 
 
+@io_utils.reports_input_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,10 +332,13 @@ def main(argv=None) -> None:
 
     # Every cheap check first, so a bad argument fails before minutes of loading.
     id2label = read_id2label(args.id2label)
+    check_prompt_lengths(id2label, TEMPLATES)
     specs = model_specs()
     batch = batch_size()
-    if os.path.isdir(args.out_csv):
-        raise SystemExit(f"error: output path {args.out_csv!r} is a folder, expected a file name")
+    try:
+        io_utils.check_output_path(args.out_csv)
+    except io_utils.InputError as error:
+        raise SystemExit(f"error: {error}") from None
     names = io_utils.list_files(args.img_dir)
 
     device = io_utils.pick_device()

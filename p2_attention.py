@@ -61,7 +61,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -181,23 +180,9 @@ def draw_figure(image, caption: str, panels: list, path: str, columns: int = COL
             ax.imshow(heat_map(att, *pixels.shape[:2]), cmap="jet", alpha=ALPHA, vmin=0.0, vmax=1.0)
         ax.set_title(title, fontsize=12)
         ax.axis("off")
-    _save_png(fig, path)
-    return path
-
-
-def _save_png(fig, path: str) -> None:
-    """fig.savefig through a temporary file and a rename (as io_utils.atomic_write_text)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
+    with io_utils.atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return path
 
 
 def figure_for(path_to_image: str, out_png: str, model, tokenizer, device, beam_size: int | None = None) -> dict:
@@ -219,14 +204,14 @@ def read_per_image(path: str) -> list:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read the per-image file {path!r}: {error}") from None
+        raise io_utils.InputError(f"cannot read the per-image file {path!r}: {error}") from None
     if not isinstance(rows, list) or not rows:
-        raise SystemExit(f"error: {path!r} is not a non-empty JSON list (p2_evaluate.py --per-image FILE)")
+        raise io_utils.InputError(f"{path!r} is not a non-empty JSON list (p2_evaluate.py --per-image FILE)")
     for i, row in enumerate(rows):
         if (not isinstance(row, dict) or not isinstance(row.get("key"), str)
                 or not isinstance(row.get("clip_score"), (int, float)) or not isinstance(row.get("caption"), str)):
-            raise SystemExit(f"error: {path!r}: entry {i} needs a string 'key' and 'caption' and a number "
-                             f"'clip_score', got {row!r}")
+            raise io_utils.InputError(f"{path!r}: entry {i} needs a string 'key' and 'caption' and a number "
+                                      f"'clip_score', got {row!r}")
     return rows
 
 
@@ -238,14 +223,9 @@ def extreme_figures(per_image: str, images_root: str, out_dir: str, model, token
     with the figure's "png" and "tokens"; the figure's title is the caption
     generated now, which differs from the scored one only if the decoding does.
     """
-    from p2_evaluate import InputError, find_images
-
     rows = sorted(read_per_image(per_image), key=lambda r: (-r["clip_score"], r["key"]))
     chosen = {"top1": rows[0], "last1": rows[-1]}
-    try:
-        paths = find_images(images_root, sorted({row["key"] for row in chosen.values()}))
-    except InputError as error:
-        raise SystemExit(f"error: {error}") from None
+    paths = io_utils.find_images(images_root, sorted({row["key"] for row in chosen.values()}))
     records = {}
     for rank, row in chosen.items():
         png = os.path.join(out_dir, f"attention_{rank}_{row['key']}.png")
@@ -273,13 +253,9 @@ def _read_json_dict(path: str) -> dict:
     """The JSON object at path, or {} when there is none yet."""
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as error:
-        raise SystemExit(f"error: {path!r} exists but is not JSON ({error}); move it away") from None
+    data = io_utils.read_json(path, "the earlier figures' record (move it away)")
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path!r} exists but is not a JSON object; move it away")
+        raise io_utils.InputError(f"{path!r} exists but is not a JSON object; move it away")
     return data
 
 
@@ -304,6 +280,7 @@ def parse_args(argv=None):
     return args
 
 
+@io_utils.reports_input_errors
 def main(argv=None) -> None:
     args = parse_args(argv)
     # Every cheap check before the model loads.
@@ -311,6 +288,11 @@ def main(argv=None) -> None:
     for path in args.images:
         if not os.path.isfile(path):
             raise SystemExit(f"error: image {path!r} does not exist")
+        try:
+            io_utils.open_rgb(path)  # a broken image would otherwise fail after the model loads
+        # Pillow's plugins raise more than OSError on corrupt data (see io_utils.ReadableImages).
+        except Exception as error:  # noqa: BLE001
+            raise SystemExit(f"error: image {path!r} cannot be decoded: {error}") from None
         stem = io_utils.strip_extension(os.path.basename(path))
         if stem in stems or (args.per_image and stem in EXTREMES):
             raise SystemExit(f"error: {path!r} and {stems.get(stem, args.per_image)!r} would both be "
@@ -321,9 +303,7 @@ def main(argv=None) -> None:
     if not os.path.isfile(args.decoder_weights):
         raise SystemExit(f"error: decoder weights {args.decoder_weights!r} do not exist (the course's decoder_model.bin)")
     if args.checkpoint is None:
-        from p2_inference import checkpoint_path
-
-        args.checkpoint = checkpoint_path()
+        args.checkpoint = io_utils.existing_p2_checkpoint()
     json_path = os.path.join(args.out_dir, "attention.json")
     results = _read_json_dict(json_path)
 

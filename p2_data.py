@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from captioner import EOT, autocast
-from io_utils import atomic_write_text, open_rgb
-from p2_evaluate import InputError, find_images, load_references
+from captioner import autocast
+from io_utils import InputError, atomic_output, atomic_write_text, find_images, load_references, open_rgb
+from tokenizer import EOT_ID
 
 IGNORE_INDEX = -100
 MAX_CAPTION_TOKENS = 64  # the longest training caption is 57 BPE tokens
@@ -48,21 +48,22 @@ def make_batch(captions: list, ended: list | None = None):
     that ran to the length limit): its target gets no end token.
     """
     B, T = len(captions), max(len(c) for c in captions) + 1
-    inp = torch.full((B, T), EOT, dtype=torch.long)
+    inp = torch.full((B, T), EOT_ID, dtype=torch.long)
     tgt = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     for i, ids in enumerate(captions):
         n = len(ids)
         inp[i, 1:n + 1] = torch.tensor(ids, dtype=torch.long)
         tgt[i, :n] = torch.tensor(ids, dtype=torch.long)
         if ended is None or ended[i]:
-            tgt[i, n] = EOT
+            tgt[i, n] = EOT_ID
     return inp, tgt
 
 
 class Split:
     """One split of the course's layout: `ROOT/images/NAME/`, `ROOT/NAME.json`.
 
-    keys sorted; `paths[i]`, `refs[keys[i]]`; `samples` = (image index, token ids), one per caption.
+    keys sorted; `paths[i]`, `refs[keys[i]]`; `samples` = (image index, token ids), one per caption
+    with any text (`empty_captions` counts the others).
     Raises InputError for a missing folder, a malformed caption file or a listed image that is absent.
     """
 
@@ -78,11 +79,14 @@ class Split:
         found = find_images(images, self.keys)
         self.paths = [found[k] for k in self.keys]
         self.samples = []
+        self.empty_captions = 0
         for index, key in enumerate(self.keys):
             for caption in self.refs[key]:
                 ids = tokenizer.encode(normalize_caption(caption))[:MAX_CAPTION_TOKENS]
                 if ids:
                     self.samples.append((index, ids))
+                else:
+                    self.empty_captions += 1
 
 
 class ImageFiles(Dataset):
@@ -127,7 +131,6 @@ class FeatureCache(Dataset):
                 index = json.load(f)
         if index is None or index.get("files") != files or not os.path.isfile(array_path):
             self._build(encoder, split, array_path, device, batch_size, workers)
-            os.makedirs(self.folder, exist_ok=True)
             atomic_write_text(os.path.join(self.folder, "encoder.json"), json.dumps(encoder.describe(), indent=1))
             atomic_write_text(index_path, json.dumps({"files": files}))
         self.array = np.load(array_path, mmap_mode="r")  # [N, S, W] fp16
@@ -135,22 +138,20 @@ class FeatureCache(Dataset):
     @staticmethod
     @torch.no_grad()
     def _build(encoder, split, array_path, device, batch_size, workers):
-        os.makedirs(os.path.dirname(array_path), exist_ok=True)
         loader = DataLoader(ImageFiles(split.paths, encoder.transform), batch_size=batch_size, num_workers=workers)
-        tmp = array_path + ".tmp.npy"
         array, start = None, 0
         encoder = encoder.to(device).eval()
-        for images in tqdm(loader, desc=f"caching {split.name} features", unit="batch", file=sys.stderr):
-            with autocast(device):
-                feats = encoder(images.to(device)).half().cpu().numpy()  # [B, S, W]
-            if array is None:
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                                  shape=(len(split.paths),) + feats.shape[1:])
-            array[start:start + len(feats)] = feats
-            start += len(feats)
-        array.flush()
-        del array
-        os.replace(tmp, array_path)
+        with atomic_output(array_path) as tmp:
+            for images in tqdm(loader, desc=f"caching {split.name} features", unit="batch", file=sys.stderr):
+                with autocast(device):
+                    feats = encoder(images.to(device)).half().cpu().numpy()  # [B, S, W]
+                if array is None:
+                    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                      shape=(len(split.paths),) + feats.shape[1:])
+                array[start:start + len(feats)] = feats
+                start += len(feats)
+            array.flush()
+            del array
 
     def __len__(self):
         return len(self.array)

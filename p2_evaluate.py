@@ -13,24 +13,32 @@ course's `p2_evaluate.py`:
   with CLIP ViT-B/32 and CLIP's own preprocessing.
 
 Where the course's script crashes, this one does not: a caption longer than
-CLIP's 77-token context is truncated (with a warning), an image may have any
+CLIP's 77-token context is cut at a word boundary (with a warning), an image may have any
 extension, and a missing image or a malformed file is reported by name.
+Where the course's script breaks or scores differently (line breaks inside
+captions, "_UNK" in references, file names other than `<key>.jpg`, images
+with transparency or 16-bit channels), this one does the robust thing and
+warns, naming the keys: the graders would not reproduce the number. Every
+input and output path is checked before any scoring starts.
 Images are batched; fp16 on CUDA (as `clip.load` gives it), fp32 on CPU.
 
-The training script imports `load_references`, `cider_pycoco` and
-`clip_scores` from here.
+The caption file and the image folder are read by `io_utils` (load_references,
+find_images); CLIPScore itself is `clipscore.py`, which training shares.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import sys
+
+import os
 from collections import Counter
 
-from io_utils import atomic_write_text, cache_dir, open_rgb, strip_extension, warn
+from PIL import Image
+
+from clipscore import check_clip_model, clip_scores
+from io_utils import InputError, atomic_write_text, check_output_path, find_images, load_references, read_json, strip_extension, to_rgb, warn
 
 # Characters Java's PTB tokenizer takes as line breaks besides "\n" (which
 # pycocoevalcap already replaces): left in a caption they shift every later
@@ -38,82 +46,31 @@ from io_utils import atomic_write_text, cache_dir, open_rgb, strip_extension, wa
 _LINE_BREAKS = re.compile("[\r\x0b\x0c\u2028\u2029]")
 
 
-class InputError(ValueError):
-    """A problem with the files or options given, reported to the user by name."""
-
-
 # ---------------------------------------------------------------------------
-# Inputs
+# Inputs (the annotation file and the image folder: io_utils)
 # ---------------------------------------------------------------------------
-
-
-def _read_json(path: str, what: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{what} {path!r} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{what} {path!r} is not valid JSON: {e}") from None
-
-
-def load_references(annotation_file: str) -> dict[str, list[str]]:
-    """Reference captions per image key from a course (COCO-style) annotation file.
-
-    The key of an image is its `file_name` without the last extension; its
-    captions are the `annotations` whose `image_id` is its `id`. Raises
-    InputError naming the problem when the structure is not that.
-    """
-    data = _read_json(annotation_file, "annotation file")
-    where = f"annotation file {annotation_file!r}"
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a JSON object with 'images' and 'annotations', "
-                         f"got {type(data).__name__}")
-    for field in ("images", "annotations"):
-        if field not in data:
-            raise InputError(f"{where}: missing the {field!r} list")
-        if not isinstance(data[field], list):
-            raise InputError(f"{where}: {field!r} must be a list, got {type(data[field]).__name__}")
-    if not data["images"]:
-        raise InputError(f"{where}: 'images' is empty")
-
-    key_of_id = {}
-    for i, image in enumerate(data["images"]):
-        if (not isinstance(image, dict) or not isinstance(image.get("file_name"), str)
-                or not isinstance(image.get("id"), (int, str))):
-            raise InputError(f"{where}: images[{i}] must be an object with a string 'file_name' "
-                             f"and an integer or string 'id', got {image!r}")
-        if image["id"] in key_of_id:
-            raise InputError(f"{where}: image id {image['id']!r} appears twice in 'images'")
-        key_of_id[image["id"]] = strip_extension(image["file_name"])
-    shared = sorted(k for k, n in Counter(key_of_id.values()).items() if n > 1)
-    if shared:
-        raise InputError(f"{where}: {len(shared)} name(s) without extension belong to several images, "
-                         f"e.g. {shared[:5]}")
-
-    refs = {key: [] for key in key_of_id.values()}
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise InputError(f"{where}: annotations[{i}] must be an object with 'image_id' "
-                             f"and a string 'caption', got {ann!r}")
-        try:
-            key = key_of_id[ann["image_id"]]
-        except (KeyError, TypeError):
-            raise InputError(f"{where}: annotations[{i}] refers to image_id {ann['image_id']!r}, "
-                             "which is not in 'images'") from None
-        refs[key].append(ann["caption"])
-    empty = sorted(k for k, captions in refs.items() if not captions)
-    if empty:
-        raise InputError(f"{where}: {len(empty)} image(s) have no caption, e.g. {empty[:5]}")
-    return refs
 
 
 def load_predictions(pred_file: str) -> dict[str, str]:
-    """The prediction file: a JSON object mapping image key to caption string."""
-    data = _read_json(pred_file, "prediction file")
+    """The prediction file: a JSON object mapping image key to caption string.
+
+    A key written twice keeps its last caption, as JSON readers do, with a
+    warning naming it: which caption counts changes the score.
+    """
+    repeated = []
+
+    def note_repeated_keys(pairs):
+        # called innermost object first, so the top-level object's keys are the last written
+        repeated[:] = [key for key, n in Counter(key for key, _ in pairs).items() if n > 1]
+        return dict(pairs)
+
+    data = read_json(pred_file, "prediction file", object_pairs_hook=note_repeated_keys)
     if not isinstance(data, dict):
         raise InputError(f"prediction file {pred_file!r}: expected a JSON object {{image name: caption}}, "
                          f"got {type(data).__name__}")
+    if repeated:
+        warn(f"prediction file {pred_file!r} holds {_listing(repeated)} more than once; the last caption "
+             "of each counts, and the score changes with the one you meant")
     bad = [k for k, v in data.items() if not isinstance(v, str)]
     if bad:
         raise InputError(f"prediction file {pred_file!r}: {len(bad)} caption(s) are not strings, "
@@ -129,6 +86,106 @@ def check_keys(preds: dict, refs: dict) -> None:
         raise InputError(
             "prediction keys differ from the ground-truth keys: "
             f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]})")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Raise InputError, naming `option`, unless `path` can become a file (checked before any scoring)."""
+    try:
+        check_output_path(path)
+    except InputError as error:
+        raise InputError(f"{option}: {error}") from None
+
+
+def _listing(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+    return f"{len(keys)} key(s) {keys[:10]}{more}"
+
+
+# ---------------------------------------------------------------------------
+# Where the course's scorer gives another number
+# ---------------------------------------------------------------------------
+# The course's p2_evaluate.py (language_evaluation's CocoEvaluator for CIDEr,
+# its own loop for CLIPScore) agrees with this script to the bit on ordinary
+# input. On the inputs below it breaks or differs while this script does the
+# robust thing; each is a warning naming the keys, because the number printed
+# here is then not the one the graders' scorer reproduces.
+
+
+def line_break_keys(captions: dict) -> list:
+    """Keys (of key -> list of captions) with a caption holding a line break Java splits at."""
+    return sorted(k for k, texts in captions.items() if any(_LINE_BREAKS.search(t) for t in texts))
+
+
+def unk_keys(refs: dict) -> list:
+    """Keys whose references contain "_UNK", which CocoEvaluator rewrites as "_UNKNOWN" in references only."""
+    return sorted(k for k, texts in refs.items() if any("_UNK" in t for t in texts))
+
+
+def course_keys(annotation_file: str) -> dict:
+    """{our key: the course's key} for the images the course keys differently.
+
+    The course keys an image by its file name with every ".jpg" deleted
+    (`a.png` stays `a.png`, `a.jpg.jpg` becomes `a`); ours drops the last
+    extension, whatever it is.
+    """
+    names = (image["file_name"] for image in read_json(annotation_file, "annotation file")["images"])
+    return {strip_extension(n): n.replace(".jpg", "") for n in names
+            if n.replace(".jpg", "") != strip_extension(n)}
+
+
+def converts_differently(path: str) -> bool:
+    """Whether Pillow's `convert("RGB")` (the course's) gives other pixels than io_utils.to_rgb (ours),
+    i.e. the image has transparency or more than 8 bits per channel; True when it fails."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("1", "L", "RGB", "CMYK", "YCbCr"):
+                return False  # to_rgb is convert("RGB") for these; the header suffices
+            image.load()
+            ours = to_rgb(image).tobytes()
+            try:
+                return image.convert("RGB").tobytes() != ours
+            except Exception:  # noqa: BLE001 -- the course's conversion fails: its scorer crashes
+                return True
+    except Exception:  # noqa: BLE001 -- an unreadable image is reported by the CLIPScore pass
+        return False
+
+
+def warn_course_differences(preds: dict, refs: dict, annotation_file: str, image_paths: dict | None,
+                            cider: bool = True) -> None:
+    """Warn wherever the course's scorer would score these inputs differently, naming the keys.
+
+    image_paths: key -> image file, when CLIPScore is computed; cider: whether CIDEr is.
+    """
+    because = "so the graders' {} will differ"
+    line_breaks = (("predictions", line_break_keys({k: [v] for k, v in preds.items()})),
+                   ("references", line_break_keys(refs))) if cider else ()
+    for what, keys in line_breaks:
+        if keys:
+            warn(f"the {what} of {_listing(keys)} contain a line break other than \\n (\\r, \\x0b, \\x0c, "
+                 "U+2028 or U+2029): the course's scorer (Java's PTB tokenizer) splits the line there and scores "
+                 "every later caption against the wrong image; here it counts as a space, " + because.format("CIDEr"))
+    keys = unk_keys(refs) if cider else []
+    if keys:
+        warn(f"the references of {_listing(keys)} contain '_UNK', which the course's scorer rewrites as "
+             "'_UNKNOWN' in references only; here they are scored as written, " + because.format("CIDEr"))
+    renamed = course_keys(annotation_file)
+    if renamed:
+        examples = ", ".join(f"{k!r} there {v!r}" for k, v in sorted(renamed.items())[:5])
+        warn(f"the course's scorer keys an image by its file name with every '.jpg' deleted, not by the name less "
+             f"its last extension: {len(renamed)} image(s) get another key there (here {examples}); "
+             "it would not find these predictions")
+    if image_paths is None:
+        return
+    keys = [k for k, path in image_paths.items() if os.path.basename(path) != k + ".jpg"]
+    if keys:
+        warn(f"the images of {_listing(keys)} are not named <key>.jpg: the course's scorer opens <key>.jpg "
+             "only and fails on them; here each is found whatever its extension")
+    keys = [k for k, path in image_paths.items() if converts_differently(path)]
+    if keys:
+        warn(f"the images of {_listing(keys)} have transparency or more than 8 bits per channel: the course's "
+             "scorer converts them with Pillow's convert('RGB') (transparency dropped, 16-bit values clipped); "
+             "here transparency is composited on white and 16-bit values rescaled, " + because.format("CLIPScore"))
 
 
 # ---------------------------------------------------------------------------
@@ -163,129 +220,6 @@ def cider_pycoco(preds: dict, refs: dict):
         raise RuntimeError("the PTB tokenizer returned a different number of lines than captions sent")
     mean, scores = Cider().compute_score(gts, res)
     return float(mean), {k: float(s) for k, s in zip(gts.keys(), scores)}
-
-
-# ---------------------------------------------------------------------------
-# CLIPScore
-# ---------------------------------------------------------------------------
-
-
-def find_images(images_root: str, keys) -> dict[str, str]:
-    """Path of the image of each key: `<root>/<key>.<any extension>`.
-
-    `<key>.jpg` (the course's path) wins when several files share the stem.
-    Raises InputError naming the keys without an image.
-    """
-    if not os.path.isdir(images_root):
-        raise InputError(f"image folder {images_root!r} does not exist or is not a folder")
-    by_stem = {}
-    for name in sorted(os.listdir(images_root)):
-        if os.path.isfile(os.path.join(images_root, name)):
-            by_stem.setdefault(strip_extension(name), []).append(name)
-    paths, missing = {}, []
-    for key in keys:
-        names = by_stem.get(key)
-        if not names:
-            missing.append(key)
-            continue
-        name = key + ".jpg" if key + ".jpg" in names else names[0]
-        paths[key] = os.path.join(images_root, name)
-    if missing:
-        missing.sort()
-        raise InputError(f"no image in {images_root!r} for {len(missing)} key(s), "
-                         f"e.g. {missing[0]!r} (looked for {missing[0]}.*); all: {missing[:5]}")
-    return paths
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but torch sees no CUDA device")
-    return device
-
-
-def load_clip(model_name_or_file: str, device: str):
-    """`clip.load` of an OpenAI model name (downloaded into the cache) or a local file."""
-    import clip
-
-    if model_name_or_file not in clip.available_models() and not os.path.isfile(model_name_or_file):
-        raise InputError(f"CLIP model {model_name_or_file!r} not found; available models = "
-                         f"{clip.available_models()}, or a path to a checkpoint file")
-    return clip.load(model_name_or_file, device=device, jit=False, download_root=cache_dir("clip"))
-
-
-def clip_text_tokens(texts: list[str], context_length: int):
-    """CLIP token ids of `texts`, each cut to the context with a warning that counts them."""
-    import clip
-    import torch
-
-    try:
-        return clip.tokenize(texts, context_length=context_length)
-    except RuntimeError:  # at least one text is too long; find out how many
-        rows, cut = [], 0
-        for text in texts:
-            try:
-                rows.append(clip.tokenize(text, context_length=context_length))
-            except RuntimeError:
-                rows.append(clip.tokenize(text, context_length=context_length, truncate=True))
-                cut += 1
-        warn(f"{cut} caption(s) longer than CLIP's {context_length}-token context were truncated for CLIPScore")
-        return torch.cat(rows)
-
-
-class _Images:
-    """The images of a list of paths, preprocessed for CLIP (a torch Dataset)."""
-
-    def __init__(self, keys: list[str], paths: dict[str, str], preprocess):
-        self.keys, self.paths, self.preprocess = keys, paths, preprocess
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        path = self.paths[self.keys[i]]
-        try:
-            image = open_rgb(path)
-        except OSError as e:
-            raise InputError(f"cannot read the image of key {self.keys[i]!r} ({path}): {e}") from None
-        return self.preprocess(image)
-
-
-def clip_scores(preds: dict, images_root: str, model_name_or_file: str = "ViT-B/32",
-                device: str = "auto", batch_size: int = 64, workers: int | None = None) -> dict[str, float]:
-    """CLIPScore of each prediction: 2.5 * max(cos(image embedding, caption embedding), 0).
-
-    preds: key -> caption; the image of key k is `<images_root>/<k>.<ext>`.
-    Returns {key: score}; the course's CLIPScore is the mean of the values.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    keys = sorted(preds)
-    paths = find_images(images_root, keys)
-    device = resolve_device(device)
-    model, preprocess = load_clip(model_name_or_file, device)
-    model.eval()
-    tokens = clip_text_tokens([preds[k] for k in keys], model.context_length)  # (N, 77)
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1) if device == "cuda" else 0
-    loader = DataLoader(_Images(keys, paths, preprocess), batch_size=batch_size,
-                        shuffle=False, num_workers=workers)
-    scores = []
-    with torch.no_grad():
-        for images in tqdm(loader, desc="CLIPScore", unit="batch", file=sys.stderr):
-            start = len(scores)
-            text = tokens[start:start + len(images)].to(device)  # (B, 77)
-            image_emb = model.encode_image(images.to(device, model.dtype)).float()  # (B, D)
-            text_emb = model.encode_text(text).float()  # (B, D)
-            cos = F.cosine_similarity(image_emb, text_emb, dim=-1)  # (B,)
-            scores += (2.5 * cos.clamp(min=0)).tolist()
-    return dict(zip(keys, scores))
 
 
 # ---------------------------------------------------------------------------
@@ -324,13 +258,20 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
+        # every check before any slow work
+        for path, option in ((args.metrics_out, "--metrics-out"), (args.per_image, "--per-image")):
+            if path:
+                check_output_file(path, option)
         refs = load_references(args.annotation_file)
         preds = load_predictions(args.pred_file)
         check_keys(preds, refs)
         if not args.no_cider:
             check_java()
+        image_paths = None
         if not args.no_clipscore:
-            find_images(args.images_root, preds)  # fail before any slow work
+            check_clip_model(args.clip_model)
+            image_paths = find_images(args.images_root, preds)
+        warn_course_differences(preds, refs, args.annotation_file, image_paths, cider=not args.no_cider)
         parts, cider, cider_mean, clip_mean = [], None, None, None
         if not args.no_cider:
             cider_mean, cider = cider_pycoco(preds, refs)

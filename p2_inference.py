@@ -4,9 +4,11 @@
 
 Writes `{"<file name without its last extension>": "caption", ...}` for every
 file in IMG_DIR that Pillow can read (`photo.v2.JPEG` -> `photo.v2`); other
-files are skipped with a warning naming them. DECODER_WEIGHTS is the course's
-`decoder_model.bin`. The checkpoint describes its own architecture, encoder
-and decoding settings, so there are no model options.
+files are skipped with a warning naming them, and so is a file whose name is
+not valid UTF-8 (JSON is UTF-8 text: no key can name it, and the rest must
+still be written). DECODER_WEIGHTS is the course's `decoder_model.bin`.
+The checkpoint describes its own architecture, encoder and decoding settings,
+so there are no model options.
 
 Environment (the graders' command line is fixed, so options live here):
   HW3_P2_CKPT             the checkpoint (default `<cache>/p2_checkpoint.pt`,
@@ -14,7 +16,9 @@ Environment (the graders' command line is fixed, so options live here):
   HW3_P2_ENCODER_WEIGHTS  a local file with the encoder's weights (default: the
                           cache, `encoder.cached_weights_path`)
   HW3_P2_BEAM, HW3_P2_MAX_LEN, HW3_P2_LENGTH_PENALTY
-                          override the checkpoint's decoding settings
+                          override the checkpoint's decoding settings (beam
+                          1..32, max_len up to the decoder's context, length
+                          penalty 0..10)
   HW3_P2_BATCH            images per batch (default 32)
   HW3_CACHE               root of the cache (default `<repo>/cache`)
 """
@@ -22,46 +26,64 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
 import torch
 
 import io_utils
-from captioner import autocast, load_checkpoint
+from captioner import MAX_BEAM, MAX_LENGTH_PENALTY, autocast, caption_text, load_checkpoint
+from clip_context import fit_clip_context
 from tokenizer import BPETokenizer
 
-CHECKPOINT_NAME = "p2_checkpoint.pt"
 DEFAULT_BATCH = 32
+FALLBACK_CAPTION = "a photo."
 
 
-def default_checkpoint() -> str:
-    """Where hw3_download.sh puts the trained checkpoint."""
-    return io_utils.cache_dir(CHECKPOINT_NAME)
+# -- what the graders receive as a caption ---------------------------------------
 
 
-def checkpoint_path() -> str:
-    path = os.environ.get("HW3_P2_CKPT") or default_checkpoint()
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no captioner checkpoint at {path!r}. Fetch the submitted one with "
-                         "`bash hw3_download.sh`, or train one with `python3 p2_train.py ... --out FILE` "
-                         "and set HW3_P2_CKPT=FILE")
-    return path
+def caption_batch(model, feats: torch.Tensor, tokenizer, names: list, generation: dict) -> list:
+    """Caption text per image as written to OUT_JSON: decoded, whitespace collapsed,
+    never empty, within CLIP's context.
+
+    The model cannot end a caption before its first token, but whitespace
+    tokens can decode to nothing: such an image is decoded again greedily, and
+    gets FALLBACK_CAPTION only if that is empty too. A caption too long for
+    CLIP's context (which crashes the course's CLIPScore script) loses its last
+    words. Each change is a warning naming the file (`names`).
+    """
+    texts = [caption_text(tokenizer, ids) for ids in model.generate(feats, **generation)]
+    empty = [i for i, text in enumerate(texts) if not text]
+    if empty:
+        greedy = model.generate(feats[empty], **{**generation, "beam_size": 1})
+        for i, ids in zip(empty, greedy):
+            texts[i] = caption_text(tokenizer, ids) or FALLBACK_CAPTION
+            io_utils.warn(f"the caption of {names[i]!r} was empty; it is now {texts[i]!r}")
+    fitted = [fit_clip_context(text) for text in texts]
+    for name, text, fit in zip(names, texts, fitted):
+        if fit != text:
+            io_utils.warn(f"the caption of {name!r} was cut to fit CLIP's 77-token context: {fit!r}")
+    return fitted
 
 
 def generation_overrides() -> dict:
     """Decoding settings from the environment; None keeps the checkpoint's."""
     number = io_utils.env_number
     return {
-        "beam_size": number("HW3_P2_BEAM", int, lambda v: v >= 1, "a positive integer"),
+        "beam_size": number("HW3_P2_BEAM", int, lambda v: 1 <= v <= MAX_BEAM, f"an integer from 1 to {MAX_BEAM}"),
         "max_len": number("HW3_P2_MAX_LEN", int, lambda v: v >= 1, "a positive integer"),
-        "length_penalty": number("HW3_P2_LENGTH_PENALTY", float, lambda v: 0 <= v < math.inf, "a number >= 0"),
+        "length_penalty": number("HW3_P2_LENGTH_PENALTY", float, lambda v: 0 <= v <= MAX_LENGTH_PENALTY,
+                                 f"a number from 0 to {MAX_LENGTH_PENALTY:g}"),
     }
 
 
 def image_keys(folder: str, names: list) -> dict:
-    """File name -> output key; exits naming both files when two images share a key."""
+    """File name -> output key; exits naming both files when two images share a key.
+
+    Only files that decode count (io_utils.is_image), as in captioning: a
+    truncated `a.png` beside a good `a.jpg` is skipped later, not a collision.
+    """
     groups = {}
     for name in names:
         groups.setdefault(io_utils.strip_extension(name), []).append(name)
@@ -73,6 +95,7 @@ def image_keys(folder: str, names: list) -> dict:
     return {name: io_utils.strip_extension(name) for name in names}
 
 
+@io_utils.reports_input_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("img_dir", help="folder of images (any names, any Pillow-readable format)")
@@ -83,11 +106,13 @@ def main(argv=None) -> None:
     # Every cheap check first, so a bad argument fails before the models load.
     overrides = generation_overrides()
     batch_size = io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer", DEFAULT_BATCH)
-    checkpoint = checkpoint_path()
+    checkpoint = io_utils.existing_p2_checkpoint()
     if not os.path.isfile(args.decoder_weights):
         raise SystemExit(f"error: decoder weights {args.decoder_weights!r} do not exist (the course's decoder_model.bin)")
-    if os.path.isdir(args.out_json):
-        raise SystemExit(f"error: output path {args.out_json!r} is a folder, expected a file name")
+    try:
+        io_utils.check_output_path(args.out_json)
+    except io_utils.InputError as error:
+        raise SystemExit(f"error: {error}") from None
     names = io_utils.list_files(args.img_dir)
     keys = image_keys(args.img_dir, names)
     tokenizer = BPETokenizer()
@@ -98,6 +123,11 @@ def main(argv=None) -> None:
     # torch.load and the layout checks fail in many ways (pickle, zip, ValueError, missing file) on a wrong file.
     except Exception as error:  # noqa: BLE001
         raise SystemExit(f"error: cannot build the captioner from {checkpoint!r} and {args.decoder_weights!r}: {error}")
+    try:
+        generation = model.generation(**overrides)
+    except ValueError as error:  # an override the decoder cannot take (max_len beyond its context)
+        raise SystemExit(f"error: {error} (HW3_P2_BEAM, HW3_P2_MAX_LEN and HW3_P2_LENGTH_PENALTY "
+                         "override the checkpoint's decoding settings)")
     model.to(device)
 
     paths = [os.path.join(args.img_dir, n) for n in names]
@@ -108,7 +138,7 @@ def main(argv=None) -> None:
             batch_names = [names[i] for i in indices]
             with autocast(device):
                 feats = model.encode(images.to(device, non_blocking=True))  # [B, S, W]
-                texts = model.captions(feats, tokenizer, batch_names, **overrides)
+                texts = caption_batch(model, feats, tokenizer, batch_names, generation)
             results.update((keys[name], text) for name, text in zip(batch_names, texts))
     if not results:
         raise SystemExit(f"error: no readable image in {args.img_dir!r} ({len(names)} files, none an image)")

@@ -3,19 +3,40 @@
     python3 p2_train.py --data-root hw3_data/p2_data --decoder-weights hw3_data/p2_data/decoder_model.bin \\
         --peft adapter --out checkpoints/adapter.pt --cache-features cache/features
 
-Cross-entropy on every caption (the course's alignment, p2_data.py), AdamW
-with warm-up then cosine decay, fp16 autocast + GradScaler on CUDA, then
-optionally self-critical sequence training (--scst-epochs): captions sampled
-from the model, rewarded by CIDEr-D against the references (document
-frequencies from the training set), greedy captions as the baseline (Rennie
-et al. 2017). Validation CIDEr (in-process, equal to coco-caption's on the
-same tokens) every epoch; the best checkpoint by it is kept at --out, as
-`{config, state_dict}` with the trainable tensors only.
+A run has three phases, one after the other:
 
-Files next to --out: OUT.state (everything --resume needs: trainable
-tensors, optimizer, scaler, progress, RNG), OUT.log.jsonl (loss, learning
-rate, metrics), OUT.val.json (the best validation captions). All written
-atomically; an interrupted run continues with --resume and loses nothing.
+1. cross-entropy on every caption (the course's alignment, p2_data.py), AdamW
+   with a linear warm-up and a cosine decay that both follow the run's real
+   length (--epochs, --max-steps), fp16 autocast + GradScaler on CUDA;
+2. self-critical sequence training (--scst-epochs, 0 skips it), starting from
+   the best cross-entropy weights: --scst-samples captions per image sampled
+   with top-k / nucleus filtering, each rewarded by CIDEr-D against the
+   image's references (document frequencies from the training set) less the
+   mean reward of the image's other samples (Luo 2020, "A better variant of
+   self-critical sequence training"), so no greedy pass is needed;
+3. decoding chosen on validation: the best weights caption the validation set
+   with every beam size x length penalty of --decode-beams x
+   --decode-length-penalties; the best pair by CIDEr goes into the saved
+   checkpoint, which inference then uses with no flag. The table is logged.
+
+Validation CIDEr (in-process, equal to coco-caption's on the same tokens) at
+every epoch's end and every --val-every steps keeps the best checkpoint at
+--out, `{config, state_dict}` with the trainable tensors only.
+
+Files next to --out: OUT.state (what --resume needs: trainable tensors, the
+best ones, optimizer, scaler, progress, random streams, the run's settings),
+OUT.log.jsonl (loss, learning rate, SCST rewards, metrics, the decoding
+table), OUT.val.json (the best validation captions). All written atomically.
+An interrupted run continues with --resume exactly as if it had never
+stopped; the log drops what the interrupted run wrote after its last saved
+state. --resume refuses any setting that changes the run (data, model,
+batch size, schedule, SCST, seed, device type); only logging, saving,
+validation and the decoding grid may change.
+
+A shorter run: --epochs N or --max-steps N; the warm-up (--warmup-fraction of
+the run, at most --warmup-steps) and the cosine decay follow it. For a quick
+look, add --val-every so that the best checkpoint is chosen from more than
+the epoch ends, and --scst-epochs 0 --decode-beams 1 to skip the later phases.
 
     python3 p2_train.py --print-params --peft lora      # trainable count, no data needed
 """
@@ -30,11 +51,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from captioner import (
-    EOT,
     PEFT_PRESETS,
     Captioner,
     autocast,
@@ -48,7 +68,16 @@ from captioner import (
 from cider import CiderD, tokenize
 from decoder import LORA_TARGETS
 from encoder import DEFAULT_ENCODER
-from io_utils import atomic_torch_save, atomic_write_text, torch_load
+from clipscore import clip_scores
+from io_utils import (
+    InputError,
+    atomic_torch_save,
+    atomic_write_text,
+    loader_workers,
+    pick_device,
+    torch_load,
+    warn,
+)
 from p2_data import (
     IGNORE_INDEX,
     CaptionSamples,
@@ -59,8 +88,12 @@ from p2_data import (
     collate_captions,
     make_batch,
 )
-from p2_evaluate import InputError, clip_scores, resolve_device
-from tokenizer import BPETokenizer
+from tokenizer import EOT_ID, BPETokenizer
+
+# Options --resume lets change: they decide what is logged, saved or measured, never a training step.
+RESUMABLE_CHANGES = ("resume", "log_every", "save_every", "workers", "val_every", "val_images", "val_beam_size",
+                     "clipscore", "clip_model", "decode_beams", "decode_length_penalties")
+PATH_OPTIONS = ("data_root", "decoder_weights", "encoder_weights", "cache_features")
 
 
 def parse_args(argv=None):
@@ -69,7 +102,9 @@ def parse_args(argv=None):
     io.add_argument("--data-root", help="course layout: images/train/, images/val/, train.json, val.json")
     io.add_argument("--decoder-weights", help="the course's decoder_model.bin (GPT-2)")
     io.add_argument("--out", help="best checkpoint by validation CIDEr; OUT.state / OUT.log.jsonl beside it")
-    io.add_argument("--resume", action="store_true", help="continue the run whose OUT.state exists")
+    io.add_argument("--resume", action="store_true",
+                    help="continue the run whose OUT.state exists, with its settings (only logging, saving, "
+                         "validation and --decode-* options may differ)")
     io.add_argument("--cache-features", metavar="DIR",
                     help="store the frozen encoder's features (fp16) here once; later epochs skip the ViT")
     io.add_argument("--print-params", action="store_true",
@@ -93,18 +128,15 @@ def parse_args(argv=None):
     model.add_argument("--lora-targets", nargs="+", choices=list(LORA_TARGETS), help="default: all four")
     model.add_argument("--lora-dropout", type=float)
 
-    gen = p.add_argument_group("decoding (stored in the checkpoint; inference uses it)")
-    gen.add_argument("--beam-size", type=int, default=5)
-    gen.add_argument("--max-len", type=int, default=30, help="most tokens per caption")
-    gen.add_argument("--length-penalty", type=float, default=0.0, help="beam score / (length + 1) ** this")
-
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=5, help="cross-entropy epochs over all captions")
-    opt.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (smoke runs)")
+    opt = p.add_argument_group("cross-entropy phase (defaults: the full data on one 2080 Ti)")
+    opt.add_argument("--epochs", type=int, default=5, help="epochs over all captions (%(default)s)")
+    opt.add_argument("--max-steps", type=int, default=0,
+                     help="end the phase after this many steps (0: all epochs); the schedule follows it")
     opt.add_argument("--batch-size", type=int, default=64)
     opt.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     opt.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor, as a fraction of --lr")
-    opt.add_argument("--warmup-steps", type=int, default=500)
+    opt.add_argument("--warmup-fraction", type=float, default=0.1, help="warm-up, as a fraction of the phase")
+    opt.add_argument("--warmup-steps", type=int, default=500, help="the most warm-up steps")
     opt.add_argument("--weight-decay", type=float, default=0.01)
     opt.add_argument("--label-smoothing", type=float, default=0.0)
     opt.add_argument("--grad-clip", type=float, default=1.0)
@@ -112,14 +144,24 @@ def parse_args(argv=None):
     opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     opt.add_argument("--workers", type=int, default=None, help="data loading processes (default 4 on CUDA)")
 
-    scst = p.add_argument_group("self-critical sequence training (after the cross-entropy epochs)")
-    scst.add_argument("--scst-epochs", type=int, default=1, help="0 disables")
-    scst.add_argument("--scst-lr", type=float, default=1e-5)
+    scst = p.add_argument_group("self-critical phase (from the best cross-entropy weights)")
+    scst.add_argument("--scst-epochs", type=int, default=1, help="epochs over the training images; 0 skips it")
+    scst.add_argument("--scst-max-steps", type=int, default=0, help="end the phase after this many steps (0: all)")
+    scst.add_argument("--scst-lr", type=float, default=1e-5, help="constant learning rate")
     scst.add_argument("--scst-batch-size", type=int, default=16, help="images per step")
-    scst.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image")
+    scst.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image (>= 2)")
+    scst.add_argument("--scst-top-k", type=int, default=5, help="sample among the k likeliest tokens (0: all)")
+    scst.add_argument("--scst-top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding p")
 
-    val = p.add_argument_group("validation")
-    val.add_argument("--val-every", type=int, default=0, help="validate every N steps too (0: once per epoch)")
+    gen = p.add_argument_group("decoding (chosen on validation after training, stored in the checkpoint)")
+    gen.add_argument("--max-len", type=int, default=30, help="most tokens per caption")
+    gen.add_argument("--decode-beams", type=int, nargs="+", default=[1, 3, 5],
+                     help="beam sizes tried (%(default)s; 5 is the largest the inference benchmark is sized for)")
+    gen.add_argument("--decode-length-penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+                     help="length penalties tried: beam score / (length + 1) ** this (%(default)s)")
+
+    val = p.add_argument_group("validation and logging (may change on --resume)")
+    val.add_argument("--val-every", type=int, default=0, help="validate every N steps too (0: at epoch ends)")
     val.add_argument("--val-images", type=int, default=0, help="validate on the first N images (0: all)")
     val.add_argument("--val-beam-size", type=int, default=1, help="beam size while validating (1: greedy)")
     val.add_argument("--clipscore", action="store_true", help="also compute CLIPScore (CLIP ViT-B/32) when validating")
@@ -131,16 +173,27 @@ def parse_args(argv=None):
         missing = [f"--{n.replace('_', '-')}" for n in ("data_root", "decoder_weights", "out") if not getattr(args, n)]
         if missing:
             p.error("the following arguments are required: " + ", ".join(missing))
-    for name in ("batch_size", "epochs", "beam_size", "max_len", "scst_batch_size", "scst_samples", "val_beam_size"):
-        if getattr(args, name) < (0 if name == "epochs" else 1):
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    at_least = dict(batch_size=1, epochs=0, max_steps=0, warmup_steps=0, scst_epochs=0, scst_max_steps=0,
+                    scst_batch_size=1, scst_samples=2, scst_top_k=0, max_len=1, val_every=0, val_images=0,
+                    val_beam_size=1, save_every=1, log_every=1)
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not 0.0 <= args.warmup_fraction <= 1.0:
+        p.error(f"--warmup-fraction must be within [0, 1], got {args.warmup_fraction}")
+    if not 0.0 < args.scst_top_p <= 1.0:
+        p.error(f"--scst-top-p must be within (0, 1], got {args.scst_top_p}")
+    if min(args.decode_beams) < 1 or min(args.decode_length_penalties) < 0:
+        p.error(f"--decode-beams must be >= 1 and --decode-length-penalties >= 0, got {args.decode_beams} "
+                f"and {args.decode_length_penalties}")
     return args
 
 
 def build_config(args) -> dict:
     return make_config(
         args.peft, encoder=args.encoder, encoder_kwargs=args.encoder_kwargs,
-        generation=dict(beam_size=args.beam_size, max_len=args.max_len, length_penalty=args.length_penalty),
+        generation=dict(beam_size=args.decode_beams[0], max_len=args.max_len,
+                        length_penalty=args.decode_length_penalties[0]),
         cross_layers=args.cross_layers, adapter_dim=args.adapter_dim, adapter_places=args.adapter_places,
         adapter_layers=args.adapter_layers, prefix_len=args.prefix_len, prefix_hidden=args.prefix_hidden,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
@@ -158,13 +211,40 @@ def print_params(args) -> None:
     print(f"trainable parameters: {saved}")
 
 
+# -- schedule ------------------------------------------------------------------------------
+
+
+def phase_steps(epochs: int, batches_per_epoch: int, max_steps: int) -> int:
+    """The steps a phase will really take: its epochs, cut at max_steps (0: no cut)."""
+    steps = epochs * batches_per_epoch
+    return min(steps, max_steps) if max_steps else steps
+
+
+def warmup_steps(total: int, args) -> int:
+    return min(args.warmup_steps, round(args.warmup_fraction * total))
+
+
 def learning_rate(step: int, total: int, args) -> float:
-    """Linear warm-up to --lr, then cosine decay to --lr * --min-lr-ratio at `total`."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, total - args.warmup_steps))
+    """Linear warm-up to --lr, then cosine decay reaching --lr * --min-lr-ratio at the last step, total - 1."""
+    warmup = warmup_steps(total, args)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     floor = args.lr * args.min_lr_ratio
     return floor + (args.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_warnings(total: int, batches_per_epoch: int, args) -> list:
+    """Settings with which the cross-entropy phase cannot go as the user likely meant."""
+    warnings = []
+    warmup = warmup_steps(total, args)
+    if total and warmup > total // 2:
+        warnings.append(f"the warm-up takes {warmup} of the phase's {total} steps (--warmup-fraction "
+                        f"{args.warmup_fraction}): the learning rate peaks late and has little time to decay")
+    if total < batches_per_epoch and not args.val_every:
+        warnings.append(f"--max-steps {args.max_steps} ends the run inside its first epoch ({batches_per_epoch} "
+                        "steps) and --val-every is 0: the best checkpoint is chosen from the start and the end only")
+    return warnings
 
 
 def make_scaler(enabled: bool):
@@ -173,170 +253,59 @@ def make_scaler(enabled: bool):
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
-def make_optimizer(params, lr: float, weight_decay: float):
-    """AdamW; matrices decay, biases, norms, gates and prefixes do not."""
-    decay = [p for p in params if p.dim() == 2]
-    rest = [p for p in params if p.dim() != 2]
+def make_optimizer(named_params: list, lr: float, weight_decay: float):
+    """AdamW; the weight matrices of linear maps decay (cross-attention, projections, adapters,
+    LoRA, the prefix MLP). Biases, LayerNorms and the prefix's own tokens (its embedding, or its
+    key/value tensor) do not: they are values, not maps, and decaying them shrinks them to nothing."""
+    decay = [p for name, p in named_params if p.dim() == 2 and not name.endswith("prefix.embedding")]
+    decayed = {id(p) for p in decay}
+    rest = [p for _, p in named_params if id(p) not in decayed]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=lr)
 
 
-class Trainer:
-    """The optimisation state and the steps; `from_args` adds the data and a resumable run.
+def mean_of_others(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards [B, K] (K samples per image) -> each sample's baseline [B, K]: the mean reward of
+    its image's other K - 1 samples (Luo 2020), so no greedy decoding is needed."""
+    K = rewards.size(1)
+    return (rewards.sum(1, keepdim=True) - rewards) / (K - 1)
 
-    Built directly (`Trainer(args, model, steps_per_epoch)`) it can take steps
-    on batches it is given (the training benchmark does); `run` needs
-    `from_args`.
+
+# -- one optimisation step -------------------------------------------------------------------
+
+
+class Learner:
+    """The model on its device, its optimizer, and one step of each kind on a given batch.
+
+    Knows nothing of datasets or runs (the training benchmark drives it on made-up batches).
     """
 
-    def __init__(self, args, model: Captioner, steps_per_epoch: int):
-        self.args = args
-        self.device = torch.device(resolve_device(args.device))
-        self.amp = self.device.type == "cuda"
-        self.workers = args.workers if args.workers is not None else (4 if self.amp else 0)
-        self.tokenizer = BPETokenizer()
-        self.model, self.config = model, model.config
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, model: Captioner, device: torch.device, args):
+        self.model, self.device, self.args = model, device, args
+        self.amp = device.type == "cuda"
+        self.cached = bool(args.cache_features)
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         if not self.params:
             raise ValueError("the model has no trainable parameters: call mark_trainable first")
-        # with cached features the frozen ViT is not needed on the GPU
-        model.decoder.to(self.device)
-        model.encoder.to("cpu" if args.cache_features else self.device)
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = args.epochs * steps_per_epoch
-        self.optimizer = make_optimizer(self.params, args.lr, args.weight_decay)
+        model.decoder.to(device)
+        model.encoder.to("cpu" if self.cached else device)  # with cached features the frozen ViT is not needed
+        self.tokenizer = BPETokenizer()
         self.scaler = make_scaler(self.amp)
         # torch.multinomial wants its generator on the device it samples on
-        self.scst_generator = torch.Generator(device=self.device).manual_seed(args.seed + 1)
-        self.progress = dict(phase="xe", epoch=0, batch=0, step=0, best_cider=-1.0, best_step=-1)
+        self.sampling = torch.Generator(device=device).manual_seed(args.seed + 1)
+        self.optimizer = None
 
-    @classmethod
-    def from_args(cls, args) -> "Trainer":
-        """Checks the inputs (cheap ones first: the data, the decoder file, then the slow encoder),
-        builds the model and the image sources, and resumes when asked."""
-        torch.manual_seed(args.seed)
-        if not os.path.isdir(args.data_root):
-            raise InputError(f"--data-root {args.data_root!r} does not exist")
-        tokenizer = BPETokenizer()
-        train_split = Split(args.data_root, "train", tokenizer)
-        val_split = Split(args.data_root, "val", tokenizer)
-        if args.val_images:
-            val_split.keys = val_split.keys[:args.val_images]
-            val_split.paths = val_split.paths[:args.val_images]
-        model = Captioner(build_config(args), args.decoder_weights, args.encoder_weights)
-        print("trainable parameters by group:", file=sys.stderr)
-        mark_trainable(model)
-        device = torch.device(resolve_device(args.device))
-        workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-
-        def image_source(split):
-            if args.cache_features:
-                return FeatureCache(args.cache_features, model.encoder, split, device, args.batch_size, workers)
-            return ImageFiles(split.paths, model.encoder.transform)
-
-        train_images, val_images = image_source(train_split), image_source(val_split)
-        trainer = cls(args, model, math.ceil(len(train_split.samples) / args.batch_size))
-        trainer.train_split, trainer.val_split = train_split, val_split
-        trainer.train_images, trainer.val_images = train_images, val_images
-        trainer.state_path, trainer.log_path = args.out + ".state", args.out + ".log.jsonl"
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        if args.resume:
-            trainer._load_state()
-        elif os.path.exists(trainer.state_path):
-            raise InputError(f"{trainer.state_path} exists: continue that run with --resume, or choose another --out")
-        return trainer
-
-    def _loader(self, data, batch_size, sampler=None, collate_fn=None):
-        # its own generator: creating a loader draws a worker seed, which must not move the global RNG
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                          num_workers=self.workers, pin_memory=self.amp,
-                          generator=torch.Generator().manual_seed(self.args.seed))
+    def use_optimizer(self, lr: float, weight_decay: float) -> None:
+        self.optimizer = make_optimizer(self.named_params, lr, weight_decay)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """A batch from the image source -> image tokens [B, S, W] on the device."""
         x = x.to(self.device, non_blocking=True)
-        if self.args.cache_features:
+        if self.cached:
             return x.float()
-        with autocast(self.device):
+        with torch.no_grad(), autocast(self.device):
             return self.model.encode(x).float()
-
-    # -- state -----------------------------------------------------------------
-
-    def _save_state(self) -> None:
-        state = {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
-        rng = {"torch": torch.get_rng_state(), "scst": self.scst_generator.get_state()}
-        if self.amp:
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        atomic_torch_save({"config": self.config, "trainable": state, "optimizer": self.optimizer.state_dict(),
-                           "scaler": self.scaler.state_dict(), "progress": dict(self.progress), "rng": rng},
-                          self.state_path)
-
-    def _load_state(self) -> None:
-        if not os.path.isfile(self.state_path):
-            raise InputError(f"--resume: no training state at {self.state_path}")
-        state = torch_load(self.state_path)
-        if state["config"] != self.config:
-            raise InputError(f"--resume: {self.state_path} was trained with other model settings; "
-                             "resume with the interrupted run's options")
-        missing, unexpected = self.model.load_state_dict(state["trainable"], strict=False)
-        if unexpected or set(missing) & set(state["trainable"]):
-            raise InputError(f"--resume: state does not fit the model (unexpected {unexpected[:5]})")
-        self.progress = dict(state["progress"])
-        if self.progress["phase"] == "scst":
-            self.optimizer = make_optimizer(self.params, self.args.scst_lr, 0.0)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.scst_generator.set_state(state["rng"]["scst"])
-        if self.amp and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        print(f"resumed at step {self.progress['step']} ({self.progress['phase']}, epoch {self.progress['epoch']}, "
-              f"batch {self.progress['batch']})", file=sys.stderr)
-
-    def log(self, **record) -> None:
-        record = {"step": self.progress["step"], "phase": self.progress["phase"], "time": round(time.time(), 1),
-                  **record}
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    # -- validation --------------------------------------------------------------
-
-    @torch.no_grad()
-    def validate(self) -> None:
-        """Captions for the validation images, CIDEr-D in-process (and CLIPScore); keep the best model."""
-        if self.progress.get("validated_step") == self.progress["step"]:
-            return  # an epoch end, --val-every and --max-steps may fall on one step
-        self.progress["validated_step"] = self.progress["step"]
-        split, model = self.val_split, self.model
-        model.eval()
-        with torch.random.fork_rng(devices=[]):  # validation leaves the training's random stream alone
-            loader = self._loader(self.val_images, self.args.batch_size)
-            captions = []
-            for x in tqdm(loader, desc="validating", unit="batch", file=sys.stderr, leave=False):
-                feats = self.features(x)
-                with autocast(self.device):
-                    ids = model.generate(feats, beam_size=self.args.val_beam_size)
-                captions += [caption_text(self.tokenizer, c) for c in ids]
-        model.train()
-        preds = dict(zip(split.keys, captions))
-        refs = {k: [tokenize(r) for r in split.refs[k]] for k in split.keys}
-        cider, _ = CiderD().compute_score(refs, {k: tokenize(c) for k, c in preds.items()})
-        metrics = {"val_cider": cider}
-        if self.args.clipscore:
-            scores = clip_scores(preds, split.images_dir, self.args.clip_model, self.device.type, self.args.batch_size)
-            metrics["val_clipscore"] = sum(scores.values()) / len(scores)
-        if cider > self.progress["best_cider"]:
-            self.progress.update(best_cider=cider, best_step=self.progress["step"])
-            size = save_checkpoint(model, self.args.out)
-            atomic_write_text(self.args.out + ".val.json", json.dumps(preds, indent=1, sort_keys=True) + "\n")
-            metrics["saved"] = size
-        self.log(**metrics)
-        print(f"step {self.progress['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                             if k != "saved")
-              + (" (best so far, saved)" if "saved" in metrics else ""), file=sys.stderr)
-        self._save_state()
-
-    # -- steps --------------------------------------------------------------------
 
     def _update(self, loss: torch.Tensor, lr: float) -> float:
         """backward, unscale, clip, step, update, zero_grad: the standard AMP order."""
@@ -350,108 +319,347 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def xe_step(self, x, inp, tgt) -> dict:
+    def xe_step(self, x, inp, tgt, lr: float) -> dict:
         feats = self.features(x)
         inp, tgt = inp.to(self.device), tgt.to(self.device)
         with autocast(self.device):
             logits = self.model(feats, inp)  # [B, T, V]
         loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
                                label_smoothing=self.args.label_smoothing)
-        lr = learning_rate(self.progress["step"], self.total_steps, self.args)
         return {"loss": loss.item(), "lr": lr, "grad_norm": self._update(loss, lr)}
 
-    def scst_step(self, x, keys: list) -> dict:
-        """Self-critical step: reward(sample) - reward(greedy) weighs the samples' log-likelihood."""
-        k, max_len = self.args.scst_samples, self.config["generation"]["max_len"]
-        feats = self.features(x)
-        self.model.eval()
+    def scst_step(self, x, keys: list, reward: CiderD, lr: float) -> dict:
+        """Self-critical step: each sample's CIDEr-D less the mean of its image's other samples
+        weighs the sample's log-likelihood. B images, K samples each, N = B * K."""
+        K, max_len = self.args.scst_samples, self.model.config["generation"]["max_len"]
+        feats = self.features(x)  # [B, S, W]
+        self.model.eval()  # sampling without dropout
         with torch.no_grad(), autocast(self.device):
-            greedy = self.model.decoder.greedy(feats, max_len, EOT)
-            samples = self.model.decoder.sample(feats.repeat_interleave(k, 0), max_len, EOT,
-                                                generator=self.scst_generator)
+            samples = self.model.decoder.sample(feats, K, max_len, EOT_ID, top_k=self.args.scst_top_k,
+                                                top_p=self.args.scst_top_p, generator=self.sampling)
         self.model.train()
-        text = [tokenize(caption_text(self.tokenizer, c)) for c in greedy + samples]
-        sample_keys = [key for key in keys for _ in range(k)]
-        rewards = self.reward.score_candidates(keys + sample_keys, text)
-        baseline = torch.tensor(rewards[:len(keys)]).repeat_interleave(k)
-        advantage = (torch.tensor(rewards[len(keys):]) - baseline).float().to(self.device)  # [B * k]
-        inp, tgt = make_batch(samples, ended=[len(c) < max_len for c in samples])
-        inp, tgt = inp.to(self.device), tgt.to(self.device)
+        text = [tokenize(caption_text(self.tokenizer, ids)) for ids in samples]
+        rewards = torch.tensor(reward.score_candidates([k for k in keys for _ in range(K)], text),
+                               dtype=torch.float32).view(-1, K)  # [B, K]
+        baseline = mean_of_others(rewards)
+        advantage = (rewards - baseline).view(-1).to(self.device)  # [N]
+        inp, tgt = make_batch(samples, ended=[len(ids) < max_len for ids in samples])
+        inp, tgt = inp.to(self.device), tgt.to(self.device)  # [N, T]
         with autocast(self.device):
-            logits = self.model(feats.repeat_interleave(k, 0), inp)
+            logits = self.model(feats, inp)  # the image tokens [B] are shared by their K samples: [N, T, V]
         mask = tgt != IGNORE_INDEX
-        logp = logits.float().log_softmax(-1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B*k, T]
+        logp = logits.float().log_softmax(-1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [N, T]
         loss = -(advantage.unsqueeze(1) * logp * mask).sum() / mask.sum()
-        return {"loss": loss.item(), "lr": self.args.scst_lr, "reward": float(rewards[len(keys):].mean()),
-                "baseline": float(baseline.mean()), "grad_norm": self._update(loss, self.args.scst_lr)}
+        return {"loss": loss.item(), "lr": lr, "reward": float(rewards.mean()), "baseline": float(baseline.mean()),
+                "positive": float((advantage > 0).float().mean()),
+                "sample_logp": float((logp.detach() * mask).sum() / mask.sum()),  # per token: falls as sampling spreads out
+                "grad_norm": self._update(loss, lr)}
 
-    # -- loops --------------------------------------------------------------------
 
-    def _stop(self) -> bool:
-        return bool(self.args.max_steps) and self.progress["step"] >= self.args.max_steps
+# -- the run ----------------------------------------------------------------------------------
 
-    def _after_step(self, metrics: dict) -> None:
-        step = self.progress["step"] = self.progress["step"] + 1
-        self.progress["batch"] += 1
-        if step % self.args.log_every == 0 or step == 1:
-            self.log(**metrics)
-        if self.args.val_every and step % self.args.val_every == 0:
-            self.validate()
-        elif step % self.args.save_every == 0:
-            self._save_state()
 
-    def _epochs(self, phase: str, epochs: int, n: int, batch_size: int):
-        """Yields (epoch, index batches) for the phase, resuming mid-epoch; validates after each epoch."""
-        while self.progress["phase"] == phase and self.progress["epoch"] < epochs:
-            start = self.progress["batch"] * batch_size
-            yield EpochSampler(n, self.args.seed, self.progress["epoch"], start)
-            if self._stop():
-                return
-            self.progress.update(epoch=self.progress["epoch"] + 1, batch=0)
-            self.validate()
+class IndexedImages(Dataset):
+    """(image or features, index) per image: the SCST batches' keys come with them."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], index
+
+
+def run_settings(args, device: torch.device) -> dict:
+    """What --resume must find unchanged: every option but RESUMABLE_CHANGES, paths made absolute."""
+    settings = {k: v for k, v in vars(args).items() if k not in RESUMABLE_CHANGES}
+    for name in PATH_OPTIONS:
+        if settings.get(name):
+            settings[name] = os.path.abspath(settings[name])
+    settings["device"] = device.type  # auto, cpu, cuda: the device type decides the numbers
+    return settings
+
+
+def workers(args, device: torch.device) -> int:
+    """--workers, or io_utils' rule for the device."""
+    return args.workers if args.workers is not None else loader_workers(device)
+
+
+class Trainer:
+    """A whole run: the data, the phases (cross-entropy, SCST, decoding), validation, state and log.
+
+    `Trainer.from_args(args)` checks the inputs and builds everything; `run()` goes
+    through the phases from wherever the progress stands.
+    """
+
+    def __init__(self, args, model: Captioner, device: torch.device, train: Split, val: Split,
+                 train_images: Dataset, val_images: Dataset):
+        self.args, self.model, self.device = args, model, device
+        self.learner = Learner(model, device, args)
+        self.train_split, self.val_split = train, val
+        self.train_images = train_images
+        n_val = min(args.val_images or len(val.keys), len(val.keys))
+        self.val_keys, self.val_images = val.keys[:n_val], Subset(val_images, range(n_val))
+        self.workers = workers(args, device)
+        self.xe_batches = math.ceil(len(train.samples) / args.batch_size)
+        self.scst_batches = math.ceil(len(train.keys) / args.scst_batch_size)
+        self.xe_total = phase_steps(args.epochs, self.xe_batches, args.max_steps)
+        self.scst_total = phase_steps(args.scst_epochs, self.scst_batches, args.scst_max_steps)
+        self.reward = CiderD({k: [tokenize(r) for r in train.refs[k]] for k in train.keys})
+        self.val_refs = {k: [tokenize(r) for r in val.refs[k]] for k in self.val_keys}
+        self.state_path, self.log_path = args.out + ".state", args.out + ".log.jsonl"
+        self.settings = run_settings(args, device)
+        # phase_step counts the phase's steps; step counts all; epoch / batch locate the next batch
+        self.progress = dict(phase="xe", step=0, phase_step=0, epoch=0, batch=0, validated_step=-1,
+                             best_cider=-1.0, best_step=-1, xe_best_cider=-1.0, xe_best_step=-1)
+        self.best_weights = None  # the trainable tensors at the best validation so far
+        self.learner.use_optimizer(args.lr, args.weight_decay)
+        for message in schedule_warnings(self.xe_total, self.xe_batches, args):
+            warn(message)
+
+    @classmethod
+    def from_args(cls, args) -> "Trainer":
+        """Checks the inputs (cheap ones first: the data, the decoder file, then the slow encoder),
+        builds the model and the image sources, and resumes when asked."""
+        torch.manual_seed(args.seed)
+        if not os.path.isdir(args.data_root):
+            raise InputError(f"--data-root {args.data_root!r} does not exist")
+        tokenizer = BPETokenizer()
+        train, val = Split(args.data_root, "train", tokenizer), Split(args.data_root, "val", tokenizer)
+        captions = len(train.samples) + train.empty_captions
+        if not train.samples:
+            raise InputError(f"{args.data_root}/train.json: none of its {captions} captions has any text; "
+                             "nothing to train on")
+        if train.empty_captions:
+            warn(f"{args.data_root}/train.json: {train.empty_captions} of {captions} captions are empty; "
+                 "they are left out")
+        model = Captioner(build_config(args), args.decoder_weights, args.encoder_weights)
+        print("trainable parameters by group:", file=sys.stderr)
+        mark_trainable(model)
+        device = pick_device(args.device)
+        if args.cache_features:
+            sources = [FeatureCache(args.cache_features, model.encoder, s, device, args.batch_size,
+                                    workers(args, device))
+                       for s in (train, val)]
+        else:
+            sources = [ImageFiles(s.paths, model.encoder.transform) for s in (train, val)]
+        trainer = cls(args, model, device, train, val, *sources)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if args.resume:
+            trainer.load_state()
+        elif os.path.exists(trainer.state_path):
+            raise InputError(f"{trainer.state_path} exists: continue that run with --resume, or choose another --out")
+        return trainer
+
+    # -- state and log ----------------------------------------------------------------------
+
+    def trainable(self) -> dict:
+        return {name: p.detach().cpu().clone() for name, p in self.learner.named_params}
+
+    def save_state(self) -> None:
+        rng = {"torch": torch.get_rng_state(), "sampling": self.learner.sampling.get_state()}
+        if self.learner.amp:
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        log_bytes = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        atomic_torch_save({"config": self.model.config, "settings": self.settings, "trainable": self.trainable(),
+                           "best": self.best_weights, "optimizer": self.learner.optimizer.state_dict(),
+                           "scaler": self.learner.scaler.state_dict(), "progress": dict(self.progress), "rng": rng,
+                           "log_bytes": log_bytes}, self.state_path)
+
+    def load_state(self) -> None:
+        if not os.path.isfile(self.state_path):
+            raise InputError(f"--resume: no training state at {self.state_path}")
+        state = torch_load(self.state_path)
+        model_only = lambda config: {k: v for k, v in config.items() if k != "generation"}  # noqa: E731
+        if model_only(state["config"]) != model_only(self.model.config):
+            raise InputError(f"--resume: {self.state_path} was trained with other model settings; "
+                             "resume with the interrupted run's options")
+        self.model.config["generation"] = dict(state["config"]["generation"])  # chosen on validation, once done
+        changed = [k for k in sorted(set(state["settings"]) | set(self.settings))
+                   if state["settings"].get(k) != self.settings.get(k)]
+        if changed:
+            was = "; ".join(f"--{k.replace('_', '-')} was {state['settings'].get(k)!r}, now {self.settings.get(k)!r}"
+                            for k in changed)
+            raise InputError(f"--resume: {was}. These change the run; resume with the interrupted run's values "
+                             f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES[1:])} "
+                             "may differ)")
+        self.load_weights(state["trainable"])
+        self.best_weights = state["best"]
+        self.progress = dict(state["progress"])
+        if self.progress["phase"] == "scst":
+            self.learner.use_optimizer(self.args.scst_lr, 0.0)
+        self.learner.optimizer.load_state_dict(state["optimizer"])
+        self.learner.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.learner.sampling.set_state(state["rng"]["sampling"])
+        if self.learner.amp and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if os.path.exists(self.log_path):  # what the interrupted run logged after its last state is redone
+            with open(self.log_path, "r+b") as f:
+                f.truncate(state["log_bytes"])
+        print(f"resumed at step {self.progress['step']} ({self.progress['phase']}, epoch {self.progress['epoch']}, "
+              f"batch {self.progress['batch']})", file=sys.stderr)
+
+    def load_weights(self, weights: dict) -> None:
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) & set(weights) or len(weights) != len(self.learner.params):
+            raise InputError(f"weights do not fit the model (unexpected {unexpected[:5]})")
+
+    def log(self, **record) -> None:
+        record = {"step": self.progress["step"], "phase": self.progress["phase"], "time": round(time.time(), 1),
+                  **record}
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- validation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def caption_val(self, beam_size: int, length_penalty: float = 0.0) -> dict:
+        """key -> caption for the validation images, with the model as it is."""
+        self.model.eval()
+        captions = []
+        with torch.random.fork_rng(devices=[]):  # validation leaves the training's random stream alone
+            for x in tqdm(self.loader(self.val_images, self.args.batch_size), desc="validating", unit="batch",
+                          file=sys.stderr, leave=False):
+                with autocast(self.device):
+                    ids = self.model.generate(self.learner.features(x), beam_size=beam_size,
+                                              length_penalty=length_penalty)
+                captions += [caption_text(self.learner.tokenizer, c) for c in ids]
+        self.model.train()
+        return dict(zip(self.val_keys, captions))
+
+    def cider(self, preds: dict) -> float:
+        return CiderD().compute_score(self.val_refs, {k: tokenize(c) for k, c in preds.items()})[0]
+
+    def validate(self) -> None:
+        """CIDEr-D of the validation captions (and CLIPScore); a new best is saved."""
+        preds = self.caption_val(self.args.val_beam_size)
+        metrics = {"val_cider": self.cider(preds)}
+        if self.args.clipscore:
+            scores = clip_scores(preds, self.val_split.images_dir, self.args.clip_model, self.device.type,
+                                 self.args.batch_size)
+            metrics["val_clipscore"] = sum(scores.values()) / len(scores)
+        progress = self.progress
+        progress["validated_step"] = progress["step"]
+        if metrics["val_cider"] > progress["best_cider"]:
+            progress.update(best_cider=metrics["val_cider"], best_step=progress["step"])
+            if progress["phase"] == "xe":
+                progress.update(xe_best_cider=metrics["val_cider"], xe_best_step=progress["step"])
+            self.best_weights = self.trainable()
+            metrics["saved"] = save_checkpoint(self.model, self.args.out)
+            atomic_write_text(self.args.out + ".val.json", json.dumps(preds, indent=1, sort_keys=True) + "\n")
+        self.log(**metrics)
+        print(f"step {progress['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "saved")
+              + (" (best so far, saved)" if "saved" in metrics else ""), file=sys.stderr)
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def loader(self, data, batch_size, sampler=None, collate_fn=None):
+        # its own generator: creating a loader draws a worker seed, which must not move the global RNG
+        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                          num_workers=self.workers, pin_memory=self.learner.amp,
+                          generator=torch.Generator().manual_seed(self.args.seed))
+
+    def xe_phase(self) -> None:
+        data = CaptionSamples(self.train_split.samples, self.train_images)
+
+        def step(batch):
+            lr = learning_rate(self.progress["phase_step"], self.xe_total, self.args)
+            return self.learner.xe_step(*batch, lr=lr)
+
+        self.train_epochs(data, self.args.batch_size, self.xe_batches, self.xe_total, step, collate_captions)
+
+    def scst_phase(self) -> None:
+        keys = self.train_split.keys
+
+        def step(batch):
+            x, index = batch
+            return self.learner.scst_step(x, [keys[i] for i in index.tolist()], self.reward, self.args.scst_lr)
+
+        self.train_epochs(IndexedImages(self.train_images), self.args.scst_batch_size, self.scst_batches,
+                          self.scst_total, step)
+
+    def train_epochs(self, data, batch_size: int, batches_per_epoch: int, total: int, step, collate_fn=None):
+        """The phase's steps from where the progress stands, epoch by epoch (a fixed order per epoch,
+        so a resumed run sees the batches the interrupted one would have seen)."""
+        progress, args = self.progress, self.args
+        bar = tqdm(desc=progress["phase"], unit="step", total=total, initial=progress["phase_step"], file=sys.stderr)
+        while progress["phase_step"] < total:
+            sampler = EpochSampler(len(data), args.seed, progress["epoch"], progress["batch"] * batch_size)
+            for batch in self.loader(data, batch_size, sampler, collate_fn):
+                metrics = step(batch)
+                progress.update(step=progress["step"] + 1, phase_step=progress["phase_step"] + 1,
+                                batch=progress["batch"] + 1)
+                epoch_end = progress["batch"] == batches_per_epoch
+                if epoch_end:
+                    progress.update(epoch=progress["epoch"] + 1, batch=0)
+                if progress["step"] % args.log_every == 0 or progress["phase_step"] == 1:
+                    self.log(**metrics)
+                bar.update()
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "reward") if k in metrics})
+                phase_end = progress["phase_step"] >= total
+                if epoch_end or phase_end or (args.val_every and progress["step"] % args.val_every == 0):
+                    self.validate()
+                    self.save_state()
+                elif progress["step"] % args.save_every == 0:
+                    self.save_state()
+                if phase_end:
+                    break
+        bar.close()
+
+    def choose_decoding(self) -> None:
+        """Every beam size x length penalty on the validation set with the best weights; the best
+        pair (ties: the smaller beam, then the smaller penalty) goes into the saved checkpoint."""
+        self.load_weights(self.best_weights)
+        rows = []
+        for beam in self.args.decode_beams:
+            for penalty in self.args.decode_length_penalties:
+                preds = self.caption_val(beam, penalty)
+                rows.append({"beam_size": beam, "length_penalty": penalty, "cider": self.cider(preds), "preds": preds})
+        best = max(rows, key=lambda r: (r["cider"], -r["beam_size"], -r["length_penalty"]))
+        self.model.config["generation"].update(beam_size=best["beam_size"], length_penalty=best["length_penalty"])
+        save_checkpoint(self.model, self.args.out)
+        atomic_write_text(self.args.out + ".val.json", json.dumps(best["preds"], indent=1, sort_keys=True) + "\n")
+        grid = [{k: r[k] for k in ("beam_size", "length_penalty", "cider")} for r in rows]
+        self.log(decoding_grid=grid, chosen={k: best[k] for k in ("beam_size", "length_penalty", "cider")})
+        print(decoding_table(grid, best), file=sys.stderr)
+
+    def next_phase(self) -> None:
+        """The one place phases change: xe -> scst (from the best weights) -> decode -> done."""
+        phase = self.progress["phase"]
+        if phase == "xe" and self.scst_total:
+            self.load_weights(self.best_weights)
+            self.learner.use_optimizer(self.args.scst_lr, 0.0)
+            following = "scst"
+        elif phase in ("xe", "scst"):
+            following = "decode"
+        else:
+            following = "done"
+        self.progress.update(phase=following, phase_step=0, epoch=0, batch=0)
+        self.save_state()
 
     def run(self) -> None:
-        args = self.args
-        if self.progress["step"] == 0 and self.progress["best_step"] < 0:
+        if self.progress["validated_step"] < 0:
             self.validate()  # the starting point: GPT-2 with fresh (identity) new modules
-        bar = tqdm(desc="training", unit="step", file=sys.stderr, initial=self.progress["step"])
-        if self.progress["phase"] == "xe":
-            data = CaptionSamples(self.train_split.samples, self.train_images)
-            for sampler in self._epochs("xe", args.epochs, len(data), args.batch_size):
-                loader = self._loader(data, args.batch_size, sampler, collate_captions)
-                for x, inp, tgt in loader:
-                    metrics = self.xe_step(x, inp, tgt)
-                    self._after_step(metrics)
-                    bar.update()
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", epoch=self.progress["epoch"])
-                    if self._stop():
-                        break
-            if not self._stop():
-                self.progress.update(phase="scst", epoch=0, batch=0)
-                self.optimizer = make_optimizer(self.params, args.scst_lr, 0.0)
-        if self.progress["phase"] == "scst" and args.scst_epochs and not self._stop():
-            split = self.train_split
-            self.reward = CiderD({k: [tokenize(r) for r in split.refs[k]] for k in split.keys})
-            for sampler in self._epochs("scst", args.scst_epochs, len(split.keys), args.scst_batch_size):
-                loader = self._loader(self.train_images, args.scst_batch_size, sampler)
-                order = list(sampler)
-                for i, x in enumerate(loader):
-                    keys = [split.keys[j] for j in order[i * args.scst_batch_size:(i + 1) * args.scst_batch_size]]
-                    metrics = self.scst_step(x, keys)
-                    self._after_step(metrics)
-                    bar.update()
-                    bar.set_postfix(reward=f"{metrics['reward']:.3f}", epoch=self.progress["epoch"])
-                    if self._stop():
-                        break
-        bar.close()
-        if self._stop():
-            print(f"stopped at --max-steps {args.max_steps}", file=sys.stderr)
-            self.validate()
-        if not os.path.isfile(args.out):  # no validation improved on nothing: keep the last model
-            save_checkpoint(self.model, args.out)
-        best = self.progress
-        print(f"best validation CIDEr {best['best_cider']:.4f} at step {best['best_step']}; checkpoint {args.out}",
-              file=sys.stderr)
+            self.save_state()
+        phases = {"xe": self.xe_phase, "scst": self.scst_phase, "decode": self.choose_decoding}
+        while self.progress["phase"] != "done":
+            phases[self.progress["phase"]]()
+            self.next_phase()
+        p = self.progress
+        print(f"best validation CIDEr {p['best_cider']:.4f} at step {p['best_step']} (cross-entropy best "
+              f"{p['xe_best_cider']:.4f} at step {p['xe_best_step']}); checkpoint {self.args.out}", file=sys.stderr)
+
+
+def decoding_table(grid: list, best: dict) -> str:
+    """The decoding grid as a markdown table, the chosen pair marked."""
+    lines = ["| beam | length penalty | validation CIDEr |", "|---:|---:|---:|"]
+    for r in grid:
+        mark = " (chosen)" if (r["beam_size"], r["length_penalty"]) == (best["beam_size"], best["length_penalty"]) else ""
+        lines.append(f"| {r['beam_size']} | {r['length_penalty']:g} | {r['cider']:.4f}{mark} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+from io_utils import REPO_ROOT
 
 BANNED_COMMANDS = ("rm", "sudo", "cp", "mv", "mkdir", "cd", "pip", "pip3", "pip2")
 # Words that may start a command; `python` and `python2` are banned too (python3 only).
@@ -140,12 +140,14 @@ def _script_entry_points(path: str, repo: str) -> list[str]:
         elif module:
             found.append(os.path.join(repo, module.replace(".", os.sep) + ".py"))
         elif inline:
-            for name in _imported_names(inline):
+            for name in imported_names(inline):
                 found.append(os.path.join(repo, name + ".py"))
     return [p for p in found if os.path.isfile(p)]
 
 
-def _imported_names(source: str) -> set[str]:
+def imported_names(source: str) -> set[str]:
+    """Top-level names of every module `source` imports anywhere (lazy imports in functions
+    too); relative imports are left out."""
     names = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -165,7 +167,7 @@ def grader_modules(repo: str = REPO_ROOT) -> list[str]:
             continue
         seen.add(path)
         with open(path, encoding="utf-8") as f:
-            for name in _imported_names(f.read()):
+            for name in imported_names(f.read()):
                 candidate = os.path.join(repo, name + ".py")
                 if os.path.isfile(candidate):
                     todo.append(candidate)

@@ -14,6 +14,9 @@ The scripts run with this shell's environment (HW3_P1_CLIP, HW3_P2_CKPT,
 HW3_CACHE, ...), so what is checked is the real setup. Without image folders,
 synthetic ones are generated (synthetic.py), including grayscale, CMYK and a
 file name with spaces and several dots.
+
+torch and the model stack are imported only by the checks that use them, so
+the static checks (`--skip-run`, no checkpoint) never load them.
 """
 from __future__ import annotations
 
@@ -31,16 +34,12 @@ import time
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-import captioner
 import io_utils
-import p2_inference
 import script_rules
 import synthetic
+from io_utils import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-EOT_TEXT = "<|endoftext|>"
 MAX_FILE_BYTES = 50 * 1000 * 1000  # the course's "GitHub's maximum capacity (50 MB)"
 DEFAULT_SAMPLES = 50
 
@@ -175,15 +174,6 @@ def check_tracked_files(repo: str) -> Result:
 
 # ---------------------------------------------------------------- the Problem 2 checkpoint
 
-def default_checkpoint(repo: str) -> str:
-    """Where hw3_2.sh looks: $HW3_P2_CKPT, else the cache (p2_inference.default_checkpoint) of `repo`."""
-    if os.environ.get("HW3_P2_CKPT"):
-        return os.environ["HW3_P2_CKPT"]
-    if os.environ.get("HW3_CACHE"):
-        return p2_inference.default_checkpoint()
-    return os.path.join(repo, "cache", p2_inference.CHECKPOINT_NAME)
-
-
 def check_checkpoint(path: str, decoder_weights: str | None) -> list:
     """Format and parameter count (the sum of numel over the saved tensors), then, given the decoder
     weights, the course's count on the loaded model: its parameters with requires_grad."""
@@ -192,6 +182,10 @@ def check_checkpoint(path: str, decoder_weights: str | None) -> list:
         return [Result("FAIL", name, f"no checkpoint at {path}: hw3_2.sh would fail. Train one "
                        "(python3 p2_train.py ... --out FILE) or fetch it (bash hw3_download.sh), "
                        "then pass --checkpoint FILE or set HW3_P2_CKPT")]
+    import torch
+
+    import captioner
+
     try:
         state = captioner.read_checkpoint(path)["state_dict"]
     except Exception as error:  # noqa: BLE001 -- any unreadable file is the same verdict
@@ -221,9 +215,10 @@ def check_checkpoint(path: str, decoder_weights: str | None) -> list:
 # ---------------------------------------------------------------- running the scripts
 
 def image_files(folder: str) -> list:
-    """Names of the files in `folder` that Pillow can open: what the graders' folders hold."""
+    """Names of the files in `folder` that the scripts must answer for: the ones that decode
+    fully, named in UTF-8 (io_utils.list_files skips the others with a warning)."""
     return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
-                  and io_utils.is_image(os.path.join(folder, n)))
+                  and io_utils.is_utf8(n) and io_utils.is_image(os.path.join(folder, n)))
 
 
 def make_p1_samples(folder: str, n: int) -> list:
@@ -281,9 +276,24 @@ def validate_json(path: str, names: list) -> list:
     if set(data) != keys:
         problems.append(f"keys differ from the file names without their last extension: missing "
                         f"{sorted(keys - set(data))[:5]}, unexpected {sorted(set(data) - keys)[:5]}")
-    bad = {k: v for k, v in data.items() if not isinstance(v, str) or not v.strip() or EOT_TEXT in v}
+    from tokenizer import EOT
+
+    bad = {k: v for k, v in data.items() if not isinstance(v, str) or not v.strip() or EOT in v}
     if bad:
-        problems.append(f"captions that are empty, not strings or hold {EOT_TEXT}: {dict(list(bad.items())[:3])}")
+        problems.append(f"captions that are empty, not strings or hold {EOT}: {dict(list(bad.items())[:3])}")
+    return problems + degenerate_captions({k: v for k, v in data.items() if k not in bad})
+
+
+def degenerate_captions(captions: dict) -> list:
+    """Signs of a broken model (NaN weights caption everything `!!!!`): captions without a
+    letter or digit, or one caption for every image."""
+    problems = []
+    wordless = {k: v for k, v in captions.items() if not any(c.isalnum() for c in v)}
+    if wordless:
+        problems.append(f"captions without a letter or digit: {dict(list(wordless.items())[:3])}")
+    texts = set(captions.values())
+    if len(captions) > 1 and len(texts) == 1:
+        problems.append(f"all {len(captions)} captions are the same, {texts.pop()!r}: the model ignores the image")
     return problems
 
 
@@ -360,10 +370,12 @@ def run_checks(args) -> list:
     decoder = decoder if os.path.isfile(decoder) or args.decoder_weights else None
     results = [check_scripts(repo), check_absolute_paths(repo), check_download(repo), check_report(repo),
                check_tracked_files(repo)]
-    results += check_checkpoint(args.checkpoint or default_checkpoint(repo), decoder)
+    results += check_checkpoint(args.checkpoint or io_utils.p2_checkpoint(repo), decoder)
     if args.skip_run:
         results += [Result("SKIP", f"{key} {what}", "--skip-run") for key in PROBLEMS for what in ("run", "time")]
     else:
+        import torch
+
         timing = torch.cuda.is_available()
         if timing:
             print(f"timing on {torch.cuda.get_device_name()}; the graders use an RTX 2080 Ti", file=sys.stderr)

@@ -192,21 +192,6 @@ def make_report_images(folder: str, size: int = 224, seed: int = 0) -> list:
     return paths
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic captioning set in the p2_data layout.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--train", type=int, default=500, help="number of training images")
-    parser.add_argument("--val", type=int, default=100, help="number of validation images")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    summary = make_dataset(args.out_dir, args.train, args.val, args.size, args.seed)
-    for split in ("train", "val"):
-        s = summary[split]
-        print(f"{split}: {s['n_images']} images, {s['n_captions']} captions "
-              f"({s['n_gray']} grayscale, {s['n_cmyk']} CMYK) -> {s['json']}")
-
-
 def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0):
     """A tiny GPT-2 (transformers) taught the synthetic captions' language: the stand-in for
     GPT-2's pretraining, so that training the new modules has a language model to ground.
@@ -216,17 +201,16 @@ def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0):
     logits are exactly 0 and the full 50257-way softmax equals a softmax over the used
     tokens plus one logit of log(#unused): exact, and ~1000x cheaper than the full one.
     """
-    import math
-
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from p2_data import make_batch
+    from tokenizer import EOT_ID
 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=50257, n_positions=64))
-    used = torch.tensor(sorted({t for c in captions for t in c} | {50256}))
+    used = torch.tensor(sorted({t for c in captions for t in c} | {EOT_ID}))
     with torch.no_grad():
         keep = torch.zeros(50257, dtype=torch.bool)
         keep[used] = True
@@ -247,6 +231,21 @@ def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0):
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic captioning set in the p2_data layout.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--train", type=int, default=500, help="number of training images")
+    parser.add_argument("--val", type=int, default=100, help="number of validation images")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = make_dataset(args.out_dir, args.train, args.val, args.size, args.seed)
+    for split in ("train", "val"):
+        s = summary[split]
+        print(f"{split}: {s['n_images']} images, {s['n_captions']} captions "
+              f"({s['n_gray']} grayscale, {s['n_cmyk']} CMYK) -> {s['json']}")
 
 
 if __name__ == "__main__":

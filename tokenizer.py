@@ -24,9 +24,11 @@ import os
 import regex
 
 import io_utils
+from io_utils import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+# GPT-2's one special token, as text and as id: it starts and ends every caption.
 EOT = "<|endoftext|>"
+EOT_ID = 50256
 
 # GPT-2's pre-tokenizer: English contractions (case-sensitive, as in GPT-2),
 # then letters, digits or other symbols each with at most one leading space,
@@ -100,9 +102,9 @@ def _read_encoder(path: str) -> dict[str, int]:
             encoder = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path!r} is not a GPT-2 encoder.json: {e}") from None
-    if not isinstance(encoder, dict) or EOT not in encoder:
+    if not isinstance(encoder, dict) or encoder.get(EOT) != EOT_ID:
         raise ValueError(f"{path!r} is not a GPT-2 encoder.json: expected a JSON object "
-                         f"of token -> id that includes {EOT!r}")
+                         f"of token -> id that maps {EOT!r} to {EOT_ID}")
     return encoder
 
 
@@ -124,7 +126,7 @@ class BPETokenizer:
         byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.id_to_bytes = {i: bytes(byte_decoder[c] for c in token)
                             for token, i in self.encoder.items()}
-        self.eot_id = self.encoder[EOT]
+        self.eot_id = EOT_ID
         self.vocab_size = len(self.encoder)
         # Pre-token -> ids. Captions reuse a few thousand words, so after the
         # first pass encoding is almost only regex matching and dict lookups.

@@ -39,7 +39,6 @@ import io_utils
 import p2_inference
 import synthetic
 from captioner import (
-    EOT,
     Captioner,
     autocast,
     load_checkpoint,
@@ -49,7 +48,7 @@ from captioner import (
 )
 from decoder import CONV1D_WEIGHTS, parameter_group
 from io_utils import open_rgb
-from tokenizer import BPETokenizer
+from tokenizer import EOT, EOT_ID, BPETokenizer
 
 # A ViT and GPT-2 small enough for the CPU (the test suite's sizes).
 SMALL_ENCODER = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2})
@@ -69,7 +68,7 @@ def build_model(small: bool) -> Captioner:
         decoder = model.decoder
         decoder.ln_f.weight[0], decoder.ln_f.bias[0] = 0.0, 100.0
         decoder.wte.weight[:, 0] = 0.0
-        decoder.wte.weight[EOT, 0] = -100.0
+        decoder.wte.weight[EOT_ID, 0] = -100.0
     mark_trainable(model, verbose=False)
     return model
 
@@ -94,14 +93,14 @@ def ensure_vocab(folder: str) -> str:
     except FileNotFoundError:
         pass
     words = {}
-    for i in range(EOT):
+    for i in range(EOT_ID):
         word, n = "", i
         while True:
             word, n = chr(ord("a") + n % 26) + word, n // 26
             if n == 0:
                 break
         words["\u0120" + word] = i  # \u0120 is GPT-2's byte table's space
-    words["<|endoftext|>"] = EOT
+    words[EOT] = EOT_ID
     with open(os.path.join(folder, "encoder.json"), "w", encoding="utf-8") as f:
         json.dump(words, f)
     with open(os.path.join(folder, "vocab.bpe"), "w", encoding="utf-8") as f:
@@ -125,18 +124,18 @@ def write_images(folder: str, n: int) -> list:
 def naive_beam_search(model: Captioner, feats: torch.Tensor, beam_size: int, max_len: int) -> list:
     """One image feats [1, S, W]; every step re-runs the decoder on all beams' whole prefix [K, t + 1]."""
     memory = model.decoder.memory(feats)  # K beams of one image share it (CrossAttention folds them)
-    seqs = torch.full((1, 1), EOT, dtype=torch.long, device=feats.device)  # [k, t + 1]
+    seqs = torch.full((1, 1), EOT_ID, dtype=torch.long, device=feats.device)  # [k, t + 1]
     scores = torch.zeros(1, device=feats.device)
     ended = []
     for t in range(max_len):
         logp = model.decoder(seqs, memory)[0][:, -1].float().log_softmax(-1)  # [k, V], no cache
         if t == 0:
-            logp[:, EOT] = float("-inf")
+            logp[:, EOT_ID] = float("-inf")
         top, idx = (scores[:, None] + logp).view(-1).topk(2 * beam_size)
         beam, tok = idx // logp.size(1), idx % logp.size(1)
-        if (tok == EOT).any():
-            ended += [(float(top[i]), seqs[beam[i], 1:].tolist()) for i in (tok == EOT).nonzero().squeeze(1).tolist()]
-        keep = (tok != EOT).nonzero().squeeze(1)[:beam_size]
+        if (tok == EOT_ID).any():
+            ended += [(float(top[i]), seqs[beam[i], 1:].tolist()) for i in (tok == EOT_ID).nonzero().squeeze(1).tolist()]
+        keep = (tok != EOT_ID).nonzero().squeeze(1)[:beam_size]
         seqs = torch.cat([seqs[beam[keep]], tok[keep, None]], dim=1)
         scores = top[keep]
         if len(ended) >= beam_size:

@@ -2,9 +2,9 @@
 
 Builds the full-size captioner (timm ViT-L/14 CLIP quickgelu tower + GPT-2
 small, every PEFT preset) with random weights and runs p2_train's own
-training step on made-up batches: `Trainer.xe_step` (forward, loss, backward,
+training step on made-up batches: `Learner.xe_step` (forward, loss, backward,
 unscale, clip, AdamW step, GradScaler update, fp16 autocast) and
-`Trainer.scst_step`, on a Trainer built around the model without its data.
+`Learner.scst_step`, on a Learner built around the model (no data, no run).
 For each preset, with the feature cache (fp16 image tokens from disk, as
 --cache-features gives them) and without it (images through the frozen ViT
 every step):
@@ -50,10 +50,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import p2_train
 from bench_p2_inference import SMALL_DECODER, SMALL_ENCODER, ensure_vocab
-from captioner import EOT, PEFT_PRESETS, Captioner, make_config, mark_trainable
+from captioner import PEFT_PRESETS, Captioner, make_config, mark_trainable
 from cider import CiderD, tokenize
 from p2_data import make_batch
-from p2_train import make_optimizer
+from tokenizer import EOT_ID
 
 DEFAULTS = p2_train.parse_args(["--print-params"])  # every p2_train option at its default
 USABLE_BYTES = 11e9  # a 2080 Ti's memory
@@ -74,15 +74,18 @@ def build_model(peft: str, small: bool) -> Captioner:
     return model
 
 
-def bare_trainer(model: Captioner, device: torch.device, cached: bool, batch_size: int) -> p2_train.Trainer:
-    """A p2_train.Trainer around `model` with p2_train's defaults and no data: it takes the steps
-    on the batches given to it. `cache_features` only tells `Trainer.features` that batches hold
+def bare_trainer(model: Captioner, device: torch.device, cached: bool, batch_size: int) -> p2_train.Learner:
+    """A p2_train.Learner around `model` with p2_train's defaults and no data: it takes the steps
+    on the batches given to it. `cache_features` only tells `Learner.features` that batches hold
     fp16 image tokens rather than images (and keeps the frozen ViT off the GPU, as p2_train does)."""
     args = copy.copy(DEFAULTS)
     args.batch_size = batch_size
     args.device = device.type
     args.cache_features = "(made-up features)" if cached else None
-    return p2_train.Trainer(args, model, math.ceil(TRAIN_CAPTIONS / batch_size))
+    learner = p2_train.Learner(model, device, args)
+    learner.use_optimizer(args.lr, args.weight_decay)
+    learner.steps_per_epoch = math.ceil(TRAIN_CAPTIONS / batch_size)
+    return learner
 
 
 def image_batch(model: Captioner, n: int, cached: bool, device: torch.device) -> torch.Tensor:
@@ -98,7 +101,7 @@ def image_batch(model: Captioner, n: int, cached: bool, device: torch.device) ->
 def caption_batch(n: int, longest: int, rng: np.random.Generator) -> tuple:
     """(input, target) [n, longest + 1]: one caption of `longest` tokens, the rest 8 to `longest`."""
     lengths = [longest] + rng.integers(8, longest + 1, n - 1).tolist()
-    return make_batch([rng.integers(0, EOT, k).tolist() for k in lengths])
+    return make_batch([rng.integers(0, EOT_ID, k).tolist() for k in lengths])
 
 
 def timed(step, device: torch.device) -> float:
@@ -124,15 +127,15 @@ def measure_xe(trainer, model, cached: bool, args, device, rng) -> dict:
     typical = caption_batch(args.batch_size, P99_TOKENS, rng)
     scale = trainer.scaler.get_scale() if trainer.amp else None
     for _ in range(args.warmup):
-        trainer.xe_step(x, *typical)
+        trainer.xe_step(x, *typical, lr=trainer.args.lr)
     if not trainer.optimizer.state:  # AdamW allocates its moments at its first step that is not skipped
         raise RuntimeError("every warm-up step overflowed in fp16 and was skipped: AdamW holds no state yet, "
                            "so the memory peak would be too low; raise --warmup")
-    trainer.xe_step(x, *longest)  # the memory peak: the longest caption with the optimizer's state allocated
+    trainer.xe_step(x, *longest, lr=trainer.args.lr)  # the memory peak: the longest caption with the optimizer's state allocated
     scales = [trainer.scaler.get_scale()] if trainer.amp else []
     times = []
     for _ in range(args.steps):
-        times.append(timed(lambda: trainer.xe_step(x, *typical), device))
+        times.append(timed(lambda: trainer.xe_step(x, *typical, lr=trainer.args.lr), device))
         scales += [trainer.scaler.get_scale()] if trainer.amp else []
     step_s = statistics.median(times)
     return {"step_s": round(step_s, 4), "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
@@ -148,22 +151,21 @@ def measure_xe(trainer, model, cached: bool, args, device, rng) -> dict:
 def measure_scst(trainer, model, args, device, rng) -> dict:
     """p2_train's SCST step as run() switches to it: a fresh AdamW at --scst-lr, CIDEr-D rewards."""
     n = trainer.args.scst_batch_size
-    trainer.optimizer = make_optimizer(trainer.params, trainer.args.scst_lr, 0.0)
-    trainer.progress["phase"] = "scst"
+    trainer.use_optimizer(trainer.args.scst_lr, 0.0)
     keys = [str(i) for i in range(n)]
     decode = trainer.tokenizer.decode
-    refs = {k: [tokenize(decode(rng.integers(0, EOT, 12).tolist())) for _ in range(5)] for k in keys}
-    trainer.reward = CiderD(refs)
+    refs = {k: [tokenize(decode(rng.integers(0, EOT_ID, 12).tolist())) for _ in range(5)] for k in keys}
+    reward = CiderD(refs)
     x = image_batch(model, n, True, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
-        trainer.scst_step(x, keys)
-    times = [timed(lambda: trainer.scst_step(x, keys), device) for _ in range(args.scst_steps)]
+        trainer.scst_step(x, keys, reward, trainer.args.scst_lr)
+    times = [timed(lambda: trainer.scst_step(x, keys, reward, trainer.args.scst_lr), device) for _ in range(args.scst_steps)]
     step_s = statistics.median(times)
     epoch_steps = math.ceil(TRAIN_IMAGES / n)
     return {"scst_batch_size": n, "scst_samples": trainer.args.scst_samples,
-            "max_len": trainer.config["generation"]["max_len"],
+            "max_len": trainer.model.config["generation"]["max_len"],
             "step_s": round(step_s, 4), "epoch_steps": epoch_steps,
             "epoch_2080ti_h": round(step_s * H100_TO_2080TI * epoch_steps / 3600, 2), **memory_gib(device)}
 

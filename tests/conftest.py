@@ -124,7 +124,8 @@ def trained_checkpoint(tmp_path_factory, captioning_setup):
 
     out = tmp_path_factory.mktemp("trained") / "adapter.pt"
     args = train_args(captioning_setup, out, "--peft", "adapter", "--adapter-dim", "32", "--epochs", "3",
-                      "--scst-epochs", "0", "--cache-features", str(out.parent / "features"))
+                      "--scst-epochs", "0", "--cache-features", str(out.parent / "features"),
+                      "--decode-beams", "1", "3", "--decode-length-penalties", "0")
     result = subprocess.run([sys.executable, os.path.join(REPO, "p2_train.py"), *args], cwd=REPO,
                             capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

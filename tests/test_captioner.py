@@ -209,10 +209,10 @@ def test_cross_attention_maps(tiny_vit_file, tiny_gpt2):
 @pytest.mark.parametrize("peft", ["adapter", "prefix", "lora"])
 def test_full_size_parameter_budget(peft):
     """The presets at full size (ViT-L/14 width 1024 + GPT-2 small) use 29-35M parameters."""
-    from decoder import Decoder, DecoderConfig
+    from decoder import GPT2_SMALL, Decoder, DecoderConfig
 
     config = make_config(peft)
-    decoder = Decoder(DecoderConfig(**{**captioner.GPT2_SMALL, **config["decoder"], "encoder_width": 1024}))
+    decoder = Decoder(DecoderConfig(**{**GPT2_SMALL, **config["decoder"], "encoder_width": 1024}))
     trainable = {k: v for k, v in decoder.state_dict().items() if parameter_group(k) is not None}
     if peft == "prefix":  # saved folded: the prefixes, not the MLP
         trainable = {k: v for k, v in trainable.items() if not k.startswith("prefix.")}
@@ -242,3 +242,110 @@ def test_quickgelu_weights_are_fetched_under_the_plain_name(tmp_path, monkeypatc
     assert path == encoder.cached_weights_path("vit_large_patch14_clip_quickgelu_224.openai")
     assert path.startswith(str(tmp_path)) and torch.equal(torch.load(path)["cls_token"],
                                                           torch.load(tiny_vit_file)["cls_token"])
+
+
+# -- what loading checks -------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_vit_file, tiny_gpt2):
+    """A saved tiny adapter checkpoint: (path, its contents)."""
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(tiny_model(tiny_vit_file, tiny_gpt2), path)
+    return path, torch.load(path)
+
+
+def load(path, tiny_vit_file, tiny_gpt2):
+    return load_checkpoint(str(path), tiny_gpt2[0], encoder_weights=tiny_vit_file)
+
+
+def test_a_checkpoint_with_nan_or_inf_is_refused(tmp_path, saved, tiny_vit_file, tiny_gpt2):
+    _, checkpoint = saved
+    for value in (float("nan"), float("inf")):
+        state = {k: v.clone() for k, v in checkpoint["state_dict"].items()}
+        state["decoder.h.1.cross.q.weight"][3, 5] = value
+        torch.save({**checkpoint, "state_dict": state}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=r"bad.pt: 1 tensor\(s\) hold NaN or inf.*decoder.h.1.cross.q.weight"):
+            load(tmp_path / "bad.pt", tiny_vit_file, tiny_gpt2)
+
+
+def test_a_tensor_of_another_shape_is_a_clear_error(tmp_path, saved, tiny_vit_file, tiny_gpt2):
+    """Names match, shapes do not: a ValueError naming the tensor, not torch's size-mismatch RuntimeError."""
+    _, checkpoint = saved
+    state = dict(checkpoint["state_dict"])
+    state["decoder.h.0.adapter_mlp.down.bias"] = torch.zeros(5)
+    torch.save({**checkpoint, "state_dict": state}, tmp_path / "reshaped.pt")
+    with pytest.raises(ValueError, match=r"decoder.h.0.adapter_mlp.down.bias \(5,\), expected \(16,\)"):
+        load(tmp_path / "reshaped.pt", tiny_vit_file, tiny_gpt2)
+
+
+@pytest.mark.parametrize("generation, message", [
+    (dict(beam_size=0, max_len=20, length_penalty=0.0), r"beam_size=0 is out of range; expected an integer in 1..20"),
+    (dict(beam_size=3, max_len=63, length_penalty=0.0), r"max_len=63 is out of range; expected an integer in 1..62"),
+    (dict(beam_size=3, max_len=20), r"missing \['length_penalty'\]"),
+    (None, r"generation settings: expected a dict"),
+])
+def test_a_checkpoints_decoding_settings_are_checked_when_read(tmp_path, saved, tiny_vit_file, tiny_gpt2,
+                                                                generation, message):
+    """The tiny GPT-2 has 64 positions: a caption plus its start and end tokens fit in max_len <= 62."""
+    _, checkpoint = saved
+    config = dict(checkpoint["config"])
+    if generation is None:
+        del config["generation"]
+    else:
+        config["generation"] = generation
+    torch.save({**checkpoint, "config": config}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=message):
+        captioner.read_checkpoint(str(tmp_path / "odd.pt"))
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path / "odd.pt", tiny_vit_file, tiny_gpt2)
+
+
+def test_decoding_overrides_are_checked_against_the_decoder(saved, tiny_vit_file, tiny_gpt2):
+    model = load(saved[0], tiny_vit_file, tiny_gpt2)
+    assert model.generation(beam_size=2, max_len=None) == dict(beam_size=2, max_len=30, length_penalty=0.0)
+    with pytest.raises(ValueError, match=r"max_len=63 is out of range; expected an integer in 1..62"):
+        model.generate(model.encode(images(1)), max_len=63)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("beam_size", 0), ("beam_size", 21), ("beam_size", 2.5), ("beam_size", True), ("beam_size", "5"),
+    ("max_len", 0), ("max_len", 1023), ("max_len", float("inf")),
+    ("length_penalty", -0.5), ("length_penalty", 1e308), ("length_penalty", float("nan")), ("length_penalty", None),
+])
+def test_check_generation_names_the_value_and_its_range(name, value):
+    settings = {**captioner.GENERATION, name: value}
+    with pytest.raises(ValueError) as error:
+        captioner.check_generation(settings, 1024, "HW3_P2 settings")
+    assert str(error.value).startswith(f"HW3_P2 settings: {name}={value!r} is out of range; expected ")
+    assert captioner.check_generation({**captioner.GENERATION, "beam_size": 3.0, "length_penalty": 1}, 1024) == \
+        dict(beam_size=3, max_len=30, length_penalty=1.0)
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, tiny_gpt2):
+    cases = {
+        "page.pt": "is not a PyTorch weights file (it is an HTML page",
+        "empty.pt": "is not a PyTorch weights file (it is empty)",
+        tiny_gpt2[0]: "not a captioner checkpoint; expected a dict with 'config' and 'state_dict' (as p2_train.py "
+                      "saves), found 28 GPT-2 tensors: it looks like the course's decoder_model.bin",
+    }
+    (tmp_path / "page.pt").write_text("<html><body>Sign in to continue</body></html>", encoding="utf-8")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, message in cases.items():
+        with pytest.raises(ValueError) as error:
+            captioner.read_checkpoint(str(tmp_path / name))
+        assert message in str(error.value), str(error.value)
+
+
+def test_the_model_modules_leave_caption_policy_to_inference():
+    """The model modules import no CLIP: cutting captions to CLIP's context is p2_inference's policy."""
+    import ast
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("captioner.py", "decoder.py", "encoder.py"):
+        with open(os.path.join(repo, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {m for m in imported if m.split(".")[0] in ("clip", "clip_context")}, name
+    assert not hasattr(captioner.Captioner, "captions")

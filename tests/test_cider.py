@@ -210,17 +210,8 @@ CAPTIONS = [
     "A man cannot stop laughing -- he's gonna fall!",
     "",
 ]
-# Known divergences from the Java tokenizer (CoreNLP 3.4.1), none of them in
-# text that captions or captioning models produce (found by fuzzing against
-# the jar; Java output after punctuation removal on the right):
-#   "c++ c#"    here "c + + c #"     Java "c++ c#"
-#   "v2.0"      here "v2.0"          Java "v2 .0"
-#   "a1,2"      here "a1,2"          Java "a1 ,2"
-#   "<a> a<b"   here "< a > a < b"   Java "<a> a <b"
-#   "can'ts", "gonna's", "3.5n't": Java's rarer clitic rules differ
-#   abbreviations CoreNLP knows beyond cider._ABBREVIATIONS keep their period
-#   in Java only; currency signs other than $, euro and pound (e.g. the rupee
-#   sign, dropped by Java) and other exotic Unicode may differ.
+# Where cider.tokenize still differs from Java: tests/ptb_corpus.py's
+# KNOWN_DIFFERENCES, checked against the jar below.
 
 
 def test_tokenize_known_cases():
@@ -230,6 +221,64 @@ def test_tokenize_known_cases():
     assert tokenize("A black-and-white cat, it's cute...") == "a black-and-white cat it 's cute"
     assert tokenize("can't won't cannot") == "ca n't wo n't can not"
     assert tokenize("the U.S. flag at 3:30 p.m.") == "the u.s. flag at 3:30 p.m."
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("3\u00bd cups and \u2154 of a pie", "3 1/2 cups and 2/3 of a pie"),  # vulgar fractions: own tokens
+    ("3 1/2 cups", "3\u00a01/2 cups"),  # a mixed fraction is one token, its space a no-break space
+    ("a long\u00adword, soft\u00ad \u00ad hyphens", "a longword soft hyphens"),
+    ("a cafe\u0301 and a nai\u0308ve man", "a cafe\u0301 and a nai\u0308ve man"),  # combining marks stay
+    ("a _UNK on a_b", "a _ unk on a_b"),  # "_" is no letter, but joins two words
+    ("a <b>bold</b> <a href=\"x\">link</a> a<b", "a <b> bold </b> <a\u00a0href=\"x\"> link </a> a < b"),
+    ("\u201cquoted\u201d \u00abtwice\u00bb", "quoted twice"),
+    ("a dog \U0001f436 \u2764\ufe0f and \u20b9100", "a dog \u2764 and 100"),  # emoji, selectors, rupee dropped
+])
+def test_tokenize_follows_java_on_unusual_text(caption, expected):
+    """The cases issue 10 found, with the Java tokenizer's output (measured on the jar)."""
+    assert tokenize(caption) == expected
+
+
+def _java_ptb_lines(lines, tmp_path):
+    """Java's PTBTokenizer tokens of each line, run as pycocoevalcap runs it (without its
+    punctuation removal): the jar coco-caption ships, -preserveLines -lowerCase, a UTF-8 file."""
+    import os
+    import subprocess
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = os.path.join(os.path.dirname(ptbtokenizer.__file__), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    text = tmp_path / "lines.txt"
+    text.write_bytes("\n".join(lines).encode("utf-8"))
+    out = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
+                          "-preserveLines", "-lowerCase", str(text)],
+                         capture_output=True, check=True, timeout=120).stdout.decode("utf-8")
+    rows = out.split("\n")
+    assert len(rows) >= len(lines), "the jar returned fewer lines than it was given"
+    return [row.split(" ") if row else [] for row in rows[:len(lines)]]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the reference tokenizer needs Java")
+def test_tokens_equal_the_java_tokenizer_on_a_tricky_corpus(tmp_path):
+    """Token for token against the jar itself, on fractions, soft hyphens, combining
+    accents, _UNK, tags, quotes, brackets, ellipses, numbers, Unicode punctuation,
+    emoji...; the lines that still differ are listed, and must still differ."""
+    from ptb_corpus import CORPUS, KNOWN_DIFFERENCES
+
+    from cider import PUNCTUATIONS, _ptb_tokens
+
+    java = _java_ptb_lines(CORPUS, tmp_path)
+    differing = {}
+    for line, java_tokens in zip(CORPUS, java):
+        ours = [t.lower() for t in _ptb_tokens(line)]
+        kept = " ".join(t for t in java_tokens if t not in PUNCTUATIONS)
+        if line in KNOWN_DIFFERENCES:
+            assert " ".join(java_tokens) == KNOWN_DIFFERENCES[line]
+            if ours != java_tokens:
+                differing[line] = java_tokens
+            continue
+        assert ours == java_tokens, line
+        assert tokenize(line) == kept, line
+    assert sorted(differing) == sorted(KNOWN_DIFFERENCES), "a known difference is gone: remove it from the list"
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="the reference tokenizer needs Java")

@@ -5,15 +5,16 @@ import pytest
 import torch
 
 from decoder import (
+    GPT2_SMALL,
     Decoder,
     DecoderConfig,
     infer_gpt2_shape,
+    sample_next,
     load_gpt2_into,
     load_gpt2_state,
     parameter_group,
 )
-
-EOT = 50256
+from tokenizer import EOT_ID
 PEFT_CASES = {
     "plain": {},
     "adapter": dict(adapter_dim=16),
@@ -48,7 +49,7 @@ def test_fresh_model_equals_transformers_gpt2(tiny_gpt2, case):
     _, reference = tiny_gpt2
     decoder = build(tiny_gpt2, **PEFT_CASES[case])
     torch.manual_seed(1)
-    idx = torch.randint(0, EOT + 1, (3, 12))
+    idx = torch.randint(0, EOT_ID + 1, (3, 12))
     feats = torch.randn(3, 7, 48)
     with torch.no_grad():
         ours = decoder(idx, decoder.memory(feats))[0]
@@ -64,7 +65,7 @@ def test_fresh_model_equals_transformers_gpt2(tiny_gpt2, case):
 def test_every_new_module_is_reached_by_gradients(tiny_gpt2):
     decoder = build(tiny_gpt2, **PEFT_CASES["all_combined"])
     perturb_new_parameters(decoder)
-    idx = torch.randint(0, EOT + 1, (2, 6))
+    idx = torch.randint(0, EOT_ID + 1, (2, 6))
     logits = decoder(idx, decoder.memory(torch.randn(2, 5, 48)))[0]
     logits.square().mean().backward()
     groups = {}
@@ -91,7 +92,7 @@ def test_parameter_groups_by_name():
 def test_shape_is_read_from_the_weights(tiny_gpt2):
     state = load_gpt2_state(tiny_gpt2[0])
     assert infer_gpt2_shape(state) == dict(n_layer=2, n_embd=128, vocab_size=50257, n_ctx=64)
-    assert DecoderConfig(**infer_gpt2_shape(state)).n_head == 2
+    assert DecoderConfig(**infer_gpt2_shape(state), encoder_width=48).n_head == 2
 
 
 def test_causal_mask_buffers_are_accepted(tiny_gpt2, tmp_path):
@@ -108,6 +109,8 @@ def test_causal_mask_buffers_are_accepted(tiny_gpt2, tmp_path):
     (lambda s: s.update({"h.0.attn.extra": torch.zeros(1)}), "unexpected ['h.0.attn.extra']"),
     (lambda s: s.update({"h.0.mlp.c_fc.weight": torch.zeros(128, 100)}), "h.0.mlp.c_fc.weight has shape"),
     (lambda s: s.pop("wte.weight"), "no 'wte.weight'"),
+    (lambda s: s["h.1.mlp.c_fc.weight"].view(-1)[7].fill_(float("nan")), "['h.1.mlp.c_fc.weight']"),
+    (lambda s: s["wpe.weight"].view(-1)[0].fill_(float("inf")), "hold NaN or inf values, e.g. ['wpe.weight']"),
 ])
 def test_bad_decoder_files_fail_clearly(tiny_gpt2, tmp_path, damage, message):
     state = torch.load(tiny_gpt2[0])
@@ -123,16 +126,46 @@ def test_huggingface_prefixed_layout_is_rejected(tiny_gpt2, tmp_path):
     torch.save(state, tmp_path / "prefixed.bin")
     with pytest.raises(ValueError, match="decoder_model.bin layout"):
         load_gpt2_state(str(tmp_path / "prefixed.bin"))
-    torch.save({"config": {}, "state_dict": {}}, tmp_path / "not_tensors.bin")
-    with pytest.raises(ValueError, match="dict of tensors"):
-        load_gpt2_state(str(tmp_path / "not_tensors.bin"))
+
+
+def test_decoder_files_of_another_kind_say_what_they_hold(tiny_gpt2, tmp_path):
+    state = torch.load(tiny_gpt2[0])
+    cases = {
+        "wrapped.bin": ({"state_dict": state}, "not all tensors ('state_dict': a dict of 28 tensors)"),
+        "checkpoint.pt": ({"config": {}, "state_dict": state}, "a captioner checkpoint"),
+        "list.bin": ([state["wte.weight"]], "holds a list"),
+    }
+    for name, (content, message) in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ValueError) as error:
+            load_gpt2_state(str(tmp_path / name))
+        assert message in str(error.value) and "expected the course's decoder_model.bin" in str(error.value), name
+    (tmp_path / "notes.txt").write_text("decoder weights: see the course page\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="notes.txt is not a PyTorch weights file .it is text starting with 'decoder"):
+        load_gpt2_state(str(tmp_path / "notes.txt"))
+
+
+def test_expected_shapes_are_the_decoders_gpt2_parameters(tiny_gpt2, monkeypatch):
+    """gpt2_shapes writes GPT-2's layout down; it must be what Decoder builds, and loading builds no Decoder."""
+    import decoder
+
+    shape = dict(n_layer=2, n_embd=128, vocab_size=50257, n_ctx=64)
+    built = Decoder(DecoderConfig(**shape, encoder_width=48, **PEFT_CASES["all_combined"]))
+    frozen = {k: tuple(v.shape) for k, v in built.state_dict().items() if parameter_group(k) is None}
+    assert decoder.gpt2_shapes(**shape) == frozen
+
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("load_gpt2_state built a decoder")
+
+    monkeypatch.setattr(decoder, "Decoder", no_decoder)
+    assert set(load_gpt2_state(tiny_gpt2[0])) == set(frozen)
 
 
 @pytest.mark.parametrize("case", ["plain", "prefix_reparam", "all_combined"])
 def test_key_value_cache_matches_full_forward(tiny_gpt2, case):
     decoder = build(tiny_gpt2, **PEFT_CASES[case])
     perturb_new_parameters(decoder)
-    idx = torch.randint(0, EOT + 1, (4, 9))
+    idx = torch.randint(0, EOT_ID + 1, (4, 9))
     with torch.no_grad():
         memory = decoder.memory(torch.randn(4, 5, 48))
         full = decoder(idx, memory)[0]
@@ -208,10 +241,10 @@ def test_cached_greedy_equals_uncached_recomputation(tiny_gpt2):
     perturb_new_parameters(decoder, std=0.2)
     feats = torch.randn(5, 7, 48)
     with torch.no_grad():
-        assert decoder.greedy(feats, 8, EOT) == uncached_greedy(decoder, feats, 8, EOT)
+        assert decoder.beam_search(feats, 1, 8, EOT_ID) == uncached_greedy(decoder, feats, 8, EOT_ID)
     small, feats = small_vocab_decoder()
     with torch.no_grad():
-        captions = small.greedy(feats, 12, 15)
+        captions = small.beam_search(feats, 1, 12, 15)
         assert captions == uncached_greedy(small, feats, 12, 15)
     lengths = {len(c) for c in captions}
     assert min(lengths) < 12 and max(lengths) == 12  # both ended and cut-off captions were exercised
@@ -223,7 +256,7 @@ def test_batched_beam_search_equals_reference(beam_size, alpha):
     with torch.no_grad():
         batched = decoder.beam_search(feats, beam_size, 12, 15, alpha)
         reference = [reference_beam_search(decoder, feats[b:b + 1], beam_size, 12, 15, alpha) for b in range(16)]
-        greedy = decoder.greedy(feats, 12, 15)
+        greedy = uncached_greedy(decoder, feats, 12, 15)
     assert batched == reference
     if beam_size == 1:
         assert batched == greedy
@@ -231,19 +264,51 @@ def test_batched_beam_search_equals_reference(beam_size, alpha):
     assert min(lengths) < 12 and 15 not in {t for c in batched for t in c}
 
 
+def test_sampling_shares_each_image_among_its_samples():
+    """n samples per image, image-major; top_k = 1 leaves only the likeliest token: greedy, n times."""
+    decoder, feats = small_vocab_decoder()
+    with torch.no_grad():
+        samples = decoder.sample(feats, 3, 12, 15, top_k=1, generator=torch.Generator().manual_seed(0))
+        greedy = uncached_greedy(decoder, feats, 12, 15)
+    assert samples == [caption for caption in greedy for _ in range(3)]
+
+
+def test_sampling_draws_only_among_the_kept_tokens():
+    decoder, feats = small_vocab_decoder()
+    with torch.no_grad():
+        free = decoder.sample(feats, 4, 12, 15, generator=torch.Generator().manual_seed(0))
+        top2 = decoder.sample(feats, 4, 12, 15, top_k=2, generator=torch.Generator().manual_seed(0))
+        first = decoder(torch.full((16, 1), 15), decoder.memory(feats))[0][:, -1]  # [16, V]
+    allowed = first.topk(3, dim=-1).indices.tolist()  # the end token cannot come first: top 2 of the other 15
+    assert all(c[0] in allowed[i // 4] for i, c in enumerate(top2))
+    assert len({t for c in free for t in c}) > len({t for c in top2 for t in c})
+    assert all(len(c) >= 1 and 15 not in c for c in free + top2)
+
+
+def test_sample_next_top_k_and_nucleus():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1).repeat(2000, 1)  # p = .64 .24 .09 .03
+    draw = lambda **kw: sample_next(logits, generator=torch.Generator().manual_seed(0), **kw).tolist()
+    assert set(draw(top_k=1)) == {0}
+    assert set(draw(top_k=2)) == {0, 1}
+    assert set(draw(top_p=0.8)) == {0, 1}  # 0.64 < 0.8 <= 0.64 + 0.24
+    assert set(draw(top_p=0.5)) == {0}
+    everything = draw()
+    assert set(everything) == {0, 1, 2, 3} and abs(everything.count(0) / 2000 - 0.64) < 0.04
+
+
 def test_beam_search_never_returns_empty_or_end_tokens(tiny_gpt2):
     decoder = build(tiny_gpt2)
     perturb_new_parameters(decoder)
     with torch.no_grad():
-        decoder.ln_f.bias.add_(decoder.wte.weight[EOT] / decoder.wte.weight[EOT].norm() ** 2 * 5.0)  # EOT always best
+        decoder.ln_f.bias.add_(decoder.wte.weight[EOT_ID] / decoder.wte.weight[EOT_ID].norm() ** 2 * 5.0)  # EOT_ID always best
         feats = torch.randn(3, 7, 48)
-        for captions in (decoder.greedy(feats, 6, EOT), decoder.beam_search(feats, 3, 6, EOT, 0.5)):
-            assert all(len(c) >= 1 and EOT not in c for c in captions)
+        for captions in (decoder.beam_search(feats, 1, 6, EOT_ID), decoder.beam_search(feats, 3, 6, EOT_ID, 0.5)):
+            assert all(len(c) >= 1 and EOT_ID not in c for c in captions)
 
 
 def test_cross_attention_weights(tiny_gpt2):
     decoder = build(tiny_gpt2)
-    idx = torch.randint(0, EOT, (2, 5))
+    idx = torch.randint(0, EOT_ID, (2, 5))
     with torch.no_grad():
         _, _, att = decoder(idx, decoder.memory(torch.randn(2, 7, 48)))
     assert att.shape == (2, 2, 5, 7)  # [N, H, T, S]
@@ -256,6 +321,12 @@ def test_context_overflow_is_an_error(tiny_gpt2):
         decoder(torch.zeros(1, 65, dtype=torch.long), decoder.memory(torch.randn(1, 3, 48)))
 
 
+def test_the_shape_is_never_defaulted():
+    """GPT-2's shape and the encoder's width come from the weights, never from defaults."""
+    with pytest.raises(TypeError, match="n_layer.*n_embd.*vocab_size.*n_ctx.*encoder_width"):
+        DecoderConfig()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n_embd=100), "multiple of the head width"),
     (dict(cross_layers=[12]), "cross_layers [12] out of range"),
@@ -265,7 +336,7 @@ def test_context_overflow_is_an_error(tiny_gpt2):
 ])
 def test_bad_configs_fail_clearly(kwargs, message):
     with pytest.raises(ValueError) as error:
-        DecoderConfig(**kwargs)
+        DecoderConfig(**{**GPT2_SMALL, "encoder_width": 1024, **kwargs})
     assert message in str(error.value)
 
 
@@ -275,7 +346,7 @@ def test_a_fresh_prefix_learns_from_the_first_step(tiny_gpt2, hidden):
     after one step, everything in the prefix does (no zero gate to open first)."""
     decoder = build(tiny_gpt2, prefix_len=4, prefix_hidden=hidden)
     assert (decoder.prefix()[:, 1] == 0).all() and (decoder.prefix()[:, 0] != 0).any()
-    idx = torch.randint(0, EOT + 1, (2, 6))
+    idx = torch.randint(0, EOT_ID + 1, (2, 6))
     feats = torch.randn(2, 5, 48)
     params = [p for n, p in decoder.named_parameters() if n.startswith("prefix.")]
     for step in range(2):

@@ -13,7 +13,6 @@ import encoder
 import hw3_cache
 import io_utils
 import p1_zeroshot
-import p2_inference
 import script_rules
 import tokenizer
 from captioner import Captioner, make_config, mark_trainable, save_checkpoint
@@ -116,12 +115,12 @@ def test_download_fills_the_places_the_scripts_read(tmp_path, cache, tiny_checkp
     result, log = run_download(tmp_path, DRIVE_URL, tiny_checkpoint, bpe_dir)
     assert result.returncode == 0, result.stderr
 
-    checkpoint = p2_inference.default_checkpoint()
+    checkpoint = io_utils.p2_checkpoint()
     assert checkpoint == str(cache / "p2_checkpoint.pt") == hw3_cache.target("checkpoint")
     assert ["gdown", DRIVE_URL, checkpoint + ".part"] in log  # a Drive link goes to gdown
     with open(checkpoint, "rb") as a, open(tiny_checkpoint, "rb") as b:
         assert a.read() == b.read()
-    assert p2_inference.checkpoint_path() == checkpoint
+    assert io_utils.existing_p2_checkpoint() == checkpoint
 
     gpt2 = io_utils.cache_dir("gpt2")
     assert ["wget", OPENAI + "encoder.json", os.path.join(gpt2, "encoder.json.part")] in log
@@ -141,7 +140,7 @@ def test_unset_checkpoint_url_is_loud_and_fails_after_the_rest(tmp_path, cache, 
     result, log = run_download(tmp_path, "", tiny_checkpoint, bpe_dir)
     assert result.returncode != 0
     assert "P2_CKPT_URL" in result.stderr and "NOT downloaded" in result.stderr
-    assert not os.path.exists(p2_inference.default_checkpoint())
+    assert not os.path.exists(io_utils.p2_checkpoint())
     assert [e[0] for e in log] == ["clip.load", "clip.load", "wget", "wget"]  # the rest still came
     assert f"encoder {encoder.DEFAULT_ENCODER} is in" in result.stderr
     assert tokenizer.find_vocab_dir() == io_utils.cache_dir("gpt2")
@@ -152,17 +151,17 @@ def test_unset_checkpoint_url_is_loud_and_fails_after_the_rest(tmp_path, cache, 
 def test_a_bad_download_is_not_installed(cache, bpe_dir):
     part = hw3_cache.part("checkpoint")
     place(part, b"<!DOCTYPE html><html>Google Drive - Virus scan warning</html>")
-    with pytest.raises(SystemExit, match="not usable"):
+    with pytest.raises(io_utils.InputError, match="not usable"):
         hw3_cache.install_checkpoint()
     assert not os.path.exists(part) and not os.path.exists(hw3_cache.target("checkpoint"))
 
     with open(os.path.join(bpe_dir, "vocab.bpe"), "rb") as f:
         place(hw3_cache.part("vocab.bpe"), f.read())
     place(hw3_cache.part("encoder.json"), b"")  # wget -O leaves an empty file on a failure
-    with pytest.raises(SystemExit, match="encoder.json, vocab.bpe is not usable"):
+    with pytest.raises(io_utils.InputError, match="encoder.json, vocab.bpe is not usable"):
         hw3_cache.install_gpt2()
     assert not hw3_cache.has_gpt2()
-    with pytest.raises(SystemExit, match="download failed"):
+    with pytest.raises(io_utils.InputError, match="download failed"):
         hw3_cache.install_gpt2()  # nothing downloaded at all
 
 
@@ -177,7 +176,7 @@ def test_encoder_step_fetches_what_the_checkpoint_names(cache, monkeypatch, tiny
     def offline(name):
         raise OSError("network unreachable")
     monkeypatch.setattr(encoder, "download_weights", offline)
-    with pytest.raises(SystemExit, match=f"could not download encoder weights '{TINY_VIT}'.*unreachable"):
+    with pytest.raises(io_utils.InputError, match=f"could not download encoder weights '{TINY_VIT}'.*unreachable"):
         hw3_cache.fetch_encoder()
 
 

@@ -81,8 +81,32 @@ def expected_cider(refs, preds):
     return Cider().compute_score(gts, res)[0]
 
 
+def clip_tokens_cut_at_a_word(caption):
+    """clip.tokenize of the longest word prefix of `caption` that it accepts."""
+    import clip
+
+    words = caption.split(" ")
+    for n in range(len(words), 0, -1):
+        try:
+            return clip.tokenize(" ".join(words[:n]))
+        except RuntimeError:  # too long for the context
+            continue
+    raise AssertionError(f"not even the first word of {caption!r} fits")
+
+
+def test_long_captions_are_cut_at_a_word_as_inference_cuts_them():
+    import clip
+    import torch
+
+    from clipscore import clip_text_tokens
+
+    fits = " ".join(["word"] * 74)  # 74 tokens + start and end: one short of the context
+    tokens = clip_text_tokens([fits + " antidisestablishmentarianism", fits], 77)
+    assert torch.equal(tokens, clip.tokenize([fits, fits]))  # the long last word goes whole
+
+
 def expected_clip_scores(model_file, root, preds):
-    """The course's per-image CLIPScore, one image at a time, truncating long text."""
+    """The course's per-image CLIPScore, one image at a time, long text cut at a word boundary."""
     import clip
     import torch
 
@@ -92,7 +116,7 @@ def expected_clip_scores(model_file, root, preds):
         for key, caption in preds.items():
             name = IMAGES[key][0]
             image = preprocess(Image.open(root / name).convert("RGB")).unsqueeze(0)
-            text = clip.tokenize(caption, truncate=True)
+            text = clip_tokens_cut_at_a_word(caption)
             cos = torch.nn.functional.cosine_similarity(model.encode_image(image), model.encode_text(text))
             scores[key] = 2.5 * max(cos.item(), 0.0)
     return scores
@@ -117,6 +141,8 @@ def test_end_to_end_scores_equal_direct_computation(dataset, tiny_clip_file):
     assert any(s > 0 for s in direct.values())  # a random CLIP still gives some positive cosines
     assert float(match.group(2)) == pytest.approx(np.mean(list(direct.values())), abs=1e-4)
     assert "1 caption(s) longer than CLIP's 77-token context were truncated" in proc.stderr
+    assert ("the images of 3 key(s) ['000000000009', '2988244398', 'bus'] are not named <key>.jpg: "
+            "the course's scorer opens <key>.jpg only") in proc.stderr
 
     rows = json.loads(per_image.read_text())
     assert [r["key"] for r in rows] == sorted(direct, key=lambda k: -direct[k])
@@ -253,3 +279,182 @@ def test_java_missing_is_explained(dataset, tmp_path):
                         "--no-clipscore", env=env)
     assert proc.returncode != 0
     assert "needs Java" in proc.stderr and "default-jre-headless" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# checks before any work: a bad option fails before CIDEr and CLIPScore run
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_scoring(monkeypatch):
+    """p2_evaluate with CIDEr and CLIPScore replaced by failures: a check that
+    comes before them reports its error; one that comes after never runs."""
+    import p2_evaluate
+
+    def scored(*args, **kwargs):
+        raise AssertionError("scoring started before the inputs were checked")
+
+    monkeypatch.setattr(p2_evaluate, "cider_pycoco", scored)
+    monkeypatch.setattr(p2_evaluate, "clip_scores", scored)
+    monkeypatch.setattr(p2_evaluate, "check_java", lambda: None)
+    return p2_evaluate
+
+
+def _main_error(module, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([str(a) for a in argv])
+    return str(exit_info.value.code)
+
+
+def test_unknown_clip_model_fails_before_scoring(dataset, no_scoring):
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                       "--annotation_file", dataset["ann"], "--clip-model", "ViT-X/99"])
+    assert "CLIP model 'ViT-X/99' not found; available models = [" in message
+
+
+@pytest.mark.parametrize("option", ["--metrics-out", "--per-image"])
+def test_output_file_that_cannot_be_written_fails_before_scoring(dataset, no_scoring, option):
+    args = ["--pred_file", dataset["pred"], "--images_root", dataset["root"], "--annotation_file", dataset["ann"]]
+    folder = dataset["tmp"] / "a_folder"
+    folder.mkdir()
+    assert f"{option}: output path '{folder}' is a folder; expected a file name" in _main_error(no_scoring, args + [option, folder])
+
+    under_file = dataset["pred"] / "sub" / "out.json"  # the prediction file is a file, not a folder
+    message = _main_error(no_scoring, args + [option, under_file])
+    assert f"{option}: cannot write '{under_file}': '{dataset['pred']}' is not a folder" in message
+
+
+def test_repeated_prediction_keys_warn(tmp_path, capsys):
+    import p2_evaluate
+
+    pred = tmp_path / "pred.json"
+    pred.write_text('{"a": "a dog", "b": {"x": 1, "x": 2}, "a": "a cat", "c": "x", "c": "y", "d": "z"}')
+    with pytest.raises(p2_evaluate.InputError):  # b is not a caption; its inner repeat is not a key
+        p2_evaluate.load_predictions(str(pred))
+    assert "2 key(s) ['a', 'c'] more than once" in capsys.readouterr().err
+
+    pred.write_text('{"a": "a dog", "b": "x", "a": "a cat"}')
+    assert p2_evaluate.load_predictions(str(pred)) == {"a": "a cat", "b": "x"}
+    err = capsys.readouterr().err
+    assert "holds 1 key(s) ['a'] more than once" in err and "the score changes" in err
+
+    for text in ('{"a": "a dog", "b": "x"}', '[{"a": 1, "a": 2}]'):  # no repeat; a list, not a prediction file
+        pred.write_text(text)
+        try:
+            p2_evaluate.load_predictions(str(pred))
+        except p2_evaluate.InputError:
+            pass
+        assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------
+# warnings wherever the course's scorer gives another number
+# ---------------------------------------------------------------------------
+
+
+def _write_annotation(path, captions_by_name):
+    annotation = {"images": [], "annotations": []}
+    for image_id, (name, captions) in enumerate(captions_by_name.items(), start=1):
+        annotation["images"].append({"file_name": name, "id": image_id})
+        annotation["annotations"] += [{"caption": c, "image_id": image_id, "id": 10 * image_id + i}
+                                      for i, c in enumerate(captions)]
+    path.write_text(json.dumps(annotation))
+    return str(path)
+
+
+def test_warns_on_captions_the_course_scorer_splits_or_rewrites(tmp_path, capsys):
+    import p2_evaluate
+
+    ann = _write_annotation(tmp_path / "val.json", {
+        "a.jpg": ["a dog _UNK on grass", "a dog"], "b.jpg": ["a cat\u2028on a mat", "a cat"],
+        "c.jpg": ["a bus", "a red bus"], "d.jpg": ["a _unk is lower case", "a cow"]})
+    refs = p2_evaluate.load_references(ann)
+    preds = {"a": "a dog\ron grass", "b": "a cat", "c": "a bus\x0c", "d": "a cow"}
+    p2_evaluate.warn_course_differences(preds, refs, ann, None)
+    err = capsys.readouterr().err
+    assert "the predictions of 2 key(s) ['a', 'c'] contain a line break other than \\n" in err
+    assert "the references of 1 key(s) ['b'] contain a line break" in err
+    assert "scores every later caption against the wrong image" in err
+    assert "the references of 1 key(s) ['a'] contain '_UNK'" in err and "'_UNKNOWN' in references only" in err
+    assert "keys an image" not in err  # every file name is <key>.jpg
+
+    p2_evaluate.warn_course_differences({"c": "a bus", "d": "a cow"},
+                                        {k: refs[k] for k in ("c", "d")}, ann, None)
+    assert capsys.readouterr().err == ""
+    p2_evaluate.warn_course_differences(preds, refs, ann, None, cider=False)  # only CIDEr reads captions
+    assert capsys.readouterr().err == ""
+
+
+def test_warns_on_file_names_the_course_scorer_keys_differently(tmp_path, capsys):
+    import p2_evaluate
+
+    ann = _write_annotation(tmp_path / "val.json", {
+        "a.png": ["x"], "b.jpg.jpg": ["y"], "c.jpg": ["z"], "d.JPG": ["w"], "e.v2.jpg": ["v"]})
+    assert p2_evaluate.course_keys(ann) == {"a": "a.png", "b.jpg": "b", "d": "d.JPG"}
+    refs = p2_evaluate.load_references(ann)
+    p2_evaluate.warn_course_differences({k: "x" for k in refs}, refs, ann, None)
+    err = capsys.readouterr().err
+    assert "3 image(s) get another key there (here 'a' there 'a.png', 'b.jpg' there 'b', 'd' there 'd.JPG')" in err
+
+
+def _save_image(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_warns_on_images_the_course_scorer_opens_or_converts_differently(tmp_path, capsys):
+    import p2_evaluate
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((8, 8, 1), 255, np.uint8)], axis=-1)
+    see_through = rgba.copy()
+    see_through[:4, :, 3] = 0
+    wide = rng.integers(0, 65536, size=(8, 8), dtype=np.uint16)
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])
+    palette.save(tmp_path / "palette.png", transparency=palette.info["transparency"])
+    paths = {
+        "plain": _save_image(tmp_path / "plain.jpg", rgb),
+        "opaque": _save_image(tmp_path / "opaque.png", rgba),        # alpha, but nothing to composite
+        "see_through": _save_image(tmp_path / "see_through.png", see_through),
+        "wide": _save_image(tmp_path / "wide.png", wide),            # 16-bit grayscale
+        "palette": str(tmp_path / "palette.png"),
+    }
+    assert Image.open(paths["wide"]).mode.startswith("I")
+    assert [k for k in paths if p2_evaluate.converts_differently(paths[k])] == ["see_through", "wide", "palette"]
+
+    ann = _write_annotation(tmp_path / "val.json", {k + ".jpg": ["x"] for k in paths})
+    refs = p2_evaluate.load_references(ann)
+    p2_evaluate.warn_course_differences({k: "x" for k in refs}, refs, ann, paths)
+    err = capsys.readouterr().err
+    assert "the images of 4 key(s) ['opaque', 'palette', 'see_through', 'wide'] are not named <key>.jpg" in err
+    assert ("the images of 3 key(s) ['palette', 'see_through', 'wide'] have transparency or more than "
+            "8 bits per channel") in err
+
+
+def test_inference_captions_hold_no_line_break_the_course_scorer_splits(bpe_dir):
+    """Our captions never trigger the line-break warning: the caption text of any
+    GPT-2 token, or of text with every line break Java knows, has none."""
+    from captioner import caption_text
+    from p2_evaluate import _LINE_BREAKS
+    from tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer(os.path.join(bpe_dir, "encoder.json"), os.path.join(bpe_dir, "vocab.bpe"))
+    breaks = "\n\r\x0b\x0c\u2028\u2029"
+    a, b = tokenizer.encode("a"), tokenizer.encode("b")
+    for ch in breaks:
+        ids = tokenizer.encode(f"a{ch}b{ch}{ch} c{ch}")
+        assert tokenizer.decode(ids) == f"a{ch}b{ch}{ch} c{ch}"  # the break survives decoding...
+        assert caption_text(tokenizer, ids) == "a b c"            # ...but not the caption text
+    texts = (caption_text(tokenizer, a + [i] + b) for i in range(len(tokenizer.encoder)))
+    assert [t for t in texts if _LINE_BREAKS.search(t) or "\n" in t] == []
+
+
+def test_course_warnings_come_before_scoring(dataset, no_scoring, capsys):
+    dataset["pred"].write_text(json.dumps(dict(PREDICTIONS, bus="a red bus\u2029parked")))
+    with pytest.raises(AssertionError, match="scoring started"):
+        no_scoring.main([str(a) for a in ("--pred_file", dataset["pred"], "--annotation_file", dataset["ann"],
+                                          "--no-clipscore")])
+    assert "the predictions of 1 key(s) ['bus'] contain a line break" in capsys.readouterr().err

@@ -107,6 +107,9 @@ READABLE = {
 }
 
 
+NOT_UTF8 = b"caf\xe9 latin-1.png"
+
+
 @pytest.fixture(scope="module")
 def e2e(tiny_clip_file, tmp_path_factory):
     """One run of `bash hw3_1.sh` on a folder of tricky names, modes and non-images."""
@@ -125,6 +128,9 @@ def e2e(tiny_clip_file, tmp_path_factory):
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     whole = (folder / "plain.png").read_bytes()
     (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    with open(os.path.join(os.fsencode(folder), NOT_UTF8), "wb") as f:
+        f.write(whole)  # a good image whose name no UTF-8 CSV can hold
+    os.symlink(folder / "moved_away.png", folder / "dangling.png")
     id2label = write_json(tmp / "id2label.json", ID2LABEL)
     out = tmp / "not" / "yet" / "pred.csv"
     result = run_hw3_1([str(folder), id2label, str(out)], tiny_clip_file, tmp)
@@ -142,6 +148,14 @@ def test_hw3_1_writes_one_row_per_readable_image(e2e):
     for skipped in ("notes.txt", "broken.png", "truncated.png"):
         assert f"'{skipped}'" in result.stderr
     assert "'plain.png'" not in result.stderr
+
+
+def test_hw3_1_skips_a_name_that_is_not_utf8_and_a_dangling_link_with_warnings(e2e):
+    _, out, result = e2e
+    assert result.returncode == 0, result.stderr
+    assert f"skipping {NOT_UTF8!r}: its name is not valid UTF-8" in result.stderr
+    assert "skipping 'dangling.png': a symbolic link to" in result.stderr
+    assert len(read_csv(out)) == 1 + len(READABLE)
 
 
 def test_hw3_1_labels_equal_direct_computation(e2e, tiny_clip_file):
@@ -245,6 +259,28 @@ def test_class_text_is_encoded_once_per_run(tiny_clip_file, tmp_path, monkeypatc
     assert counts[0][1] == len(ID2LABEL) * len(zs.TEMPLATES)
 
 
+def test_wrong_file_as_clip_checkpoint_says_what_it_is_not(tiny_vit_file, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        zs.load_clip(tiny_vit_file, torch.device("cpu"))
+    message = str(error.value.code)
+    assert f"{tiny_vit_file!r} is not a CLIP checkpoint: it has no tensor 'visual.layer1.0.conv1.weight'" in message
+    assert "expected OpenAI's CLIP weights" in message
+    (tmp_path / "page.pt").write_text("<html>not found</html>")
+    with pytest.raises(SystemExit, match="'.*page.pt' is not a CLIP checkpoint: .*expected OpenAI's CLIP weights"):
+        zs.load_clip(str(tmp_path / "page.pt"), torch.device("cpu"))
+
+
+def test_two_ids_with_the_same_prompts_warn(tmp_path, capsys):
+    path = write_json(tmp_path / "id2label.json", {"0": "maple_tree", "1": "oak", "2": "Maple  Tree", "3": "OAK"})
+    assert zs.read_id2label(path) == {0: "maple_tree", 1: "oak", 2: "Maple  Tree", 3: "OAK"}
+    err = capsys.readouterr().err
+    assert "class 2 ('Maple  Tree') has the same prompts as class 0 ('maple_tree'); class 2 can never be predicted" in err
+    assert "class 3 ('OAK') has the same prompts as class 1 ('oak')" in err
+    write_json(tmp_path / "id2label.json", ID2LABEL)
+    zs.read_id2label(path)
+    assert "same prompts" not in capsys.readouterr().err
+
+
 def test_read_id2label_sorts_ids(tmp_path):
     path = write_json(tmp_path / "a.json", {"10": "b", "2": "a_b"})
     assert zs.read_id2label(path) == {2: "a_b", 10: "b"}
@@ -292,6 +328,7 @@ def _bad_json(tmp_path, text):
     ("non-string value", "must be a non-empty string"),
     ("duplicate id", "repeats class id 1"),
     ("unknown model", "CLIP model 'no-such-model' not found; available models = ["),
+    ("long class name", "the name of class 7 (500 characters, 'xxxxx"),
 ])
 @pytest.mark.parametrize("existing_output", [False, True])
 def test_bad_inputs_exit_with_message_and_no_output(case, expected, existing_output, tiny_clip_file,
@@ -320,6 +357,8 @@ def test_bad_inputs_exit_with_message_and_no_output(case, expected, existing_out
         id2label = _bad_json(tmp_path, '{"0": "dog", "1": 5}')
     elif case == "duplicate id":
         id2label = _bad_json(tmp_path, '{"1": "dog", "01": "cat"}')
+    elif case == "long class name":
+        id2label = write_json(tmp_path / "long.json", {"0": "dog", "7": "x" * 500})
     out = tmp_path / "out" / "pred.csv"
     if existing_output:
         out.parent.mkdir()
@@ -338,9 +377,25 @@ def test_bad_inputs_exit_with_message_and_no_output(case, expected, existing_out
         assert not out.parent.exists()
 
 
+@pytest.mark.parametrize("case", ["trailing slash", "under a file", "read-only place"])
+def test_output_path_that_cannot_be_written_fails_before_loading(case, tiny_clip_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before checking the output path"))
+    folder = save_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "file.txt").write_text("x")
+    out = {"trailing slash": str(tmp_path / "newdir") + os.sep, "under a file": str(tmp_path / "file.txt" / "p.csv"),
+           "read-only place": "/sys/hw3_outputs/pred.csv"}[case]
+    if case == "read-only place" and not os.path.isdir("/sys"):
+        pytest.skip("no /sys here")
+    with pytest.raises(SystemExit) as error:
+        zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), out])
+    assert str(error.value.code).startswith("error: ") and repr(out) in str(error.value.code)
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "id2label.json", "images"]
+
+
 def test_bad_batch_size(monkeypatch):
     monkeypatch.setenv("HW3_P1_BATCH", "0")
-    with pytest.raises(SystemExit, match="HW3_P1_BATCH"):
+    with pytest.raises(io_utils.InputError, match="HW3_P1_BATCH"):
         zs.batch_size()
 
 

@@ -172,6 +172,17 @@ def test_cli_refuses_bad_arguments_before_loading(tmp_path):
                            "--decoder-weights", "b"])
 
 
+def test_cli_refuses_a_truncated_image_before_loading(report_images, tmp_path, monkeypatch):
+    monkeypatch.setattr(p2_attention, "load_model", lambda *args: pytest.fail("loaded before reading the images"))
+    whole = open(report_images[0], "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(SystemExit) as error:
+        p2_attention.main(["--images", report_images[0], str(tmp_path / "cut.jpg"), "--out-dir", str(tmp_path / "out"),
+                           "--decoder-weights", "b", "--checkpoint", "c"])
+    assert str(error.value.code).startswith(f"error: image {str(tmp_path / 'cut.jpg')!r} cannot be decoded")
+    assert not (tmp_path / "out").exists()
+
+
 def test_notebook_is_thin_valid_and_stores_no_outputs():
     with open(os.path.join(REPO, "p2_visualize.ipynb"), encoding="utf-8") as f:
         notebook = json.load(f)

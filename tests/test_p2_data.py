@@ -8,6 +8,7 @@ from conftest import TINY_VIT, TINY_VIT_KWARGS
 
 import synthetic
 from encoder import ImageEncoder
+from io_utils import InputError
 from p2_data import (
     EpochSampler,
     FeatureCache,
@@ -15,7 +16,6 @@ from p2_data import (
     make_batch,
     normalize_caption,
 )
-from p2_evaluate import InputError
 from tokenizer import BPETokenizer
 
 EOT = 50256
@@ -111,3 +111,20 @@ def test_feature_cache_is_built_once_and_keyed(dataset, tokenizer, tiny_vit_file
     with pytest.raises(FileNotFoundError):  # another encoder: another key, so no stale read
         FeatureCache(str(tmp_path), other, split, torch.device("cpu"))
     assert len(calls) == 1
+
+
+def test_an_interrupted_feature_cache_build_leaves_nothing_half_written(dataset, tokenizer, tiny_vit_file, tmp_path):
+    encoder = ImageEncoder(TINY_VIT, weights=tiny_vit_file, model_kwargs=TINY_VIT_KWARGS)
+    split = Split(dataset, "val", tokenizer)
+    forward, calls = encoder.forward, []
+
+    def fails_on_the_second_batch(images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(images)
+
+    encoder.forward = fails_on_the_second_batch
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(str(tmp_path), encoder, split, torch.device("cpu"), batch_size=3)
+    assert [name for _, _, names in os.walk(tmp_path) for name in names] == []

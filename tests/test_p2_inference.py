@@ -11,12 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import captioner
 import io_utils
 import p2_inference
-from captioner import (
-    load_checkpoint,
-)
+from captioner import load_checkpoint
+from clip_context import CLIP_CONTEXT, clip_length, fit_clip_context
 from io_utils import open_rgb, strip_extension
 from tokenizer import BPETokenizer
 
@@ -72,10 +70,6 @@ def direct_captions(checkpoint, decoder_weights, encoder_weights, paths, **gener
     return {strip_extension(os.path.basename(p)): " ".join(tokenizer.decode(i).split()) for p, i in zip(paths, ids)}
 
 
-def clip_tokens(text):
-    return len(captioner._clip_tokenizer().encode(text))
-
-
 # ---------------------------------------------------------------- end to end
 
 READABLE = {  # name -> mode; the keys strip only the last extension
@@ -83,6 +77,7 @@ READABLE = {  # name -> mode; the keys strip only the last extension
     "a name with spaces.png": "P", "貓.jpg": "RGB", "gray16.png": "I;16", "no_extension": "RGB",
 }
 KEYS = {"whatever", "photo.v2", "0_0", "cat_2", "a name with spaces", "貓", "gray16", "no_extension"}
+NOT_UTF8 = b"caf\xe9.png"
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +87,10 @@ def e2e(tmp_path_factory, checkpoint, tiny_vit_file, decoder_weights):
     folder = save_images(tmp / "images", READABLE)
     (folder / "notes.txt").write_text("not an image", encoding="utf-8")
     (folder / "broken.jpg").write_bytes((folder / "cat_2.jpg").read_bytes()[:200])
+    whole = (folder / "whatever.png").read_bytes()
+    (folder / "cat_2.png").write_bytes(whole[:len(whole) // 2])  # cat_2.jpg's key, but it does not decode
+    with open(os.path.join(os.fsencode(folder), NOT_UTF8), "wb") as f:
+        f.write(whole)  # a good image whose name no JSON key can hold
     out = tmp / "new" / "folder" / "pred.json"
     env = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
     env.update(HW3_P2_CKPT=checkpoint, HW3_P2_ENCODER_WEIGHTS=tiny_vit_file, HW3_CACHE=str(tmp / "cache"),
@@ -118,6 +117,8 @@ def test_e2e_warns_about_skipped_files(e2e):
     _, _, result = e2e
     assert "'notes.txt': not an image" in result.stderr
     assert "'broken.jpg': broken image" in result.stderr
+    assert "'cat_2.png': broken image" in result.stderr  # sharing cat_2.jpg's key is no conflict
+    assert f"skipping {NOT_UTF8!r}: its name is not valid UTF-8" in result.stderr
     assert "wrote 8 captions" in result.stderr
 
 
@@ -128,7 +129,7 @@ def test_e2e_equals_direct_computation(e2e, checkpoint, tiny_vit_file, decoder_w
     expected = direct_captions(checkpoint, decoder_weights, tiny_vit_file, paths)
     assert len(set(expected.values())) > 1, "the checkpoint gives every image the same caption"
     for key, caption in expected.items():
-        if clip_tokens(caption) <= captioner.CLIP_TOKENS:
+        if clip_length(caption) <= CLIP_CONTEXT:
             assert preds[key] == caption, key
         else:  # cut to CLIP's context at a word boundary
             assert caption.startswith(preds[key]) and preds[key], key
@@ -163,7 +164,8 @@ def test_checkpoint_that_is_not_a_captioner_is_an_error(env, tmp_path, monkeypat
     assert "not a captioner checkpoint" in run_main([folder, out, decoder_weights])
     (tmp_path / "text.pt").write_text("hello", encoding="utf-8")
     monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "text.pt"))
-    assert "cannot build the captioner from" in run_main([folder, out, decoder_weights])
+    message = run_main([folder, out, decoder_weights])
+    assert "cannot build the captioner from" in message and "text.pt is not a PyTorch weights file" in message
     assert not out.exists()
 
 
@@ -210,15 +212,48 @@ def test_a_non_image_sharing_a_key_is_no_conflict(tmp_path):
     assert p2_inference.image_keys(str(folder), ["a.jpg", "a.txt"]) == {"a.jpg": "a", "a.txt": "a"}
 
 
+def test_a_truncated_image_sharing_a_key_is_no_conflict(tmp_path):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB", "b.png": "RGBA"})
+    whole = (folder / "b.png").read_bytes()
+    (folder / "a.png").write_bytes(whole[:len(whole) // 2])  # its header reads, its pixels do not
+    assert p2_inference.image_keys(str(folder), ["a.jpg", "a.png", "b.png"]) == {"a.jpg": "a", "a.png": "a",
+                                                                                  "b.png": "b"}
+
+
 @pytest.mark.parametrize("name, value", [
     ("HW3_P2_BEAM", "0"), ("HW3_P2_BEAM", "five"), ("HW3_P2_BEAM", "2.5"), ("HW3_P2_MAX_LEN", "-3"),
     ("HW3_P2_LENGTH_PENALTY", "nan"), ("HW3_P2_LENGTH_PENALTY", "-1"), ("HW3_P2_BATCH", "0"),
+    ("HW3_P2_BEAM", "100000"), ("HW3_P2_LENGTH_PENALTY", "1e308"), ("HW3_P2_LENGTH_PENALTY", "inf"),
 ])
 def test_bad_override_is_an_error(env, tmp_path, monkeypatch, decoder_weights, name, value):
     monkeypatch.setenv(name, value)
     out = tmp_path / "pred.json"
     assert f"{name}={value!r} is not" in run_main([tmp_path / "absent", out, decoder_weights])
     assert not out.exists()
+
+
+def test_max_len_beyond_the_decoders_context_fails_before_captioning(env, tmp_path, monkeypatch, decoder_weights):
+    """The tiny GPT-2 has 64 positions; found when the model loads, not at the first batch."""
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    monkeypatch.setenv("HW3_P2_MAX_LEN", "1000")
+    monkeypatch.setattr(p2_inference, "caption_batch", lambda *a: pytest.fail("captioning started"))
+    message = run_main([folder, tmp_path / "pred.json", decoder_weights])
+    assert "max_len=1000 is out of range; expected an integer in 1..62" in message and "HW3_P2_MAX_LEN" in message
+    assert not (tmp_path / "pred.json").exists()
+
+
+@pytest.mark.parametrize("case", ["trailing slash", "under a file", "read-only place"])
+def test_output_path_that_cannot_be_written_fails_before_loading(env, tmp_path, monkeypatch, decoder_weights, case):
+    monkeypatch.setattr(p2_inference, "load_checkpoint", lambda *args: pytest.fail("loaded before the path check"))
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    (tmp_path / "file.txt").write_text("x")
+    out = {"trailing slash": str(tmp_path / "newdir") + os.sep, "under a file": str(tmp_path / "file.txt" / "p.json"),
+           "read-only place": "/sys/hw3_outputs/pred.json"}[case]
+    if case == "read-only place" and not os.path.isdir("/sys"):
+        pytest.skip("no /sys here")
+    message = run_main([folder, out, decoder_weights])
+    assert message.startswith("error: ") and repr(out) in message
+    assert sorted(os.listdir(tmp_path)) == ["file.txt", "images"]
 
 
 # ---------------------------------------------------------------- overrides and clean-up
@@ -242,7 +277,7 @@ class ScriptedModel:
         self.beam, self.greedy, self.calls = beam, greedy, []
 
     def generate(self, feats, beam_size=None, max_len=None, length_penalty=None):
-        self.calls.append((len(feats), beam_size))
+        self.calls.append((len(feats), beam_size, max_len))
         return [list(ids) for ids in (self.greedy if beam_size == 1 else self.beam)][:len(feats)]
 
 
@@ -250,19 +285,20 @@ def test_empty_captions_fall_back_to_greedy_then_a_constant(capsys):
     tokenizer = BPETokenizer()
     space, newline, a, man, bike = 220, 198, 64, 582, 7161
     model = ScriptedModel(beam=[[a, man], [space], [space, newline]], greedy=[[bike], [space]])
-    texts = captioner.Captioner.captions(model, torch.zeros(3, 1, 1), tokenizer, ["a.jpg", "b.jpg", "c.jpg"])
-    assert texts == ["a man", "bike", captioner.FALLBACK_CAPTION]
-    assert model.calls == [(3, None), (2, 1)]  # greedy only for the two empty ones
+    generation = dict(beam_size=3, max_len=9, length_penalty=0.0)
+    texts = p2_inference.caption_batch(model, torch.zeros(3, 1, 1), tokenizer, ["a.jpg", "b.jpg", "c.jpg"], generation)
+    assert texts == ["a man", "bike", p2_inference.FALLBACK_CAPTION]
+    assert model.calls == [(3, 3, 9), (2, 1, 9)]  # greedy only for the two empty ones, as long
     err = capsys.readouterr().err
     assert "'b.jpg'" in err and "'c.jpg'" in err and "'a.jpg'" not in err
 
 
 def test_captions_are_cut_to_clip_context():
     caption = "a man riding a bike down the street"
-    assert captioner.fit_clip_context(caption) == caption
+    assert fit_clip_context(caption) == caption
     long = " ".join(f"word{i}" for i in range(200))
-    cut = captioner.fit_clip_context(long)
+    cut = fit_clip_context(long)
     following = long[len(cut):].split()[0]
-    assert long.startswith(cut + " ") and clip_tokens(cut) <= 75 < clip_tokens(cut + " " + following)
+    assert long.startswith(cut + " ") and clip_length(cut) <= 77 < clip_length(cut + " " + following)
     clip.tokenize(cut)
-    assert 0 < clip_tokens(captioner.fit_clip_context("!?" * 100)) <= 75  # one long "word"
+    assert 2 < clip_length(fit_clip_context("!?" * 100)) <= 77  # one long "word"

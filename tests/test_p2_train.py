@@ -12,7 +12,7 @@ from conftest import REPO, TINY_VIT, TINY_VIT_KWARGS, train_args
 import p2_train
 from captioner import Captioner, load_checkpoint, make_config, mark_trainable, trainable_state
 from cider import CiderD, tokenize
-from p2_evaluate import load_references
+from io_utils import load_references
 
 
 def read_log(checkpoint):
@@ -72,37 +72,152 @@ def run(args):
     p2_train.main([str(a) for a in args])
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, captioning_setup):
-    """Interrupted mid-epoch, resumed across an epoch boundary: the same tensors, bit for bit."""
-    common = ["--epochs", "2", "--scst-epochs", "0", "--save-every", "1000"]
-    whole = tmp_path / "whole" / "model.pt"
-    run(train_args(captioning_setup, whole, *common, "--max-steps", "36"))
-    split = tmp_path / "split" / "model.pt"
-    run(train_args(captioning_setup, split, *common, "--max-steps", "5"))
-    assert torch.load(str(split) + ".state")["progress"]["step"] == 5
-    run(train_args(captioning_setup, split, *common, "--max-steps", "36", "--resume"))
+QUICK = ["--decode-beams", "1", "--decode-length-penalties", "0"]
 
-    a, b = torch.load(str(whole) + ".state"), torch.load(str(split) + ".state")
-    assert a["progress"] == b["progress"] and a["progress"]["epoch"] == 1  # crossed the epoch boundary
-    assert a["trainable"].keys() == b["trainable"].keys()
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, step):
+    """Make the run die (as a killed process would) right after global step `step`."""
+    original = p2_train.Trainer.log
+
+    def log(self, **record):
+        original(self, **record)
+        if self.progress["step"] == step:
+            raise Interrupted(step)
+
+    monkeypatch.setattr(p2_train.Trainer, "log", log)
+
+
+def assert_same_state(path_a, path_b):
+    a, b = torch.load(path_a), torch.load(path_b)
+    assert a["progress"] == b["progress"]
     for name in a["trainable"]:
         assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+        assert torch.equal(a["best"][name], b["best"][name]), name
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    return a
 
 
-def test_scst_runs_end_to_end(tmp_path, captioning_setup, trained_checkpoint):
-    out = tmp_path / "scst.pt"
-    run(train_args(captioning_setup, out, "--peft", "adapter", "--adapter-dim", "32", "--epochs", "1",
-                   "--scst-epochs", "1", "--scst-batch-size", "8", "--scst-samples", "3", "--max-steps", "40",
-                   "--log-every", "1"))
-    log = read_log(str(out))
-    scst = [r for r in log if r["phase"] == "scst" and "reward" in r]
-    assert len(scst) == 8  # steps 33..40
-    assert all(0.0 <= r["reward"] and r["lr"] == pytest.approx(1e-5) for r in scst)
-    assert any(r["baseline"] > 0 for r in scst)  # greedy captions of a model that has learned something
-    assert torch.load(str(out) + ".state")["progress"]["phase"] == "scst"
-    assert os.path.isfile(out)
+@pytest.fixture(scope="module")
+def small_setup(tmp_path_factory, captioning_setup):
+    """The captioning setup with its first 40 training images only (200 captions, 7 batches of 32)."""
+    root = tmp_path_factory.mktemp("small") / "data"
+    shutil.copytree(captioning_setup["data_root"], root)
+    with open(root / "train.json", encoding="utf-8") as f:
+        data = json.load(f)
+    data["images"] = data["images"][:40]
+    kept = {image["id"] for image in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+    (root / "train.json").write_text(json.dumps(data), encoding="utf-8")
+    return dict(captioning_setup, data_root=str(root))
+
+
+@pytest.mark.parametrize("phase, stop", [("xe", 9), ("scst", 20)])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, small_setup, monkeypatch, phase, stop):
+    """Killed mid-phase, resumed from the last saved state: the same tensors bit for bit, and each
+    step logged once. 7 batches per epoch; the cross-entropy phase is 14 steps, SCST 8."""
+    common = ["--epochs", "2", "--save-every", "4", "--log-every", "1", "--val-every", "6", "--scst-epochs", "2",
+              "--scst-batch-size", "10", "--scst-samples", "2", "--scst-lr", "1e-3", *QUICK]
+    whole = tmp_path / "whole" / "model.pt"
+    run(train_args(small_setup, whole, *common))
+    split = tmp_path / "split" / "model.pt"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, stop)
+        with pytest.raises(Interrupted):
+            run(train_args(small_setup, split, *common))
+    assert torch.load(str(split) + ".state")["progress"]["phase"] == phase
+    run(train_args(small_setup, split, *common, "--resume", "--log-every", "2"))
+
+    state = assert_same_state(str(whole) + ".state", str(split) + ".state")
+    assert state["progress"]["phase"] == "done" and state["progress"]["step"] == 22
+    steps = [(r["step"], r["phase"], "val_cider" in r) for r in read_log(str(split)) if "decoding_grid" not in r]
+    assert len(steps) == len(set(steps))  # nothing the interrupted run logged after its last state appears twice
+    assert torch.equal(torch.load(whole)["state_dict"]["decoder.visual_proj.weight"],
+                       torch.load(split)["state_dict"]["decoder.visual_proj.weight"])
+
+
+def test_resume_refuses_settings_that_change_the_run(tmp_path, captioning_setup, broken_data):
+    out = tmp_path / "m.pt"
+    run(train_args(captioning_setup, out, "--epochs", "1", "--scst-epochs", "0", "--max-steps", "2", *QUICK))
+    other_data = dict(captioning_setup, data_root=str(broken_data))
+    for args, option in [(train_args(captioning_setup, out, "--batch-size", "16"), "--batch-size"),
+                         (train_args(captioning_setup, out, "--lr", "1e-3"), "--lr"),
+                         (train_args(other_data, out), "--data-root")]:
+        with pytest.raises(SystemExit, match=option):
+            run(args + ["--epochs", "1", "--scst-epochs", "0", "--max-steps", "2", "--resume", *QUICK])
+    # logging, validation and the decoding grid may change: the finished run just ends
+    run(train_args(captioning_setup, out, "--epochs", "1", "--scst-epochs", "0", "--max-steps", "2", "--resume",
+                   "--log-every", "1", "--val-every", "1", "--decode-beams", "2"))
+
+
+def test_the_schedule_follows_the_run():
+    args = p2_train.parse_args(["--print-params", "--lr", "1.0", "--min-lr-ratio", "0.1"])
+    # a short run: a tenth of it warms up, the decay ends exactly at its last step
+    assert p2_train.warmup_steps(30, args) == 3
+    lrs = [p2_train.learning_rate(s, 30, args) for s in range(30)]
+    assert lrs[2] == pytest.approx(1.0) and lrs[29] == pytest.approx(0.1) and lrs[15] > 0.5
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    # the full data's defaults (5 epochs of 829 steps) warm up for 414 steps; a long run stops at 500
+    assert p2_train.warmup_steps(5 * 829, args) == 414 and p2_train.warmup_steps(20 * 829, args) == 500
+    assert p2_train.phase_steps(5, 829, 0) == 4145 and p2_train.phase_steps(5, 829, 300) == 300
+    assert p2_train.schedule_warnings(4145, 829, args) == []
+    short = p2_train.parse_args(["--print-params", "--max-steps", "100"])
+    assert "--val-every" in p2_train.schedule_warnings(100, 829, short)[0]
+    late = p2_train.parse_args(["--print-params", "--warmup-fraction", "0.8", "--val-every", "10"])
+    assert "warm-up takes 80 of the phase's 100 steps" in p2_train.schedule_warnings(100, 829, late)[0]
+
+
+def test_a_short_run_warns_and_learns_on_its_schedule(tmp_path, captioning_setup, capsys):
+    out = tmp_path / "short.pt"
+    run(train_args(captioning_setup, out, "--epochs", "5", "--max-steps", "4", "--warmup-steps", "500",
+                   "--scst-epochs", "0", "--log-every", "1", *QUICK))
+    assert "--val-every is 0" in capsys.readouterr().err
+    lrs = [r["lr"] for r in read_log(str(out)) if "lr" in r]
+    assert lrs == pytest.approx([3e-3, 3e-3 * (0.05 + 0.95 * 0.75), 3e-3 * (0.05 + 0.95 * 0.25), 3e-3 * 0.05])
+
+
+def test_mean_of_others_baseline():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 6.0]])
+    assert p2_train.mean_of_others(rewards).tolist() == [[2.5, 2.0, 1.5], [3.0, 3.0, 0.0]]
+
+
+def test_scst_starts_from_the_best_cross_entropy_weights(tmp_path, captioning_setup, monkeypatch):
+    """Validation says step 0 (the fresh model) was best: SCST must start from it, not from step 6."""
+    monkeypatch.setattr(p2_train.Trainer, "cider", lambda self, preds: 1.0 / (1 + self.progress["step"]))
+    seen = {}
+    next_phase = p2_train.Trainer.next_phase
+
+    def record_last(self):
+        seen["last"] = self.trainable()
+        next_phase(self)
+
+    def scst_step(self, x, keys, reward, lr):
+        seen["first"] = {n: p.detach().clone() for n, p in self.named_params}
+        raise Interrupted()
+
+    monkeypatch.setattr(p2_train.Trainer, "next_phase", record_last)
+    monkeypatch.setattr(p2_train.Learner, "scst_step", scst_step)
+    out = tmp_path / "m.pt"
+    with pytest.raises(Interrupted):
+        run(train_args(captioning_setup, out, "--epochs", "1", "--max-steps", "6", "--val-every", "3", *QUICK))
+    best = torch.load(out)["state_dict"]  # saved at step 0, the only best (adapter: nothing folded)
+    assert [r["step"] for r in read_log(str(out)) if "saved" in r] == [0]
+    assert all(torch.equal(seen["first"][name], best[name]) for name in best)
+    assert any(not torch.equal(seen["last"][name], best[name]) for name in best)  # cross-entropy did move
+
+
+def test_decoding_is_chosen_on_validation_and_stored(tmp_path, captioning_setup, trained_checkpoint):
+    log = read_log(trained_checkpoint)
+    grid = [r for r in log if "decoding_grid" in r]
+    assert len(grid) == 1 and len(grid[0]["decoding_grid"]) == 2
+    chosen = grid[0]["chosen"]
+    assert chosen["cider"] == max(r["cider"] for r in grid[0]["decoding_grid"])
+    config = torch.load(trained_checkpoint)["config"]["generation"]
+    assert (config["beam_size"], config["length_penalty"]) == (chosen["beam_size"], chosen["length_penalty"])
 
 
 @pytest.fixture
@@ -151,8 +266,25 @@ def test_decoder_file_of_the_wrong_layout(tmp_path, captioning_setup):
 def test_resume_needs_a_state_and_a_state_needs_resume(tmp_path, captioning_setup):
     out = tmp_path / "m.pt"
     expect_error(train_args(captioning_setup, out, "--resume"), "no training state", out)
-    run(train_args(captioning_setup, out, "--epochs", "1", "--scst-epochs", "0", "--max-steps", "2"))
+    run(train_args(captioning_setup, out, "--epochs", "1", "--scst-epochs", "0", "--max-steps", "2", *QUICK))
     with pytest.raises(SystemExit, match="exists: continue that run with --resume"):
         run(train_args(captioning_setup, out, "--epochs", "1", "--max-steps", "2"))
     with pytest.raises(SystemExit, match="other model settings"):
         run(train_args(captioning_setup, out, "--epochs", "1", "--max-steps", "3", "--resume", "--peft", "lora"))
+
+
+def test_empty_captions_are_counted_and_no_caption_at_all_is_an_error(tmp_path, captioning_setup, broken_data,
+                                                                      capsys):
+    with open(broken_data / "train.json", encoding="utf-8") as f:
+        data = json.load(f)
+    for a in data["annotations"][:7]:
+        a["caption"] = " "
+    (broken_data / "train.json").write_text(json.dumps(data), encoding="utf-8")
+    setup = dict(captioning_setup, data_root=str(broken_data))
+    run(train_args(setup, tmp_path / "some.pt", "--epochs", "1", "--scst-epochs", "0", "--max-steps", "1", *QUICK))
+    assert f"7 of {len(data['annotations'])} captions are empty" in capsys.readouterr().err
+
+    for a in data["annotations"]:
+        a["caption"] = ""
+    (broken_data / "train.json").write_text(json.dumps(data), encoding="utf-8")
+    expect_error(train_args(setup, tmp_path / "none.pt"), "none of its", tmp_path / "none.pt")

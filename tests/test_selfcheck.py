@@ -247,6 +247,29 @@ def test_validate_json(tmp_path):
     assert "JSON list" in selfcheck.validate_json(str(path), names)[0]
 
 
+def test_validate_json_flags_degenerate_captions(tmp_path):
+    path, names = tmp_path / "pred.json", ["x.v2.jpg", "y.png", "z.png"]
+    path.write_text(json.dumps({"x.v2": "!!!!!!!!", "y": "a cat .", "z": "... ?"}))
+    assert selfcheck.validate_json(str(path), names) == [
+        "captions without a letter or digit: {'x.v2': '!!!!!!!!', 'z': '... ?'}"]
+    path.write_text(json.dumps({"x.v2": "a dog", "y": "a dog", "z": "a dog"}))
+    assert selfcheck.validate_json(str(path), names) == [
+        "all 3 captions are the same, 'a dog': the model ignores the image"]
+    path.write_text(json.dumps({"x.v2": "a dog"}))
+    assert selfcheck.validate_json(str(path), ["x.v2.jpg"]) == []  # one image: nothing to compare
+
+
+def test_image_files_are_those_the_scripts_answer_for(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "good.jpg")
+    whole = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) // 2])  # its header reads, its pixels do not
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as f:
+        f.write(whole)
+    assert selfcheck.image_files(str(tmp_path)) == ["good.jpg"]
+
+
 @pytest.mark.parametrize("key, one, many, n, slowdown, status, minutes", [
     ("P1", 30.0, 31.0, 101, 1.0, "PASS", 0.9),  # 29.99 s load + 2500 x 0.01 s
     ("P1", 350.0, 351.0, 101, 1.0, "WARN", 6.2),  # over half of 10 min

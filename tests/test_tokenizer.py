@@ -211,6 +211,28 @@ def test_malformed_encoder_json(bpe_dir, tmp_path):
     bad.write_text('{"a": 0}')
     with pytest.raises(ValueError, match=r"<\|endoftext\|>"):
         BPETokenizer(str(bad), vocab)
+    bad.write_text('{"a": 0, "<|endoftext|>": 1}')  # the models take the id from EOT_ID, not the file
+    with pytest.raises(ValueError, match=r"maps '<\|endoftext\|>' to 50256"):
+        BPETokenizer(str(bad), vocab)
+
+
+def test_the_special_token_is_defined_once():
+    """Only tokenizer.py spells out <|endoftext|> or its id; every other module imports them."""
+    import ast
+    import glob
+
+    import tokenizer
+
+    assert (tokenizer.EOT, tokenizer.EOT_ID) == ("<|endoftext|>", 50256)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(repo, "*.py")):
+        if os.path.basename(path) == "tokenizer.py":
+            continue
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        spelled = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                   and node.value in (50256, "<|endoftext|>")]
+        assert not spelled, f"{os.path.basename(path)} lines {spelled}: import EOT / EOT_ID from tokenizer"
 
 
 def test_encoding_speed_report(bpe_dir, hf):

@@ -1,0 +1,100 @@
+"""CLIPScore, as the course's evaluator computes it: for each image and its caption,
+2.5 * max(cos(CLIP image embedding, CLIP text embedding), 0), with CLIP ViT-B/32
+and CLIP's own preprocessing; the score of a set is the mean.
+
+Used by p2_evaluate.py (the course's command line) and by p2_train.py
+(validation), so it lives here, under both. Unlike the course's script it
+cuts a caption longer than CLIP's 77-token context at a word boundary (with a warning) and
+takes images of any extension. fp16 on CUDA (as `clip.load` gives it), fp32 on
+the CPU.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from clip_context import fit_clip_context
+from io_utils import InputError, cache_dir, find_images, loader_workers, open_rgb, pick_device, warn
+
+
+def check_clip_model(model_name_or_file: str) -> None:
+    """Raise InputError unless `model_name_or_file` is an OpenAI CLIP name or an existing file."""
+    import clip
+
+    if model_name_or_file not in clip.available_models() and not os.path.isfile(model_name_or_file):
+        raise InputError(f"CLIP model {model_name_or_file!r} not found; available models = "
+                         f"{clip.available_models()}, or a path to a checkpoint file")
+
+
+def load_clip(model_name_or_file: str, device):
+    """`clip.load` of an OpenAI model name (downloaded into the cache) or a local file."""
+    import clip
+
+    check_clip_model(model_name_or_file)
+    return clip.load(model_name_or_file, device=device, jit=False, download_root=cache_dir("clip"))
+
+
+def clip_text_tokens(texts: list[str], context_length: int):
+    """CLIP token ids of `texts`, each cut to the context at a word boundary
+    (`clip_context.fit_clip_context`, as p2_inference cuts its captions), with a warning that counts them."""
+    import clip
+
+    fitted = [fit_clip_context(text, context_length) for text in texts]
+    cut = sum(fit != text for fit, text in zip(fitted, texts))
+    if cut:
+        warn(f"{cut} caption(s) longer than CLIP's {context_length}-token context were truncated for CLIPScore "
+             "(the course's scorer stops with an error on them)")
+    return clip.tokenize(fitted, context_length=context_length)
+
+
+class _Images:
+    """The images of a list of paths, preprocessed for CLIP (a torch Dataset)."""
+
+    def __init__(self, keys: list[str], paths: dict[str, str], preprocess):
+        self.keys, self.paths, self.preprocess = keys, paths, preprocess
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        path = self.paths[self.keys[i]]
+        try:
+            image = open_rgb(path)
+        except OSError as e:
+            raise InputError(f"cannot read the image of key {self.keys[i]!r} ({path}): {e}") from None
+        return self.preprocess(image)
+
+
+def clip_scores(preds: dict, images_root: str, model_name_or_file: str = "ViT-B/32",
+                device="auto", batch_size: int = 64, workers: int | None = None) -> dict[str, float]:
+    """CLIPScore of each prediction: 2.5 * max(cos(image embedding, caption embedding), 0).
+
+    preds: key -> caption; the image of key k is `<images_root>/<k>.<ext>`
+    (io_utils.find_images); device: "auto", "cpu", "cuda" or a torch.device.
+    Returns {key: score}; the course's CLIPScore is the mean of the values.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    keys = sorted(preds)
+    paths = find_images(images_root, keys)
+    device = pick_device(device)
+    model, preprocess = load_clip(model_name_or_file, device)
+    model.eval()
+    tokens = clip_text_tokens([preds[k] for k in keys], model.context_length)  # (N, 77)
+    if workers is None:
+        workers = loader_workers(device)
+    loader = DataLoader(_Images(keys, paths, preprocess), batch_size=batch_size,
+                        shuffle=False, num_workers=workers)
+    scores = []
+    with torch.no_grad():
+        for images in tqdm(loader, desc="CLIPScore", unit="batch", file=sys.stderr):
+            start = len(scores)
+            text = tokens[start:start + len(images)].to(device)  # (B, 77)
+            image_emb = model.encode_image(images.to(device, model.dtype)).float()  # (B, D)
+            text_emb = model.encode_text(text).float()  # (B, D)
+            cos = F.cosine_similarity(image_emb, text_emb, dim=-1)  # (B,)
+            scores += (2.5 * cos.clamp(min=0)).tolist()
+    return dict(zip(keys, scores))

@@ -1,0 +1,248 @@
+"""io_utils: atomic outputs (mode, failures, leftovers of a killed writer), the one
+device choice and worker rule, errors raised as InputError rather than exits, and
+hostile folders and paths: 16-bit images, names that are not UTF-8, dangling
+links, truncated files, output paths that cannot be written."""
+import io
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import io_utils
+from io_utils import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then put the old one back."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+# ---------------------------------------------------------------- atomic_output
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_a_new_output_gets_the_mode_a_plain_open_gives(tmp_path, umask, mask):
+    umask(mask)
+    plain = tmp_path / "plain.json"
+    with open(plain, "w") as f:
+        f.write("{}")
+    io_utils.atomic_write_text(str(tmp_path / "atomic.json"), "{}")
+    io_utils.atomic_torch_save({"w": torch.zeros(2)}, str(tmp_path / "atomic.pt"))
+    assert mode(tmp_path / "atomic.json") == mode(plain) == 0o666 & ~mask
+    assert mode(tmp_path / "atomic.pt") == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("existing", [0o644, 0o640, 0o600])
+def test_an_existing_output_keeps_its_mode(tmp_path, umask, existing):
+    umask(0o077)  # a plain open would not change an existing file's mode whatever the umask
+    target = tmp_path / "pred.csv"
+    target.write_text("old\n")
+    os.chmod(target, existing)
+    io_utils.atomic_write_text(str(target), "new\n")
+    assert target.read_text() == "new\n"
+    assert mode(target) == existing
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out" / "fig.png"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with io_utils.atomic_output(str(target)) as tmp:
+            assert os.path.dirname(tmp) == str(target.parent)
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old"
+    assert sorted(os.listdir(target.parent)) == ["fig.png"]
+
+
+def test_atomic_output_creates_the_folder_and_refuses_a_folder(tmp_path):
+    with io_utils.atomic_output(str(tmp_path / "a" / "b" / "x.txt")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("x")
+    assert (tmp_path / "a" / "b" / "x.txt").read_text() == "x"
+    with pytest.raises(InputError, match="is a folder"):
+        io_utils.atomic_write_text(str(tmp_path / "a"), "x")
+
+
+def test_a_writer_killed_during_a_save_leaves_a_temporary_the_next_write_removes(tmp_path):
+    target = tmp_path / "pred.json"
+    target.write_text("old\n")
+    writer = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {REPO!r})
+        import io_utils
+        with io_utils.atomic_output({str(target)!r}) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer])
+    assert process.wait() == -9
+    [left] = [n for n in os.listdir(tmp_path) if n != "pred.json"]
+    assert left.startswith(f".pred.json.{process.pid}.") and left.endswith(".tmp")
+    assert target.read_text() == "old\n"
+    # a live writer's temporary (this process's) and a dead writer's of another target stay
+    live = tmp_path / f".pred.json.{os.getpid()}.abcdefgh.tmp"
+    other = tmp_path / f".other.json.{process.pid}.abcdefgh.tmp"
+    live.write_text("in progress")
+    other.write_text("not ours")
+
+    io_utils.atomic_write_text(str(target), "new\n")
+    assert target.read_text() == "new\n"
+    assert sorted(os.listdir(tmp_path)) == sorted(["pred.json", live.name, other.name])
+
+
+# ---------------------------------------------------------------- device and workers
+
+def test_pick_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert io_utils.pick_device() == torch.device("cpu")
+    assert io_utils.pick_device("cpu") == torch.device("cpu")
+    assert io_utils.pick_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(InputError, match="'cuda' was asked for but torch sees no CUDA device"):
+        io_utils.pick_device("cuda")
+    with pytest.raises(InputError, match="unknown device 'gpu'; expected auto, cpu, cuda or cuda:N"):
+        io_utils.pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert io_utils.pick_device() == torch.device("cuda")
+    assert io_utils.pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError, match="'cuda:3' was asked for but torch sees only 1 CUDA device"):
+        io_utils.pick_device("cuda:3")
+
+
+def test_loader_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert io_utils.loader_workers(torch.device("cpu")) == 0
+    assert io_utils.loader_workers(torch.device("cuda")) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert io_utils.loader_workers(torch.device("cuda", 0)) == 2
+
+
+# ---------------------------------------------------------------- libraries raise, entry points exit
+
+def test_library_errors_are_input_errors_not_exits(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="does not exist"):
+        io_utils.list_files(str(tmp_path / "absent"))
+    with pytest.raises(InputError, match="contains no files"):
+        io_utils.list_files(str(tmp_path))
+    monkeypatch.setenv("HW3_P2_BATCH", "zero")
+    with pytest.raises(InputError, match="HW3_P2_BATCH='zero' is not a positive integer"):
+        io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer")
+
+
+def test_entry_points_turn_input_errors_into_a_message():
+    @io_utils.reports_input_errors
+    def main(value):
+        if value is None:
+            raise InputError("no value")
+        return value
+
+    assert main(3) == 3
+    with pytest.raises(SystemExit) as exit_info:
+        main(None)
+    assert exit_info.value.code == "error: no value"
+
+
+# A folder no user can create files in, root included (sysfs takes no regular files).
+READ_ONLY = "/sys"
+
+
+def gray16(values, mode):
+    """A grayscale image of `values` in one of Pillow's 16-bit modes."""
+    pixels = np.asarray(values, dtype=np.uint16)
+    return Image.fromarray(pixels.astype(np.int32), mode="I") if mode == "I" else Image.fromarray(pixels)
+
+
+def gray_levels(image):
+    rgb = np.asarray(io_utils.to_rgb(image))
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    return rgb[..., 0]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])  # newer Pillow opens 16-bit PNG as I;16, the graders' 9.2 as I
+def test_16bit_gray_is_scaled_by_the_format_range_not_by_the_content(mode):
+    dim = gray16([[200, 200], [200, 200]], mode)
+    with_bright = gray16([[200, 200], [60000, 65535]], mode)
+    assert dim.mode == mode
+    assert gray_levels(dim).tolist() == [[1, 1], [1, 1]]  # 200 / 65535 of white, whatever else the image holds
+    assert gray_levels(with_bright).tolist() == [[1, 1], [233, 255]]
+    assert gray_levels(gray16([[257 * 100, 0]], mode)).tolist() == [[100, 0]]
+
+
+def test_16bit_png_round_trip():
+    buffer = io.BytesIO()
+    gray16([[0, 200], [32896, 65535]], "I;16").save(buffer, format="PNG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        image.load()
+        assert image.mode in io_utils.GRAY_WHITE
+        assert gray_levels(image).tolist() == [[0, 1], [128, 255]]
+
+
+def test_list_files_skips_non_utf8_names_and_dangling_links_with_a_warning(tmp_path, capsys):
+    Image.new("RGB", (4, 4)).save(tmp_path / "good.png")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"), "wb") as f:
+        f.write((tmp_path / "good.png").read_bytes())
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "gone.png")
+    (tmp_path / "folder").mkdir()
+    assert io_utils.list_files(str(tmp_path)) == ["good.png"]
+    err = capsys.readouterr().err
+    assert "skipping b'caf\\xe9.png': its name is not valid UTF-8" in err
+    assert "skipping 'gone.png': a symbolic link to" in err and "nowhere.png" in err
+    assert "folder" not in err
+
+
+def test_is_image_means_it_decodes(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    whole = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "a.txt").write_text("text")
+    with Image.open(tmp_path / "cut.jpg"):
+        pass  # the header alone reads fine
+    assert io_utils.is_image(str(tmp_path / "a.jpg"))
+    assert not io_utils.is_image(str(tmp_path / "cut.jpg"))
+    assert not io_utils.is_image(str(tmp_path / "a.txt"))
+
+
+def test_check_output_path_accepts_new_folders_and_existing_files(tmp_path):
+    io_utils.check_output_path(str(tmp_path / "new" / "deeper" / "pred.csv"))
+    (tmp_path / "old.csv").write_text("old")
+    io_utils.check_output_path(str(tmp_path / "old.csv"))
+    assert sorted(os.listdir(tmp_path)) == ["old.csv"]  # nothing created
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("trailing slash", "is a folder; expected a file name"),
+    ("folder", "is a folder; expected a file name"),
+    ("under a file", "is not a folder"),
+    ("read-only place", "cannot create a file in"),
+    ("empty", "output path is empty"),
+])
+def test_check_output_path_refuses(tmp_path, case, expected):
+    (tmp_path / "file.txt").write_text("x")
+    path = {"trailing slash": str(tmp_path / "newdir") + os.sep, "folder": str(tmp_path),
+            "under a file": str(tmp_path / "file.txt" / "sub" / "pred.csv"),
+            "read-only place": os.path.join(READ_ONLY, "hw3_outputs", "pred.csv"), "empty": ""}[case]
+    if case == "read-only place" and not os.path.isdir(READ_ONLY):
+        pytest.skip(f"no {READ_ONLY} here")
+    with pytest.raises(io_utils.InputError, match=expected) as error:
+        io_utils.check_output_path(path)
+    assert repr(path) in str(error.value) or not path
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"]
