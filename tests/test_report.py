@@ -3,6 +3,8 @@
 The PDFs are read back with pypdfium2: their text (every number from the
 result files must appear exactly as formatted), their embedded images, and
 their first pages rendered to pixels (not blank).
+The full results folder holds every file the demo (`make demo`) writes, so
+these tests also pin the file names the report reads.
 
 Every number in FULL_* below is made up: TEST DATA, not a measurement.
 """
@@ -19,6 +21,7 @@ pdfium = pytest.importorskip("pypdfium2")
 
 import build_report  # noqa: E402
 from captioner import make_config  # noqa: E402
+from io_utils import InputError  # noqa: E402
 
 # TEST DATA: made-up accuracies, scores and probabilities.
 FULL_PROMPTS = {
@@ -35,26 +38,38 @@ FULL_TOP5 = {name: [{"class_id": i, "class": f"class{i}", "prompt": f"a photo of
              for name, probs in {"3_450.png": [0.9137, 0.0412, 0.0101, 0.0057, 0.0021],
                                  "17_471.png": [0.5531, 0.2214, 0.0833, 0.0402, 0.0188],
                                  "42_499.png": [0.3306, 0.3105, 0.1207, 0.0731, 0.0519]}.items()}
-FULL_METRICS = {"best": (0.9512, 0.7348), "adapter": (0.9123, 0.7211), "prefix": (0.8345, 0.7056),
-                "lora": (0.9278, 0.7290)}
+FULL_METRICS = {"best": (0.9512, 0.7348), "none": (0.7765, 0.6932), "adapter": (0.9123, 0.7211),
+                "prefix": (0.8345, 0.7056), "lora": (0.9278, 0.7290), "baseline": (0.0213, 0.4107)}
 FULL_DECODER = {  # what Captioner fills into a checkpoint's decoder config besides the PEFT values
+    "none": {},
     "adapter": dict(adapter_dim=96, adapter_places=["attn", "mlp"], adapter_layers=None),
     "prefix": dict(prefix_len=48, prefix_hidden=0),
     "lora": dict(lora_rank=24, lora_alpha=48.0, lora_targets=["attn.c_attn", "mlp.c_fc"], lora_dropout=0.05),
 }
-FULL_TENSORS = {"adapter": [(123, 45), (67,)], "prefix": [(12, 2, 48, 64)], "lora": [(24, 77), (77, 24)]}
+FULL_TENSORS = {"none": [(31, 7)], "adapter": [(123, 45), (67,)], "prefix": [(12, 2, 48, 64)], "lora": [(24, 77), (77, 24)]}
 FULL_ATTENTION = {stem: f"a test caption for {stem} number {i}" for i, stem in enumerate(build_report.ATTENTION_IMAGES)}
+# Outside latin-1 (fpdf2's core fonts), in DejaVu Sans, and one (U+2A0C) that only a fallback font (STIX) has.
+FULL_ATTENTION["ski"] = "a 2\u00d73 grid \u2264 \u2212five \u201cquoted\u201d \u2a0c"
+SECTIONS = ("Problem 1: zero-shot image classification with CLIP", "1. Why CLIP classifies zero-shot",
+            "2. Prompt-text analysis", "3. Top-5 similarity probabilities of three validation images",
+            "Problem 2: image captioning with parameter-efficient fine-tuning",
+            "1. Best setting and its validation scores", "2. PEFT attempts", "3. Cross-attention of each generated word",
+            "4. Top-1 and last-1 validation images by CLIPScore", "5. Analysis", "Result files")
 FULL_EXTREMES = {"top1": ("000000060623", "a man riding a bike down a street", 1.0234),
                  "last1": ("2988244398", "a blurry photo of something", 0.3127)}
 
 
-def pdf_text(path) -> str:
-    """All the PDF's text, whitespace collapsed (a wrapped line reads on)."""
+def pdf_pages(path) -> list:
+    """Each page's text, whitespace collapsed (a wrapped line reads on)."""
     doc = pdfium.PdfDocument(path)
     try:
-        return " ".join(" ".join(page.get_textpage().get_text_range().split()) for page in doc)
+        return [" ".join(page.get_textpage().get_text_range().split()) for page in doc]
     finally:
         doc.close()
+
+
+def pdf_text(path) -> str:
+    return " ".join(pdf_pages(path))
 
 
 def page_stats(path):
@@ -69,7 +84,7 @@ def page_stats(path):
 
 
 def save_png(path, size, seed):
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # noise: a figure that renders blank would show
     Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
@@ -135,7 +150,7 @@ def full(tmp_path_factory):
                      "- bike: the wheels\n- sheep: the flock\n")
     out = root / "report.pdf"
     build_report.main(["--results", str(res), "--notes", str(notes), "--out", str(out),
-                       "--checkpoint", f"best={root / 'lora.pt'}"])
+                       "--checkpoint", f"best={root / 'lora.pt'}", "--synthetic"])
     return {"pdf": out, "counts": counts, "root": root, "results": res, "notes": notes}
 
 
@@ -172,7 +187,7 @@ def test_every_number_of_the_result_files_is_in_the_report(full):
                   "blocks 10, 11", "beam 3", "at most 25 tokens", "length penalty 0.5"):
         assert value in text, value
     for caption in FULL_ATTENTION.values():
-        assert caption in text
+        assert caption in text, caption
     for key, caption, score in FULL_EXTREMES.values():
         assert key in text and caption in text and f"{score:.4f}" in text
     assert "Test Student / R00000000" in text
@@ -184,8 +199,8 @@ def test_figures_are_embedded(full, empty_pdf):
     pages, images, renders = page_stats(full["pdf"])
     empty_pages, _, _ = page_stats(empty_pdf)
     assert pages > empty_pages
-    # three top-5 figures, five attention figures, top-1 and last-1 (the CIDEr curve is vector art)
-    assert sum(images) == 3 + 5 + 2
+    # three top-5 figures, five attention figures, top-1 and last-1, the validation-CIDEr curves
+    assert sum(images) == 3 + 5 + 2 + 1
     assert all(r.std() > 10 for r in renders)
 
 
@@ -208,7 +223,7 @@ def test_notes_sections_are_parsed_and_a_wrong_heading_refused(tmp_path):
     notes.write_text("# title\nignored\n## Student\nA / B\n## P2 PEFT comparison\n\nline one\nline two\n")
     assert build_report.read_notes(str(notes)) == {"student": "A / B", "p2_peft": "line one\nline two"}
     notes.write_text("## P2 PEFT comparisons\ntext\n")
-    with pytest.raises(SystemExit, match="unknown section"):
+    with pytest.raises(InputError, match="unknown section"):
         build_report.read_notes(str(notes))
 
 
@@ -221,7 +236,7 @@ def test_the_shipped_notes_file_has_every_section():
 
 
 def test_a_checkpoint_under_the_wrong_attempt_is_refused(full, tmp_path):
-    with pytest.raises(SystemExit, match="trained with --peft 'lora'"):
+    with pytest.raises(InputError, match="trained with --peft 'lora'"):
         build_report.build(str(tmp_path), str(full["notes"]), str(tmp_path / "r.pdf"),
                            {"adapter": str(full["root"] / "lora.pt")})
     assert not (tmp_path / "r.pdf").exists()
@@ -236,3 +251,32 @@ def test_checkpoint_option_syntax():
 def test_nothing_left_beside_the_output(full):
     leftovers = [n for n in os.listdir(full["root"]) if n.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_every_section_is_in_both_reports(full, empty_pdf):
+    for pdf in (full["pdf"], empty_pdf):
+        text = pdf_text(pdf)
+        for section in SECTIONS:
+            assert section in text, (pdf, section)
+        for peft in build_report.PEFT_RUNS:
+            assert f"p2_metrics_{peft}.json" in text  # each run in the closing list of files
+
+
+def test_the_synthetic_notice_is_on_page_one_only_when_asked(full, empty_pdf):
+    assert build_report.SYNTHETIC_NOTICE in pdf_pages(full["pdf"])[0]
+    assert "synthetic" not in pdf_text(empty_pdf).lower()
+
+
+def test_the_language_model_only_row_is_there_with_its_file_and_omitted_without(full, empty_pdf):
+    cider, clip = FULL_METRICS["baseline"]
+    assert f"language model only {cider:.4f} {clip:.4f}" in pdf_text(full["pdf"])
+    text = pdf_text(empty_pdf)
+    assert "language model only" not in text and "p2_metrics_baseline.json" not in text
+
+
+def test_the_full_report_has_no_missing_glyph(full, capfd):
+    """Every character of the test captions has a font: rebuilding the same report warns about none."""
+    out = full["root"] / "again.pdf"
+    build_report.build(str(full["results"]), str(full["notes"]), str(out), {}, synthetic=True)
+    assert "draws" not in capfd.readouterr().err
+    assert FULL_ATTENTION["ski"] in pdf_text(out)
