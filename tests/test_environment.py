@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # distribution name in requirements.txt -> the module the code imports
 IMPORT_NAMES = {"clip-anytorch": "clip", "Pillow": "PIL", "setuptools": "pkg_resources",
-                "huggingface_hub": "huggingface_hub", "pycocoevalcap": "pycocoevalcap.cider.cider"}
+                "huggingface_hub": "huggingface_hub", "pycocoevalcap": "pycocoevalcap.cider.cider",
+                "fpdf2": "fpdf"}
 
 
 def requirement_names():

@@ -86,7 +86,7 @@ INDIRECT_REQUIREMENTS = {
     "setuptools": "pkg_resources, which `import clip` needs",
     "gdown": "hw3_download.sh runs it",
 }
-IMPORT_NAMES = {"clip-anytorch": "clip", "Pillow": "PIL"}
+IMPORT_NAMES = {"clip-anytorch": "clip", "Pillow": "PIL", "fpdf2": "fpdf"}
 
 
 def test_every_requirement_is_used():
