@@ -120,7 +120,7 @@ def font_chars(path: str) -> frozenset:
 def font_with(char: str):
     """A font file on this machine that draws `char` (matplotlib's last-resort font, boxes naming the
     character's block, only when no real font has it), or None."""
-    paths = sorted({f.fname for f in font_manager.fontManager.ttflist if f.fname.lower().endswith((".ttf", ".otf"))},
+    paths = sorted({f.fname for f in font_manager.fontManager.ttflist if f.fname.lower().endswith((".ttf", ".otf", ".ttc"))},
                    key=lambda p: ("lastresort" in p.lower(), p))
     return next((p for p in paths if ord(char) in font_chars(p)), None)
 
@@ -128,12 +128,13 @@ def font_with(char: str):
 class Report(FPDF):
     """An A4 document in DejaVu Sans; a character it lacks (a name in Chinese) comes from another font."""
 
-    def __init__(self, footer: str):
+    def __init__(self, footer: str, tmp: str):
         super().__init__(format="A4")
-        self.footer_text, self.checked, self.fallbacks, self.tmp = footer, set(), [], None
+        self.footer_text, self.tmp, self.checked, self.fallbacks = footer, tmp, set(), []
         for style, suffix in (("", ""), ("B", "-Bold"), ("I", "-Oblique"), ("BI", "-BoldOblique")):
             self.add_font("sans", style, os.path.join(FONT_DIR, f"DejaVuSans{suffix}.ttf"))
-            self.add_font("mono", style, os.path.join(FONT_DIR, f"DejaVuSansMono{suffix}.ttf"))
+        self.add_font("mono", "", os.path.join(FONT_DIR, "DejaVuSansMono.ttf"))
+        self.add_font("mono", "B", os.path.join(FONT_DIR, "DejaVuSansMono-Bold.ttf"))
         self.set_margins(19, 19)
         self.set_auto_page_break(True, 19)
 
@@ -142,24 +143,20 @@ class Report(FPDF):
         self.para(f"{self.footer_text} | page {self.page_no()}", SMALL - 1, color=100, align="C")
 
     def normalize_text(self, text: str) -> str:
-        """fpdf2 passes every string through here before laying it out: where a missing glyph gets a font."""
+        """fpdf2 hands every string through here before laying it out: where a missing glyph gets a font."""
         for char in set(text) - self.checked:
-            if not char.isspace() and ord(char) not in self.current_font.cmap:
-                self.add_fallback(char)
+            if not char.isspace() and ord(char) not in self.current_font.cmap and \
+                    not any(ord(char) in self.fonts[name].cmap for name in self.fallbacks):
+                path = font_with(char)
+                if path is None or "lastresort" in path.lower():
+                    warn(f"no font here draws {char!r} (U+{ord(char):04X}), so the PDF shows "
+                         f"{'nothing' if path is None else 'a placeholder box'}; install one (e.g. Noto Sans CJK)")
+                if path is not None:
+                    self.fallbacks.append(f"fallback{len(self.fallbacks)}")
+                    self.add_font(self.fallbacks[-1], "", path)
+                    self.set_fallback_fonts(self.fallbacks, exact_match=False)
         self.checked |= set(text)
         return super().normalize_text(text)
-
-    def add_fallback(self, char: str) -> None:
-        if any(ord(char) in self.fonts[name].cmap for name in self.fallbacks):
-            return
-        path = font_with(char)
-        if path is None or "lastresort" in path.lower():
-            warn(f"no font here draws {char!r} (U+{ord(char):04X}); install one that does (e.g. Noto Sans CJK) "
-                 + ("or it stays out of the PDF" if path is None else "for more than a placeholder box"))
-        if path is not None:
-            self.fallbacks.append(f"fallback{len(self.fallbacks)}")
-            self.add_font(self.fallbacks[-1], "", path)
-            self.set_fallback_fonts(self.fallbacks, exact_match=False)
 
     def para(self, text: str, size=BODY, style="", color=0, family="sans", indent=0.0, **cell) -> None:
         self.set_font(family, style, size)
@@ -169,12 +166,8 @@ class Report(FPDF):
         self.set_text_color(0)
         self.ln(size * 0.12)
 
-    def height_of(self, text: str, size=BODY, style="") -> float:
-        self.set_font("sans", style, size)
-        return len(self.multi_cell(0, line(size), text, dry_run=True, output="LINES")) * line(size)
-
     def heading(self, text: str, level: int = 2) -> None:
-        if self.will_page_break(self.height_of(text, HEADING[level], "B") + 4 * line(BODY)):
+        if self.will_page_break(2 * line(HEADING[level]) + 4 * line(BODY)):
             self.add_page()  # never a heading alone at a page's foot
         self.ln(2 if level > 1 else 0)
         self.para(text, HEADING[level], "B")
@@ -186,23 +179,21 @@ class Report(FPDF):
             return self.para(f"(section '## {NOTES_SECTIONS[key]}' is missing from the notes file)", style="I")
         if not text or text == TO_BE_WRITTEN:
             return self.para(TO_BE_WRITTEN, style="I", color=90)
+        self.set_font("sans", "", BODY)
         for block in text.split("\n\n"):
             items = []
             for raw in block.splitlines():
-                if not items or LIST_ITEM.match(raw.strip()):
-                    items.append(raw.strip())
-                else:
+                if items and not LIST_ITEM.match(raw.strip()):
                     items[-1] += " " + raw.strip()
+                else:
+                    items.append(raw.strip())
             for item in items:
                 marker = LIST_ITEM.match(item)
                 if marker:  # the item's text hangs right of its marker
-                    self.set_font("sans", "", BODY)
                     self.set_x(self.l_margin + 4)
                     self.cell(6, line(BODY), "\u2022" if marker.group(1) in "-*" else marker.group(1))
-                    self.multi_cell(0, line(BODY), item[marker.end():], new_x="LMARGIN", new_y="NEXT")
-                else:
-                    self.para(item)
-            self.ln(1.5)
+                self.multi_cell(0, line(BODY), item[marker.end():] if marker else item, new_x="LMARGIN", new_y="NEXT")
+            self.ln(2)
 
     def grid(self, header: list, rows: list, widths=None, size=SMALL) -> None:
         self.set_font("sans", "", size)
@@ -212,52 +203,42 @@ class Report(FPDF):
                 t.row([str(c) for c in row])
         self.ln(2)
 
-    def figure(self, path: str, max_height: float, caption: str | None = None) -> None:
-        """An image file scaled to the text width (or `max_height` mm), centred, kept with its caption."""
-        with Image.open(path) as image:
-            w, h = image.size
-        width = min(self.epw, max_height * w / h)
-        if self.will_page_break(width * h / w + (self.height_of(caption, SMALL) if caption else 0) + 2):
-            self.add_page()
-        self.image(path, x=self.l_margin + (self.epw - width) / 2, w=width, h=width * h / w)
-        self.ln(1)
-        if caption:
-            self.para(caption, SMALL, color=60)
+    def text_height(self, text, size=BODY, style="") -> float:
+        self.set_font("sans", style, size)
+        return len(self.multi_cell(0, line(size), text or "", dry_run=True, output="LINES")) * line(size) + size * 0.12
 
-    def titled_figure(self, title: str, text: str, png, max_height: float, what: str, command: str) -> None:
-        """A bold title, a line of text and a figure (or the missing-figure box), kept on one page."""
+    def figure(self, png, max_height: float, text=None, title=None, missing=("", "")) -> None:
+        """Title, text and an image file scaled to the text width (or `max_height` mm), on one page;
+        without `png`, a dashed box saying which figure is missing (`missing`: what, command)."""
+        height = 22.0  # the box
         if png:
             with Image.open(png) as image:
-                figure = min(max_height, self.epw * image.height / image.width)
-        else:
-            figure = 25
-        if self.will_page_break(line(BODY) + self.height_of(text) + figure + 3):
+                width = min(self.epw, max_height * image.width / image.height)
+                height = width * image.height / image.width
+        if self.will_page_break(self.text_height(title, style="B") + self.text_height(text) + height + 3):
             self.add_page()
-        self.para(title, style="B")
-        self.para(text)
+        if title:
+            self.para(title, style="B")
+        if text:
+            self.para(text)
         if png:
-            self.figure(png, max_height)
+            self.image(png, x=self.l_margin + (self.epw - width) / 2, w=width, h=height)
+            self.ln(3)
         else:
-            self.missing_figure(what, command)
+            self.set_dash_pattern(dash=1.5, gap=1.5)
+            self.para(f"{missing[0]}: {NOT_MEASURED}. Produced by: {missing[1]}", SMALL, color=80, align="C",
+                      border=1, padding=(5, 12))
+            self.set_dash_pattern()
+            self.ln(2)
 
-    def missing_figure(self, what: str, command: str) -> None:
-        """A dashed box saying which figure is not there and how to make it."""
-        self.set_dash_pattern(dash=1.5, gap=1.5)
-        self.set_draw_color(128)
-        self.para(f"{what}: {NOT_MEASURED}. Produced by: {command}", SMALL, color=80, align="C", border=1,
-                  padding=(5, 12))
-        self.set_dash_pattern()
-        self.set_draw_color(0)
-        self.ln(2)
-
-    def plot(self, draw, height_in: float) -> None:
+    def plot(self, draw, height_in: float, text: str) -> None:
         """A matplotlib plot drawn by `draw(ax)`, as a PNG across the text width."""
         fig, ax = plt.subplots(figsize=(6.5, height_in), layout="constrained")
         draw(ax)
-        path = os.path.join(self.tmp, f"plot{self.page_no()}_{len(os.listdir(self.tmp))}.png")
+        path = os.path.join(self.tmp, f"plot{len(os.listdir(self.tmp))}.png")
         fig.savefig(path, dpi=200)
         plt.close(fig)
-        self.figure(path, height_in * 25.4)
+        self.figure(path, height_in * 25.4, text)
 
 
 def read_notes(path: str) -> dict:
@@ -446,19 +427,15 @@ def problem1(doc: Report, src: Sources) -> None:
         stem = os.path.splitext(name)[0]
         png = find_png(src.results, None, f"p1_top5_{glob.escape(stem)}.png") or \
             find_png(src.results, None, f"p1_top5_{glob.escape(name)}.png")
-        listing = f"{name}: " + "; ".join(f"{r['prompt']} {fmt_accuracy(r['probability'])}" for r in rows)
-        if png:
-            doc.figure(png, 66, listing)
-        else:
-            doc.para(listing)
-            doc.missing_figure(f"p1_top5_{stem}.png", src.command(P1_TOP5_CMD))
+        doc.figure(png, 66, f"{name}: " + "; ".join(f"{r['prompt']} {fmt_accuracy(r['probability'])}" for r in rows),
+                   missing=(f"p1_top5_{stem}.png", src.command(P1_TOP5_CMD)))
         shown += 1
     if top5 is None:  # figures without their numbers file
         for png in sorted(glob.glob(os.path.join(glob.escape(src.results), "p1_top5_*.png"))):
             doc.figure(png, 66, os.path.basename(png))
             shown += 1
     if not shown:
-        doc.missing_figure("top-5 figures (p1_top5_<image>.png)", src.command(P1_TOP5_CMD))
+        doc.figure(None, 0, missing=("top-5 figures (p1_top5_<image>.png)", src.command(P1_TOP5_CMD)))
     elif shown != 3:
         doc.para(f"({shown} images here; the report asks for three.)", SMALL, "I")
 
@@ -528,7 +505,7 @@ def problem2_metrics(doc: Report, src: Sources) -> None:
     baseline = read_metrics(os.path.join(src.results, "p2_metrics_baseline.json"))
     if baseline is not None:
         rows.append(["language model only", fmt_score(baseline.get("cider")), fmt_score(baseline.get("clipscore")),
-                     "0", "the untrained model: one sentence for every image"])
+                     "0", "untrained: the language model alone"])
     doc.grid(["run", "CIDEr", "CLIPScore", "trainable params", "PEFT hyper-parameters"], rows, (2, 1.6, 1.6, 2.4, 4.5))
     doc.para("Validation scores by p2_evaluate.py; settings and parameter counts from each run's checkpoint.",
              SMALL, color=80)
@@ -547,9 +524,8 @@ def problem2_metrics(doc: Report, src: Sources) -> None:
             ax.set(xlabel="training step", ylabel="validation CIDEr-D")
             ax.grid(alpha=0.3)
             ax.legend()
-        doc.plot(draw, 2.8)
-        doc.para("Validation CIDEr while training, from p2_train.py's <checkpoint>.log.jsonl (in-process CIDEr-D "
-                 "with the validation decoding of p2_train.py, so it can differ from the table).", SMALL, color=80)
+        doc.plot(draw, 2.8, "Validation CIDEr while training, from p2_train.py's <checkpoint>.log.jsonl (in-process "
+                 "CIDEr-D with the validation decoding of p2_train.py, so it can differ from the table):")
     doc.notes(src.notes, "p2_peft")
 
 
@@ -560,8 +536,8 @@ def problem2_attention(doc: Report, src: Sources) -> None:
         entry = attention.get(stem) or {}
         png = src.figure(f"attention_{stem}.png", entry.get("png"), f"attention_{glob.escape(stem)}.png",
                          P2_ATTENTION_CMD, src.attention_dir)
-        doc.titled_figure(f"{stem}.jpg", f"caption: {entry.get('caption', NOT_MEASURED)}", png, 105,
-                          f"attention_{stem}.png", src.command(P2_ATTENTION_CMD))
+        doc.figure(png, 105, f"caption: {entry.get('caption', NOT_MEASURED)}", f"{stem}.jpg",
+                   (f"attention_{stem}.png", src.command(P2_ATTENTION_CMD)))
 
     doc.heading("4. Top-1 and last-1 validation images by CLIPScore")
     per_image = None  # the ranked list is needed only where p2_attention.py has not recorded top1/last1
@@ -576,7 +552,7 @@ def problem2_attention(doc: Report, src: Sources) -> None:
             text, pattern = f"CLIPScore {NOT_MEASURED}", f"attention_{which}_*.png"
         png = src.figure(f"attention_{which}_<key>.png", (entry or {}).get("png"), pattern, P2_EXTREMES_CMD,
                          src.attention_dir)
-        doc.titled_figure(title, text, png, 105, f"attention_{which}_<key>.png", src.command(P2_EXTREMES_CMD))
+        doc.figure(png, 105, text, title, (f"attention_{which}_<key>.png", src.command(P2_EXTREMES_CMD)))
 
     doc.heading("5. Analysis")
     doc.notes(src.notes, "p2_attention")
@@ -604,10 +580,10 @@ def build(results: str, notes_path: str, out: str, checkpoints: dict, attention_
     notes = read_notes(notes_path)
     runs = {run: read_run(run, path) for run, path in checkpoint_paths(results, checkpoints).items()}
     src = Sources(results, attention_dir or results, notes, runs, synthetic)
-    doc = Report(f"DLCV HW3 report | {student_line(notes)}")
-    doc.set_title("DLCV HW3 report")
-    doc.set_author(student_line(notes))
-    with tempfile.TemporaryDirectory() as doc.tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        doc = Report(f"DLCV HW3 report | {student_line(notes)}", tmp)
+        doc.set_title("DLCV HW3 report")
+        doc.set_author(student_line(notes))
         title_block(doc, src)
         problem1(doc, src)
         for section in (problem2_metrics, problem2_attention, checklist):

@@ -48,8 +48,8 @@ FULL_DECODER = {  # what Captioner fills into a checkpoint's decoder config besi
 }
 FULL_TENSORS = {"none": [(31, 7)], "adapter": [(123, 45), (67,)], "prefix": [(12, 2, 48, 64)], "lora": [(24, 77), (77, 24)]}
 FULL_ATTENTION = {stem: f"a test caption for {stem} number {i}" for i, stem in enumerate(build_report.ATTENTION_IMAGES)}
-# Outside latin-1 (fpdf2's core fonts), in DejaVu Sans, and one (U+2A0C) that only a fallback font (STIX) has.
-FULL_ATTENTION["ski"] = "a 2\u00d73 grid \u2264 \u2212five \u201cquoted\u201d \u2a0c"
+# Outside latin-1 (fpdf2's core fonts): in DejaVu Sans, and one (U+210A) only a fallback font has (STIX, in matplotlib).
+FULL_ATTENTION["ski"] = "a 2\u00d73 grid \u2264 \u2212five \u201cquoted\u201d \u210a"
 SECTIONS = ("Problem 1: zero-shot image classification with CLIP", "1. Why CLIP classifies zero-shot",
             "2. Prompt-text analysis", "3. Top-5 similarity probabilities of three validation images",
             "Problem 2: image captioning with parameter-efficient fine-tuning",
@@ -274,9 +274,20 @@ def test_the_language_model_only_row_is_there_with_its_file_and_omitted_without(
     assert "language model only" not in text and "p2_metrics_baseline.json" not in text
 
 
-def test_the_full_report_has_no_missing_glyph(full, capfd):
-    """Every character of the test captions has a font: rebuilding the same report warns about none."""
+def test_the_full_report_has_no_missing_glyph(full, capfd, caplog):
+    """Every character of the test captions has a font (U+210A from a fallback font): no warning,
+    neither ours nor fpdf2's (a logged "missing the following glyphs")."""
     out = full["root"] / "again.pdf"
     build_report.build(str(full["results"]), str(full["notes"]), str(out), {}, synthetic=True)
     assert "draws" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if "glyph" in r.getMessage()]
     assert FULL_ATTENTION["ski"] in pdf_text(out)
+
+
+def test_a_character_no_font_has_is_named_and_the_report_still_built(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(build_report, "font_with", lambda char: None)  # a machine without CJK fonts
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Student\n\n\u738b\u5c0f\u660e / R00000000\n", encoding="utf-8")
+    build_report.build(str(tmp_path), str(notes), str(tmp_path / "r.pdf"), {})
+    assert "U+738B" in capfd.readouterr().err
+    assert "R00000000" in pdf_text(tmp_path / "r.pdf")
