@@ -120,8 +120,8 @@ def font_chars(path: str) -> frozenset:
 def font_with(char: str):
     """A font file on this machine that draws `char` (matplotlib's last-resort font, boxes naming the
     character's block, only when no real font has it), or None."""
-    paths = sorted({f.fname for f in font_manager.fontManager.ttflist if f.fname.lower().endswith((".ttf", ".otf", ".ttc"))},
-                   key=lambda p: ("lastresort" in p.lower(), p))
+    paths = {f.fname for f in font_manager.fontManager.ttflist if f.fname.lower().endswith((".ttf", ".otf", ".ttc"))}
+    paths = sorted(paths, key=lambda p: ("lastresort" in p.lower(), p))
     return next((p for p in paths if ord(char) in font_chars(p)), None)
 
 
@@ -198,7 +198,8 @@ class Report(FPDF):
     def grid(self, header: list, rows: list, widths=None, size=SMALL) -> None:
         self.set_font("sans", "", size)
         with self.table(col_widths=widths, text_align="LEFT", line_height=line(size), padding=(0.6, 1.2),
-                        headings_style=FontFace(emphasis="BOLD", fill_color=235), borders_layout="SINGLE_TOP_LINE") as t:
+                        headings_style=FontFace(emphasis="BOLD", fill_color=235),
+                        borders_layout="SINGLE_TOP_LINE") as t:
             for row in [header] + rows:
                 t.row([str(c) for c in row])
         self.ln(2)

@@ -53,7 +53,8 @@ FULL_ATTENTION["ski"] = "a 2\u00d73 grid \u2264 \u2212five \u201cquoted\u201d \u
 SECTIONS = ("Problem 1: zero-shot image classification with CLIP", "1. Why CLIP classifies zero-shot",
             "2. Prompt-text analysis", "3. Top-5 similarity probabilities of three validation images",
             "Problem 2: image captioning with parameter-efficient fine-tuning",
-            "1. Best setting and its validation scores", "2. PEFT attempts", "3. Cross-attention of each generated word",
+            "1. Best setting and its validation scores", "2. PEFT attempts",
+            "3. Cross-attention of each generated word",
             "4. Top-1 and last-1 validation images by CLIPScore", "5. Analysis", "Result files")
 FULL_EXTREMES = {"top1": ("000000060623", "a man riding a bike down a street", 1.0234),
                  "last1": ("2988244398", "a blurry photo of something", 0.3127)}
