@@ -144,8 +144,10 @@ class Report(FPDF):
 
     def normalize_text(self, text: str) -> str:
         """fpdf2 hands every string through here before laying it out: where a missing glyph gets a font."""
-        for char in set(text) - self.checked:
-            if not char.isspace() and ord(char) not in self.current_font.cmap and \
+        font = self.current_font
+        for char in {c for c in text if (font.fontkey, c) not in self.checked}:
+            self.checked.add((font.fontkey, char))
+            if not char.isspace() and ord(char) not in font.cmap and \
                     not any(ord(char) in self.fonts[name].cmap for name in self.fallbacks):
                 path = font_with(char)
                 if path is None or "lastresort" in path.lower():
@@ -155,7 +157,6 @@ class Report(FPDF):
                     self.fallbacks.append(f"fallback{len(self.fallbacks)}")
                     self.add_font(self.fallbacks[-1], "", path)
                     self.set_fallback_fonts(self.fallbacks, exact_match=False)
-        self.checked |= set(text)
         return super().normalize_text(text)
 
     def para(self, text: str, size=BODY, style="", color=0, family="sans", indent=0.0, **cell) -> None:
