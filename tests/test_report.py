@@ -3,8 +3,8 @@
 The PDFs are read back with pypdfium2: their text (every number from the
 result files must appear exactly as formatted), their embedded images, and
 their first pages rendered to pixels (not blank).
-The full results folder holds every file the demo (`make demo`) writes, so
-these tests also pin the file names the report reads.
+The full results folder holds every file build_report.py's docstring names,
+so these tests also pin those names (what the Makefile's report target writes).
 
 Every number in FULL_* below is made up: TEST DATA, not a measurement.
 """
