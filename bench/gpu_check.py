@@ -246,7 +246,7 @@ def summary_lines(report: dict) -> list:
             for x in r["results"]:
                 xe, scst = x.get("xe", {}), x.get("scst", {})
                 lines.append(f"      {x['peft']:8s} cache {'yes' if x['feature_cache'] else 'no '}: "
-                             + (f"out of memory" if "out_of_memory" in x else
+                             + ("out of memory" if "out_of_memory" in x else
                                 f"peak reserved {xe.get('peak_reserved_gib', '-')} GiB, step {xe.get('step_s')} s"
                                 + (f", SCST step {scst.get('step_s', scst.get('error'))}" if scst else "")))
         if name == "smoke" and r:
