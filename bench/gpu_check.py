@@ -41,7 +41,7 @@ sys.path.insert(0, REPO)
 
 SECTIONS = ("smoke", "p2_inference", "p1", "p2_train")
 # Time caps per section (seconds), full size then --small; the whole run must end within 8 minutes on an H200.
-CAPS = {"smoke": (100, 240), "p2_inference": (150, 240), "p1": (120, 120), "p2_train": (200, 300)}
+CAPS = {"smoke": (150, 240), "p2_inference": (150, 240), "p1": (120, 120), "p2_train": (200, 300)}
 TARGETS = {"p2_inference_s": 10.0, "p1_s": 20.0, "train_peak_gib": 10.0}  # issue 13, H100-class GPU
 
 # The test suite's toy sizes (tests/conftest.py)
@@ -221,12 +221,17 @@ def targets(sections: dict) -> dict:
         found["p2_inference_s"] = {"target": TARGETS["p2_inference_s"], "measured": result("p2_inference")["seconds"]}
     if result("p1"):
         found["p1_s"] = {"target": TARGETS["p1_s"], "measured": result("p1")["seconds"]}
-    if result("p2_train"):
-        peaks = [r["xe"]["peak_reserved_gib"] for r in result("p2_train")["results"] if "xe" in r]
-        if peaks:
-            found["train_peak_gib"] = {"target": TARGETS["train_peak_gib"], "measured": max(peaks)}
+    train = (sections.get("p2_train") or {}).get("result")  # a setting out of memory is a finding, not a crash
+    if train:
+        runs = train["results"]
+        peaks = [r["xe"]["peak_reserved_gib"] for r in runs if "peak_reserved_gib" in r.get("xe", {})]
+        failed = [f"{r['peft']} (cache {r['feature_cache']})" for r in runs if "out_of_memory" in r]
+        if peaks or failed:
+            found["train_peak_gib"] = {"target": TARGETS["train_peak_gib"], "measured": max(peaks, default=None),
+                                       "out_of_memory": failed}
     for entry in found.values():
-        entry["met"] = entry["measured"] <= entry["target"]
+        entry["met"] = (entry["measured"] is not None and entry["measured"] <= entry["target"]
+                        and not entry.get("out_of_memory"))
     return found
 
 

@@ -31,3 +31,24 @@ def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
     # the summary names every section
     assert all(name in result.stdout for name in sections)
     assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_targets_are_judged_from_the_measurements_and_out_of_memory_misses():
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu_check
+
+    sections = {
+        "p1": {"ok": True, "result": {"seconds": 12.0}},
+        "p2_inference": {"ok": True, "result": {"seconds": 10.5}},
+        "p2_train": {"ok": False, "result": {"results": [
+            {"peft": "none", "feature_cache": True, "xe": {"peak_reserved_gib": 9.5}},
+            {"peft": "lora", "feature_cache": False, "out_of_memory": "CUDA out of memory"}]}},
+    }
+    found = gpu_check.targets(sections)
+    assert found["p1_s"] == {"target": 20.0, "measured": 12.0, "met": True}
+    assert found["p2_inference_s"]["met"] is False  # 10.5 s > 10 s
+    assert found["train_peak_gib"]["measured"] == 9.5 and found["train_peak_gib"]["met"] is False
+    sections["p2_train"]["result"]["results"].pop()
+    assert gpu_check.targets(sections)["train_peak_gib"]["met"] is True
