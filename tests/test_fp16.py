@@ -22,7 +22,9 @@ The -inf masks, the beam-search scores and the log-softmax are also tested
 directly on fp16 tensors with values at fp16's limits.
 """
 import copy
+import glob
 import math
+import os
 
 import numpy as np
 import pytest
@@ -95,9 +97,6 @@ def make_model(peft: str, setup: dict, seed: int = 0) -> Captioner:
 
 def val_images(setup: dict, model: Captioner, n: int) -> torch.Tensor:
     """The first n validation images of the synthetic set, preprocessed: [n, 3, 32, 32]."""
-    import glob
-    import os
-
     from io_utils import open_rgb
 
     paths = sorted(glob.glob(os.path.join(setup["data_root"], "images", "val", "*")))[:n]
@@ -356,9 +355,6 @@ def test_attention_maps_under_fp16_autocast_match_fp32(models, captioning_setup)
     import p2_attention
     from io_utils import open_rgb
     from tokenizer import BPETokenizer
-
-    import glob
-    import os
 
     model, tokenizer = models["adapter"], BPETokenizer()
     path = sorted(glob.glob(os.path.join(captioning_setup["data_root"], "images", "val", "*")))[0]
