@@ -1,0 +1,54 @@
+"""bench/gpu_check.sh --small: the GPU check's every section runs end to end on the CPU, so the
+script waiting for a GPU machine cannot rot (issue 13). Its numbers are toy-size and mean nothing."""
+import json
+import os
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), "--small", "--out", str(out)],
+                            cwd=REPO, env={**os.environ, "HW3_BPE_DIR": bpe_dir}, capture_output=True, text=True,
+                            timeout=900, check=False)
+    report = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
+    sections = report["sections"]
+    assert list(sections) == ["smoke", "p2_inference", "p1", "p2_train"]
+    for name, section in sections.items():
+        assert section["ok"] and section["error"] is None and section["problems"] == [], (name, section)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert report["small"] and report["targets"] == {}  # no target is judged on toy sizes
+
+    smoke = sections["smoke"]["result"]
+    assert smoke["xe_steps"] == 4 and smoke["scst_steps"] == 1 and smoke["captions"] == 10
+    assert sections["p2_inference"]["result"]["n_images"] == 4
+    assert sections["p1"]["result"]["n_images"] == 8
+    train = sections["p2_train"]["result"]["results"]
+    assert {(r["peft"], r["feature_cache"]) for r in train} == {
+        (p, c) for p in ("none", "adapter", "prefix", "lora") for c in (True, False)}
+    assert all("scst" in r and "step_s" in r["scst"] for r in train if r["feature_cache"])
+    # the summary names every section
+    assert all(name in result.stdout for name in sections)
+    assert (out / "gpu_check.log").stat().st_size > 0
+
+
+def test_targets_are_judged_from_the_measurements_and_out_of_memory_misses():
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu_check
+
+    sections = {
+        "p1": {"ok": True, "result": {"seconds": 12.0}},
+        "p2_inference": {"ok": True, "result": {"seconds": 10.5}},
+        "p2_train": {"ok": False, "result": {"results": [
+            {"peft": "none", "feature_cache": True, "xe": {"peak_reserved_gib": 9.5}},
+            {"peft": "lora", "feature_cache": False, "out_of_memory": "CUDA out of memory"}]}},
+    }
+    found = gpu_check.targets(sections)
+    assert found["p1_s"] == {"target": 20.0, "measured": 12.0, "met": True}
+    assert found["p2_inference_s"]["met"] is False  # 10.5 s > 10 s
+    assert found["train_peak_gib"]["measured"] == 9.5 and found["train_peak_gib"]["met"] is False
+    sections["p2_train"]["result"]["results"].pop()
+    assert gpu_check.targets(sections)["train_peak_gib"]["met"] is True
