@@ -160,6 +160,12 @@ class Linear(nn.Linear):
         return y
 
 
+def gpt2_linear(cfg: DecoderConfig, target: str, fan_in: int, fan_out: int) -> Linear:
+    """One of GPT-2's linears (`target` names it as in LORA_TARGETS), with LoRA where the config asks."""
+    rank = cfg.lora_rank if target in cfg.lora_targets else 0
+    return Linear(fan_in, fan_out, rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+
+
 class Adapter(nn.Module):
     """Bottleneck adapter with its residual: h + up(gelu(down(h)))."""
 
@@ -209,10 +215,9 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         C = cfg.n_embd
-        lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         self.n_head = cfg.n_head
-        self.c_attn = Linear(C, 3 * C, cfg.lora_rank if "attn.c_attn" in cfg.lora_targets else 0, **lora)
-        self.c_proj = Linear(C, C, cfg.lora_rank if "attn.c_proj" in cfg.lora_targets else 0, **lora)
+        self.c_attn = gpt2_linear(cfg, "attn.c_attn", C, 3 * C)
+        self.c_proj = gpt2_linear(cfg, "attn.c_proj", C, C)
 
     def forward(self, x, past=None, prefix=None):
         """x [N, T, C]; past (k, v) [N, H, t, D] or None; prefix [2, P, C] (keys, values) or None.
@@ -291,9 +296,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         C = cfg.n_embd
-        lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        self.c_fc = Linear(C, 4 * C, cfg.lora_rank if "mlp.c_fc" in cfg.lora_targets else 0, **lora)
-        self.c_proj = Linear(4 * C, C, cfg.lora_rank if "mlp.c_proj" in cfg.lora_targets else 0, **lora)
+        self.c_fc = gpt2_linear(cfg, "mlp.c_fc", C, 4 * C)
+        self.c_proj = gpt2_linear(cfg, "mlp.c_proj", 4 * C, C)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
