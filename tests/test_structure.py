@@ -139,6 +139,24 @@ def test_each_shared_concept_has_one_home():
     assert copies == [], "define these once, in their home module, and import them"
 
 
+def test_the_end_token_is_spelled_only_in_the_tokenizer():
+    """<|endoftext|> and its id 50256 are tokenizer.EOT and tokenizer.EOT_ID; no other module retypes them
+    (docstrings aside)."""
+    import ast
+
+    retyped = []
+    for name, path in repository_modules().items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr)}
+        retyped += [f"{name}:{node.lineno}" for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant) and id(node) not in docstrings and name != "tokenizer"
+                    and (node.value == 50256 and type(node.value) is int
+                         or isinstance(node.value, str) and "<|endoftext|>" in node.value)]
+    assert retyped == []
+
 def test_temporary_files_and_the_checkpoint_path_come_from_io_utils():
     """Writing a temporary and renaming it is io_utils.atomic_output; reading $HW3_P2_CKPT is
     io_utils.p2_checkpoint (hw3_cache.py's os.replace installs a checked download, writing nothing)."""
