@@ -477,3 +477,15 @@ def test_report_top5_writes_a_png_per_image(tiny_clip_file, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("command", ["accuracy", "top5"])
+def test_report_out_dir_that_cannot_be_written_fails_before_loading(command, tiny_clip_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(p1_report, "Classifier", lambda *args: pytest.fail("CLIP loaded before the path check"))
+    folder = save_images(tmp_path / "val", ["0_1.png"])
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    (tmp_path / "a_file").write_text("x")
+    extra = ["--val-dir", str(folder)] if command == "accuracy" else [str(folder / "0_1.png")]
+    with pytest.raises(SystemExit, match="--out-dir.*is not a folder"):
+        p1_report.main([command, "--id2label", id2label, "--out-dir", str(tmp_path / "a_file" / "out"),
+                        "--clip", tiny_clip_file, *extra])
