@@ -74,6 +74,31 @@ def _modules_loaded_by(statement: str) -> set:
     return set(result.stdout.split())
 
 
+def test_helpers_raise_exceptions_rather_than_exit_or_assert():
+    """A library raises (InputError, ValueError...); only an entry point turns that into an exit.
+    A bare `assert` is no check: `python -O` removes it. A helper's own command line (its `main`,
+    its `if __name__ == "__main__"`) may exit, and so does io_utils.reports_input_errors, the
+    entry points' decorator."""
+    import ast
+
+    found = []
+    for name, path in repository_modules().items():
+        if name in ENTRY_POINTS:
+            continue
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        allowed = {id(node) for top in tree.body for node in ast.walk(top)
+                   if isinstance(top, ast.FunctionDef) and top.name in ("main", "reports_input_errors")
+                   or isinstance(top, ast.If) and "__name__" in ast.dump(top.test)}
+        for node in ast.walk(tree):
+            exits = (isinstance(node, ast.Raise) and node.exc is not None and "SystemExit" in ast.dump(node.exc)
+                     or isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                     and node.func.attr == "exit" and isinstance(node.func.value, ast.Name)
+                     and node.func.value.id == "sys")
+            if (exits or isinstance(node, ast.Assert)) and id(node) not in allowed:
+                found.append(f"{name}:{node.lineno}")
+    assert found == []
+
 def test_static_tools_import_no_torch():
     """selfcheck's static checks and script_rules start without torch or the model stack."""
     loaded = _modules_loaded_by("import selfcheck, script_rules, io_utils")
