@@ -430,7 +430,14 @@ class Trainer:
         """Checks the inputs (cheap ones first: the data, the decoder file, then the slow encoder),
         builds the model and the image sources, and resumes when asked."""
         torch.manual_seed(args.seed)
-        check_output_path(args.out)
+        outputs = {"--out": args.out}
+        if args.cache_features:
+            outputs["--cache-features"] = os.path.join(args.cache_features, "features.npy")
+        for option, path in outputs.items():  # before minutes of loading and caching
+            try:
+                check_output_path(path)
+            except InputError as error:
+                raise InputError(f"{option}: {error}") from None
         if not os.path.isdir(args.data_root):
             raise InputError(f"--data-root {args.data_root!r} does not exist")
         tokenizer = BPETokenizer()

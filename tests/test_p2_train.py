@@ -302,13 +302,17 @@ def test_decoding_values_beyond_their_range_fail_at_once(option, values, message
     assert message in capsys.readouterr().err
 
 
-def test_an_out_path_that_cannot_be_written_fails_before_the_model_loads(tmp_path, captioning_setup, monkeypatch):
+@pytest.mark.parametrize("option", ["--out", "--cache-features"])
+def test_an_output_path_that_cannot_be_written_fails_before_the_model_loads(tmp_path, captioning_setup, monkeypatch,
+                                                                           option):
     (tmp_path / "a_file").write_text("x")
-    out = tmp_path / "a_file" / "m.pt"
+    under_a_file = tmp_path / "a_file" / "below"
 
     def built(*args, **kwargs):
         raise AssertionError("the model was built")
 
     monkeypatch.setattr(p2_train, "Captioner", built)
-    with pytest.raises(SystemExit, match="not a folder"):
-        run(train_args(captioning_setup, out))
+    args = (train_args(captioning_setup, under_a_file) if option == "--out" else
+            train_args(captioning_setup, tmp_path / "m.pt", "--cache-features", under_a_file))
+    with pytest.raises(SystemExit, match=f"{option}: .*is not a folder"):
+        run(args)
