@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from io_utils import torch_load
+from io_utils import check_finite, torch_load
 
 # GPT-2 stores these four as Conv1D, weight (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -540,18 +540,6 @@ def gpt2_shapes(n_layer: int, n_embd: int, vocab_size: int, n_ctx: int) -> dict:
     for i in range(n_layer):
         shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
     return shapes
-
-
-def check_finite(state: dict, source: str) -> None:
-    """Raise ValueError naming the tensors of `state` that hold NaN or inf.
-
-    Such weights do not fail: every logit turns NaN, and decoding then picks
-    token 0 ("!") at every step.
-    """
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:5]}; "
-                         "the file is damaged or comes from a diverged training run")
 
 
 def _describe_non_tensors(state) -> str:
