@@ -25,14 +25,13 @@ from decoder import (
     GPT2_SMALL,
     Decoder,
     DecoderConfig,
-    check_finite,
     infer_gpt2_shape,
     load_gpt2_into,
     load_gpt2_state,
     parameter_group,
 )
 from encoder import DEFAULT_ENCODER, ImageEncoder
-from io_utils import atomic_torch_save, torch_load
+from io_utils import atomic_torch_save, check_finite, torch_load
 from tokenizer import EOT_ID
 
 MAX_TRAINABLE = 35_000_000  # the course's limit, counted from the saved checkpoint

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from io_utils import torch_load
+from io_utils import check_finite, torch_load
 
 # GPT-2 stores these four as Conv1D, weight (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -160,6 +160,12 @@ class Linear(nn.Linear):
         return y
 
 
+def gpt2_linear(cfg: DecoderConfig, target: str, fan_in: int, fan_out: int) -> Linear:
+    """One of GPT-2's linears (`target` names it as in LORA_TARGETS), with LoRA where the config asks."""
+    rank = cfg.lora_rank if target in cfg.lora_targets else 0
+    return Linear(fan_in, fan_out, rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+
+
 class Adapter(nn.Module):
     """Bottleneck adapter with its residual: h + up(gelu(down(h)))."""
 
@@ -209,10 +215,9 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         C = cfg.n_embd
-        lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
         self.n_head = cfg.n_head
-        self.c_attn = Linear(C, 3 * C, cfg.lora_rank if "attn.c_attn" in cfg.lora_targets else 0, **lora)
-        self.c_proj = Linear(C, C, cfg.lora_rank if "attn.c_proj" in cfg.lora_targets else 0, **lora)
+        self.c_attn = gpt2_linear(cfg, "attn.c_attn", C, 3 * C)
+        self.c_proj = gpt2_linear(cfg, "attn.c_proj", C, C)
 
     def forward(self, x, past=None, prefix=None):
         """x [N, T, C]; past (k, v) [N, H, t, D] or None; prefix [2, P, C] (keys, values) or None.
@@ -291,9 +296,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         C = cfg.n_embd
-        lora = dict(alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-        self.c_fc = Linear(C, 4 * C, cfg.lora_rank if "mlp.c_fc" in cfg.lora_targets else 0, **lora)
-        self.c_proj = Linear(4 * C, C, cfg.lora_rank if "mlp.c_proj" in cfg.lora_targets else 0, **lora)
+        self.c_fc = gpt2_linear(cfg, "mlp.c_fc", C, 4 * C)
+        self.c_proj = gpt2_linear(cfg, "mlp.c_proj", 4 * C, C)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -536,18 +540,6 @@ def gpt2_shapes(n_layer: int, n_embd: int, vocab_size: int, n_ctx: int) -> dict:
     for i in range(n_layer):
         shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
     return shapes
-
-
-def check_finite(state: dict, source: str) -> None:
-    """Raise ValueError naming the tensors of `state` that hold NaN or inf.
-
-    Such weights do not fail: every logit turns NaN, and decoding then picks
-    token 0 ("!") at every step.
-    """
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:5]}; "
-                         "the file is damaged or comes from a diverged training run")
 
 
 def _describe_non_tensors(state) -> str:

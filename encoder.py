@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from io_utils import atomic_torch_save, cache_dir, torch_load
+from io_utils import atomic_torch_save, cache_dir, check_finite, torch_load
 
 DEFAULT_ENCODER = "vit_large_patch14_clip_quickgelu_224.openai"
 
@@ -50,19 +50,22 @@ def download_weights(name: str) -> str:
 
 
 def read_state_dict(path: str) -> dict:
-    """Tensors from a .pth/.bin/.safetensors file, unwrapping {'state_dict': ...} style containers."""
+    """Tensors from a .pth/.bin/.safetensors file, unwrapping {'state_dict': ...} style containers;
+    ValueError naming any tensor that holds NaN or inf."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"encoder weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch_load(path)
-    for key in ("state_dict", "model", "state"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+        state = load_file(path)
+    else:
+        state = torch_load(path)
+        for key in ("state_dict", "model", "state"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    check_finite(state, path)
     return state
 
 

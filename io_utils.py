@@ -558,3 +558,18 @@ def torch_load(path: str):
             first = message.splitlines()[0].split(". ")[0] if message else ""
             reason = f"damaged or truncated: {type(error).__name__}: {first}"
         raise ValueError(f"{path} is not a PyTorch weights file ({reason})") from None
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Raise ValueError naming the tensors of `state` (name -> tensor) that hold NaN or inf.
+
+    Such weights load without complaint: every logit turns NaN, and decoding then
+    picks token 0 ("!") at every step.
+    """
+    import torch
+
+    bad = [k for k, v in state.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:5]}; "
+                         "the file is damaged or comes from a diverged training run")

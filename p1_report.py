@@ -197,6 +197,10 @@ def main(argv=None):
         else:
             sub.add_argument("images", nargs="+", metavar="IMG")
     args = parser.parse_args(argv)
+    try:  # before CLIP loads: the outputs are written last
+        io_utils.check_output_path(os.path.join(args.out_dir, "p1_top5.json"))
+    except io_utils.InputError as error:
+        raise io_utils.InputError(f"--out-dir: {error}") from None
     return accuracy(args) if args.command == "accuracy" else top5(args)
 
 

@@ -105,7 +105,7 @@ def _json_type(value) -> str:
 def read_id2label(path: str) -> dict[int, str]:
     """`{"0": "bicycle", ...}` from `path` as {0: "bicycle", ...}, sorted by id.
 
-    Exits with a message naming the file and the problem when the file is
+    Raises InputError naming the file and the problem when the file is
     unreadable, not JSON, not a non-empty object, or has a key that is not a
     non-negative integer or a value that is not a non-empty string.
     """
@@ -113,31 +113,27 @@ def read_id2label(path: str) -> dict[int, str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError:
-        raise SystemExit(f"error: id2label file {path!r} is not valid JSON (not UTF-8 text)")
+        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON (not UTF-8 text)")
     except OSError as error:
-        raise SystemExit(f"error: cannot read id2label file {path!r}: {error.strerror or error}")
+        raise io_utils.InputError(f"cannot read id2label file {path!r}: {error.strerror or error}")
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except ValueError as error:
-        raise SystemExit(f"error: id2label file {path!r} is not valid JSON: {error}")
+        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON: {error}")
     if not isinstance(data, dict):
-        raise SystemExit(
-            f"error: id2label file {path!r} must hold a JSON object mapping class ids to names "
-            f'(like {{"0": "bicycle"}}), found a JSON {_json_type(data)}')
+        raise io_utils.InputError(f"id2label file {path!r} must hold a JSON object mapping class ids to names "
+                                  f'(like {{"0": "bicycle"}}), found a JSON {_json_type(data)}')
     if not data:
-        raise SystemExit(f"error: id2label file {path!r} is an empty JSON object: no classes")
+        raise io_utils.InputError(f"id2label file {path!r} is an empty JSON object: no classes")
     id2label = {}
     for key, value in data.items():
         if not re.fullmatch(r"[0-9]+", key):
-            raise SystemExit(
-                f"error: id2label file {path!r}: key {key!r} is not an integer class id")
+            raise io_utils.InputError(f"id2label file {path!r}: key {key!r} is not an integer class id")
         if not isinstance(value, str) or not value.strip():
-            raise SystemExit(
-                f"error: id2label file {path!r}: the name of class {key!r} must be a non-empty "
-                f"string, found {value!r}")
+            raise io_utils.InputError(f"id2label file {path!r}: the name of class {key!r} must be a non-empty "
+                                      f"string, found {value!r}")
         if int(key) in id2label:
-            raise SystemExit(
-                f"error: id2label file {path!r}: key {key!r} repeats class id {int(key)}")
+            raise io_utils.InputError(f"id2label file {path!r}: key {key!r} repeats class id {int(key)}")
         id2label[int(key)] = value
     id2label = dict(sorted(id2label.items()))
     _warn_same_prompt_names(path, id2label)
@@ -159,15 +155,15 @@ def _warn_same_prompt_names(path: str, id2label: dict) -> None:
 
 
 def check_prompt_lengths(id2label: dict, templates) -> None:
-    """Exit naming the first class whose prompts exceed CLIP's 77-token context
+    """Raise InputError naming the first class whose prompts exceed CLIP's 77-token context
     (clip.tokenize would raise only after the models have loaded)."""
     for class_id, name in id2label.items():
         try:
             clip.tokenize([t.format(clean_classname(name)) for t in templates])
         except RuntimeError:
             shown = name if len(name) <= 60 else name[:60] + "..."
-            raise SystemExit(f"error: the name of class {class_id} ({len(name)} characters, {shown!r}) is too "
-                             "long: its prompts exceed CLIP's context of 77 tokens") from None
+            raise io_utils.InputError(f"the name of class {class_id} ({len(name)} characters, {shown!r}) is too "
+                                      "long: its prompts exceed CLIP's context of 77 tokens") from None
 
 
 def clean_classname(name: str) -> str:
@@ -179,13 +175,13 @@ def model_specs(value: str | None = None) -> list[str]:
     """The CLIP models to ensemble: `value`, else $HW3_P1_CLIP, else the default.
 
     Each entry is checked before anything is loaded; an unknown name that is
-    not a file either ends the run with the list of known names.
+    not a file either raises InputError with the list of known names.
     """
     if value is None:
         value = os.environ.get("HW3_P1_CLIP") or DEFAULT_MODELS
     specs = [s.strip() for s in value.split(",") if s.strip()]
     if not specs:
-        raise SystemExit(f"error: no CLIP model given in {value!r}")
+        raise io_utils.InputError(f"no CLIP model given in {value!r}")
     for spec in specs:
         _check_spec(spec)
     return specs
@@ -193,9 +189,8 @@ def model_specs(value: str | None = None) -> list[str]:
 
 def _check_spec(spec: str) -> None:
     if spec not in clip.available_models() and not os.path.isfile(spec):
-        raise SystemExit(
-            f"error: CLIP model {spec!r} not found; available models = "
-            f"{clip.available_models()}; or give a path to a checkpoint file")
+        raise io_utils.InputError(f"CLIP model {spec!r} not found; available models = "
+                                  f"{clip.available_models()}; or give a path to a checkpoint file")
 
 
 def batch_size() -> int:
@@ -234,15 +229,15 @@ def load_clip(spec: str, device: torch.device):
         try:
             model, preprocess = _clip_load(spec, device, root)
         except OSError as error:
-            raise SystemExit(f"error: could not get CLIP {spec} weights into {root}: {error}")
+            raise io_utils.InputError(f"could not get CLIP {spec} weights into {root}: {error}")
     else:
         try:
             model, preprocess = _clip_load(spec, device, root)
         # torch.load and build_model fail in many ways (pickle, KeyError, shape) on a bad file.
         except Exception as error:  # noqa: BLE001
-            raise SystemExit(f"error: {spec!r} is not a CLIP checkpoint: {_clip_load_problem(error)}; expected "
-                             "OpenAI's CLIP weights (like ViT-L-14.pt, which clip.load downloads) or the "
-                             "state_dict() of a clip.model.CLIP") from None
+            raise io_utils.InputError(f"{spec!r} is not a CLIP checkpoint: {_clip_load_problem(error)}; expected "
+                                      "OpenAI's CLIP weights (like ViT-L-14.pt, which clip.load downloads) or the "
+                                      "state_dict() of a clip.model.CLIP") from None
     return model.eval(), preprocess
 
 
@@ -335,10 +330,7 @@ def main(argv=None) -> None:
     check_prompt_lengths(id2label, TEMPLATES)
     specs = model_specs()
     batch = batch_size()
-    try:
-        io_utils.check_output_path(args.out_csv)
-    except io_utils.InputError as error:
-        raise SystemExit(f"error: {error}") from None
+    io_utils.check_output_path(args.out_csv)
     names = io_utils.list_files(args.img_dir)
 
     device = io_utils.pick_device()
@@ -349,7 +341,7 @@ def main(argv=None) -> None:
     paths = [os.path.join(args.img_dir, name) for name in names]
     kept, image_embs = image_embeddings(models, paths, device, batch)
     if not kept:
-        raise SystemExit(f"error: no readable image in {args.img_dir!r} ({len(names)} files, none an image)")
+        raise io_utils.InputError(f"no readable image in {args.img_dir!r} ({len(names)} files, none an image)")
 
     probs = ensemble_probs(image_embs, text_embs, [logit_scale(m) for m, _ in models])  # [N, K]
     labels = [class_ids[k] for k in probs.argmax(dim=1).tolist()]

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 import io_utils
-from captioner import autocast, caption_text, load_checkpoint
+from captioner import MAX_BEAM, autocast, caption_text, load_checkpoint
 from tokenizer import EOT, BPETokenizer
 
 COLUMNS = 5
@@ -275,8 +275,8 @@ def parse_args(argv=None):
         p.error("nothing to draw: give --images and/or --per-image")
     if bool(args.per_image) != bool(args.images_root):
         p.error("--per-image and --images-root go together")
-    if args.beam_size is not None and args.beam_size < 1:
-        p.error(f"--beam-size must be >= 1, got {args.beam_size}")
+    if args.beam_size is not None and not 1 <= args.beam_size <= MAX_BEAM:
+        p.error(f"--beam-size must be within 1..{MAX_BEAM}, got {args.beam_size}")
     return args
 
 
@@ -300,11 +300,15 @@ def main(argv=None) -> None:
         stems[stem] = path
     if args.per_image:
         read_per_image(args.per_image)
+    json_path = os.path.join(args.out_dir, "attention.json")
+    try:
+        io_utils.check_output_path(json_path)
+    except io_utils.InputError as error:
+        raise io_utils.InputError(f"--out-dir: {error}") from None
     if not os.path.isfile(args.decoder_weights):
         raise SystemExit(f"error: decoder weights {args.decoder_weights!r} do not exist (the course's decoder_model.bin)")
     if args.checkpoint is None:
         args.checkpoint = io_utils.existing_p2_checkpoint()
-    json_path = os.path.join(args.out_dir, "attention.json")
     results = _read_json_dict(json_path)
 
     model, tokenizer, device = load_model(args.checkpoint, args.decoder_weights, args.encoder_weights)

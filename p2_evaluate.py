@@ -29,16 +29,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
-
-import os
 from collections import Counter
 
 from PIL import Image
 
 from clipscore import check_clip_model, clip_scores
-from io_utils import InputError, atomic_write_text, check_output_path, find_images, load_references, read_json, strip_extension, to_rgb, warn
+from io_utils import (
+    InputError,
+    atomic_write_text,
+    check_output_path,
+    find_images,
+    load_references,
+    read_json,
+    strip_extension,
+    to_rgb,
+    warn,
+)
 
 # Characters Java's PTB tokenizer takes as line breaks besides "\n" (which
 # pycocoevalcap already replaces): left in a caption they shift every later

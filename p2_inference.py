@@ -17,8 +17,9 @@ Environment (the graders' command line is fixed, so options live here):
                           cache, `encoder.cached_weights_path`)
   HW3_P2_BEAM, HW3_P2_MAX_LEN, HW3_P2_LENGTH_PENALTY
                           override the checkpoint's decoding settings (beam
-                          1..32, max_len up to the decoder's context, length
-                          penalty 0..10)
+                          size 1..20, max_len up to the decoder's context,
+                          length penalty 0..5: captioner.MAX_BEAM and
+                          MAX_LENGTH_PENALTY)
   HW3_P2_BATCH            images per batch (default 32)
   HW3_CACHE               root of the cache (default `<repo>/cache`)
 """
@@ -79,7 +80,7 @@ def generation_overrides() -> dict:
 
 
 def image_keys(folder: str, names: list) -> dict:
-    """File name -> output key; exits naming both files when two images share a key.
+    """File name -> output key; InputError naming both files when two images share a key.
 
     Only files that decode count (io_utils.is_image), as in captioning: a
     truncated `a.png` beside a good `a.jpg` is skipped later, not a collision.
@@ -90,8 +91,9 @@ def image_keys(folder: str, names: list) -> dict:
     for key, group in groups.items():
         images = [n for n in group if io_utils.is_image(os.path.join(folder, n))] if len(group) > 1 else group
         if len(images) > 1:
-            raise SystemExit(f"error: images {' and '.join(map(repr, images))} in {folder!r} would both be "
-                             f"captioned as {key!r}; the output holds one caption per name without extension")
+            raise io_utils.InputError(f"images {' and '.join(map(repr, images))} in {folder!r} would both be "
+                                      f"captioned as {key!r}; the output holds one caption per name without "
+                                      "extension")
     return {name: io_utils.strip_extension(name) for name in names}
 
 
@@ -108,11 +110,9 @@ def main(argv=None) -> None:
     batch_size = io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer", DEFAULT_BATCH)
     checkpoint = io_utils.existing_p2_checkpoint()
     if not os.path.isfile(args.decoder_weights):
-        raise SystemExit(f"error: decoder weights {args.decoder_weights!r} do not exist (the course's decoder_model.bin)")
-    try:
-        io_utils.check_output_path(args.out_json)
-    except io_utils.InputError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
+                                  "decoder_model.bin)")
+    io_utils.check_output_path(args.out_json)
     names = io_utils.list_files(args.img_dir)
     keys = image_keys(args.img_dir, names)
     tokenizer = BPETokenizer()

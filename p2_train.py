@@ -55,6 +55,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from captioner import (
+    MAX_BEAM,
+    MAX_LENGTH_PENALTY,
     PEFT_PRESETS,
     Captioner,
     autocast,
@@ -73,6 +75,7 @@ from io_utils import (
     InputError,
     atomic_torch_save,
     atomic_write_text,
+    check_output_path,
     loader_workers,
     pick_device,
     torch_load,
@@ -183,9 +186,12 @@ def parse_args(argv=None):
         p.error(f"--warmup-fraction must be within [0, 1], got {args.warmup_fraction}")
     if not 0.0 < args.scst_top_p <= 1.0:
         p.error(f"--scst-top-p must be within (0, 1], got {args.scst_top_p}")
-    if min(args.decode_beams) < 1 or min(args.decode_length_penalties) < 0:
-        p.error(f"--decode-beams must be >= 1 and --decode-length-penalties >= 0, got {args.decode_beams} "
-                f"and {args.decode_length_penalties}")
+    # the decoding grid runs only after training: a value it cannot take must fail now
+    for name, values, low, high in (("decode_beams", args.decode_beams, 1, MAX_BEAM),
+                                    ("val_beam_size", [args.val_beam_size], 1, MAX_BEAM),
+                                    ("decode_length_penalties", args.decode_length_penalties, 0, MAX_LENGTH_PENALTY)):
+        if not all(low <= v <= high for v in values):
+            p.error(f"--{name.replace('_', '-')} must be within {low}..{high:g}, got {values}")
     return args
 
 
@@ -424,6 +430,14 @@ class Trainer:
         """Checks the inputs (cheap ones first: the data, the decoder file, then the slow encoder),
         builds the model and the image sources, and resumes when asked."""
         torch.manual_seed(args.seed)
+        outputs = {"--out": args.out}
+        if args.cache_features:
+            outputs["--cache-features"] = os.path.join(args.cache_features, "features.npy")
+        for option, path in outputs.items():  # before minutes of loading and caching
+            try:
+                check_output_path(path)
+            except InputError as error:
+                raise InputError(f"{option}: {error}") from None
         if not os.path.isdir(args.data_root):
             raise InputError(f"--data-root {args.data_root!r} does not exist")
         tokenizer = BPETokenizer()

@@ -271,7 +271,7 @@ def validate_json(path: str, names: list) -> list:
         return [f"not valid JSON: {error}"]
     if not isinstance(data, dict):
         return [f"a JSON {type(data).__name__}, expected an object {{name: caption}}"]
-    keys = {os.path.splitext(n)[0] for n in names}
+    keys = {io_utils.strip_extension(n) for n in names}
     problems = []
     if set(data) != keys:
         problems.append(f"keys differ from the file names without their last extension: missing "

@@ -81,6 +81,14 @@ def test_encoder_weights_that_do_not_fit_are_an_error(tmp_path, tiny_vit_file):
         ImageEncoder("vit_nonexistent_patch3", pretrained=False)
 
 
+def test_encoder_weights_with_nan_are_refused_naming_the_tensor(tmp_path, tiny_vit_file):
+    """As for the checkpoint and GPT-2: NaN image tokens would caption every image '!!!!'."""
+    state = torch.load(tiny_vit_file)
+    state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"nan.pth: 1 tensor\(s\) hold NaN or inf.*blocks.0.attn.qkv.weight"):
+        ImageEncoder(TINY_VIT, weights=str(tmp_path / "nan.pth"), model_kwargs=TINY_VIT_KWARGS)
+
 def test_no_silent_download_when_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HW3_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -121,6 +121,16 @@ def test_bad_decoder_files_fail_clearly(tiny_gpt2, tmp_path, damage, message):
     assert message in str(error.value)
 
 
+def test_loading_gpt2_builds_no_decoder(tiny_gpt2, monkeypatch):
+    """The expected shapes come from gpt2_shapes, not from a whole random model built to read them."""
+    import decoder
+
+    monkeypatch.setattr(decoder, "Decoder", lambda *a, **k: pytest.fail("a Decoder was built"))
+    monkeypatch.setattr(decoder.nn, "Linear", lambda *a, **k: pytest.fail("a layer was built"))
+    state = load_gpt2_state(tiny_gpt2[0])
+    expected = decoder.gpt2_shapes(**decoder.infer_gpt2_shape(state))
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+
 def test_huggingface_prefixed_layout_is_rejected(tiny_gpt2, tmp_path):
     state = {"transformer." + k: v for k, v in torch.load(tiny_gpt2[0]).items()}
     torch.save(state, tmp_path / "prefixed.bin")

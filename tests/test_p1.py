@@ -260,14 +260,25 @@ def test_class_text_is_encoded_once_per_run(tiny_clip_file, tmp_path, monkeypatc
 
 
 def test_wrong_file_as_clip_checkpoint_says_what_it_is_not(tiny_vit_file, tmp_path):
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(io_utils.InputError) as error:
         zs.load_clip(tiny_vit_file, torch.device("cpu"))
-    message = str(error.value.code)
+    message = str(error.value)
     assert f"{tiny_vit_file!r} is not a CLIP checkpoint: it has no tensor 'visual.layer1.0.conv1.weight'" in message
     assert "expected OpenAI's CLIP weights" in message
     (tmp_path / "page.pt").write_text("<html>not found</html>")
-    with pytest.raises(SystemExit, match="'.*page.pt' is not a CLIP checkpoint: .*expected OpenAI's CLIP weights"):
+    with pytest.raises(io_utils.InputError, match="'.*page.pt' is not a CLIP checkpoint: .*expected OpenAI's CLIP"):
         zs.load_clip(str(tmp_path / "page.pt"), torch.device("cpu"))
+
+
+def test_the_reused_functions_raise_input_errors_not_exits(tmp_path):
+    """hw3_cache.py and p1_report.py call these: libraries raise, only an entry point's main exits."""
+    path = write_json(tmp_path / "id2label.json", ["not", "an", "object"])
+    with pytest.raises(io_utils.InputError, match="must hold a JSON object"):
+        zs.read_id2label(path)
+    with pytest.raises(io_utils.InputError, match="CLIP model 'ViT-Z/99' not found"):
+        zs.model_specs("ViT-Z/99")
+    with pytest.raises(io_utils.InputError, match="the name of class 0 .* is too long"):
+        zs.check_prompt_lengths({0: "word " * 100}, zs.TEMPLATES)
 
 
 def test_two_ids_with_the_same_prompts_warn(tmp_path, capsys):
@@ -466,3 +477,15 @@ def test_report_top5_writes_a_png_per_image(tiny_clip_file, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("command", ["accuracy", "top5"])
+def test_report_out_dir_that_cannot_be_written_fails_before_loading(command, tiny_clip_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(p1_report, "Classifier", lambda *args: pytest.fail("CLIP loaded before the path check"))
+    folder = save_images(tmp_path / "val", ["0_1.png"])
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    (tmp_path / "a_file").write_text("x")
+    extra = ["--val-dir", str(folder)] if command == "accuracy" else [str(folder / "0_1.png")]
+    with pytest.raises(SystemExit, match="--out-dir.*is not a folder"):
+        p1_report.main([command, "--id2label", id2label, "--out-dir", str(tmp_path / "a_file" / "out"),
+                        "--clip", tiny_clip_file, *extra])

@@ -183,6 +183,20 @@ def test_cli_refuses_a_truncated_image_before_loading(report_images, tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
+
+def test_cli_refuses_an_absurd_beam_or_an_unwritable_out_dir_before_loading(report_images, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A beam of 100000 asks for ~240 GB at the first image; an --out-dir under a file fails at the first figure."""
+    monkeypatch.setattr(p2_attention, "load_model", lambda *args: pytest.fail("loaded before checking the options"))
+    with pytest.raises(SystemExit) as error:
+        p2_attention.main(["--images", report_images[0], "--out-dir", str(tmp_path), "--decoder-weights", "b",
+                           "--beam-size", "100000"])
+    assert error.value.code == 2 and "--beam-size must be within 1..20" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit, match="--out-dir.*is not a folder"):
+        p2_attention.main(["--images", report_images[0], "--out-dir", str(tmp_path / "a_file" / "out"),
+                           "--decoder-weights", "b", "--checkpoint", "c"])
+
 def test_notebook_is_thin_valid_and_stores_no_outputs():
     with open(os.path.join(REPO, "p2_visualize.ipynb"), encoding="utf-8") as f:
         notebook = json.load(f)

@@ -220,6 +220,18 @@ def test_a_truncated_image_sharing_a_key_is_no_conflict(tmp_path):
                                                                                   "b.png": "b"}
 
 
+def test_a_key_collision_is_an_input_error_naming_both_files(tmp_path):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB", "a.png": "RGBA"})
+    with pytest.raises(io_utils.InputError, match="'a.jpg' and 'a.png'"):
+        p2_inference.image_keys(str(folder), ["a.jpg", "a.png"])
+
+
+def test_the_documented_override_ranges_are_the_enforced_ones():
+    from captioner import MAX_BEAM, MAX_LENGTH_PENALTY
+
+    doc = " ".join(p2_inference.__doc__.split())
+    assert f"beam size 1..{MAX_BEAM}" in doc and f"length penalty 0..{MAX_LENGTH_PENALTY:g}" in doc
+
 @pytest.mark.parametrize("name, value", [
     ("HW3_P2_BEAM", "0"), ("HW3_P2_BEAM", "five"), ("HW3_P2_BEAM", "2.5"), ("HW3_P2_MAX_LEN", "-3"),
     ("HW3_P2_LENGTH_PENALTY", "nan"), ("HW3_P2_LENGTH_PENALTY", "-1"), ("HW3_P2_BATCH", "0"),

@@ -288,3 +288,31 @@ def test_empty_captions_are_counted_and_no_caption_at_all_is_an_error(tmp_path, 
         a["caption"] = ""
     (broken_data / "train.json").write_text(json.dumps(data), encoding="utf-8")
     expect_error(train_args(setup, tmp_path / "none.pt"), "none of its", tmp_path / "none.pt")
+
+
+@pytest.mark.parametrize("option, values, message", [
+    ("--decode-beams", ["1", "100000"], "--decode-beams"),
+    ("--decode-length-penalties", ["0", "1e308"], "--decode-length-penalties"),
+    ("--val-beam-size", ["100000"], "--val-beam-size"),
+])
+def test_decoding_values_beyond_their_range_fail_at_once(option, values, message, capsys):
+    """Tried only after the whole training run (the decoding grid) unless checked with the options."""
+    with pytest.raises(SystemExit):
+        p2_train.parse_args(["--print-params", option, *values])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--out", "--cache-features"])
+def test_an_output_path_that_cannot_be_written_fails_before_the_model_loads(tmp_path, captioning_setup, monkeypatch,
+                                                                           option):
+    (tmp_path / "a_file").write_text("x")
+    under_a_file = tmp_path / "a_file" / "below"
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(p2_train, "Captioner", built)
+    args = (train_args(captioning_setup, under_a_file) if option == "--out" else
+            train_args(captioning_setup, tmp_path / "m.pt", "--cache-features", under_a_file))
+    with pytest.raises(SystemExit, match=f"{option}: .*is not a folder"):
+        run(args)
