@@ -40,6 +40,7 @@ import datetime
 import functools
 import glob
 import json
+import math
 import os
 import re
 import tempfile
@@ -53,7 +54,7 @@ from fpdf.fonts import FontFace  # noqa: E402
 from matplotlib import font_manager, ft2font  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from io_utils import InputError, atomic_output, reports_input_errors, warn  # noqa: E402
+from io_utils import InputError, atomic_output, check_output_path, reports_input_errors, warn  # noqa: E402
 
 NOT_MEASURED = "not measured"
 TO_BE_WRITTEN = "(to be written after the results are in)"
@@ -284,9 +285,10 @@ def read_prompts(path: str):
 
 
 def read_metrics(path: str):
-    return read_json(path, '{"cider": number|null, "clipscore": number|null, ...} from p2_evaluate.py --metrics-out',
-                     lambda d: isinstance(d, dict) and all(isinstance(d.get(k), (int, float, type(None)))
-                                                           for k in ("cider", "clipscore")))
+    return read_json(path, '{"cider": finite number|null, "clipscore": finite number|null, ...} from p2_evaluate.py '
+                     '--metrics-out', lambda d: isinstance(d, dict) and all(
+                         d.get(k) is None or (isinstance(d[k], (int, float)) and math.isfinite(d[k]))
+                         for k in ("cider", "clipscore")))
 
 
 def checkpoint_paths(results: str, overrides: dict) -> dict:
@@ -617,6 +619,7 @@ def main(argv=None) -> None:
     p.add_argument("--synthetic", action="store_true",
                    help="say on page 1 that the results come from synthetic data and tiny random models (the demo)")
     args = p.parse_args(argv)
+    check_output_path(args.out)
     checkpoints = dict(args.checkpoint)
     if args.best_checkpoint:
         checkpoints["best"] = args.best_checkpoint

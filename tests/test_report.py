@@ -249,6 +249,21 @@ def test_checkpoint_option_syntax():
         build_report.main(["--checkpoint", "bias=x.pt"])
 
 
+def test_a_metric_that_is_not_finite_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "p2_metrics_best.json"
+    path.write_text('{"cider": NaN, "clipscore": 0.7}')  # what json.dump writes for float("nan")
+    with pytest.raises(InputError, match="p2_metrics_best.json"):
+        build_report.read_metrics(str(path))
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    def build(*args, **kwargs):
+        raise AssertionError("the report was built before its output path was checked")
+    monkeypatch.setattr(build_report, "build", build)
+    with pytest.raises(SystemExit, match="is a folder"):
+        build_report.main(["--results", str(tmp_path / "absent"), "--out", str(tmp_path)])
+
+
 def test_nothing_left_beside_the_output(full):
     leftovers = [n for n in os.listdir(full["root"]) if n.endswith(".tmp")]
     assert leftovers == []

@@ -153,14 +153,12 @@ def _calls(path: str) -> set:
 HOMES = {"REPO_ROOT": "io_utils", "warn": "io_utils", "pick_device": "io_utils", "loader_workers": "io_utils",
          "p2_checkpoint": "io_utils", "atomic_output": "io_utils", "fit_clip_context": "clip_context",
          "EOT": "tokenizer", "EOT_ID": "tokenizer"}
-# build_report.py keeps its own warn and temporary-then-rename for now: another change owns that file.
-NOT_YET = {("build_report", "warn"), ("build_report", "tempfile.mkstemp")}
 
 
 def test_each_shared_concept_has_one_home():
     modules = repository_modules()
     copies = sorted((name, concept) for name, path in modules.items() for concept in _top_level_definitions(path)
-                    if concept in HOMES and HOMES[concept] != name and (name, concept) not in NOT_YET)
+                    if concept in HOMES and HOMES[concept] != name)
     assert copies == [], "define these once, in their home module, and import them"
 
 
@@ -187,8 +185,7 @@ def test_temporary_files_and_the_checkpoint_path_come_from_io_utils():
     io_utils.p2_checkpoint (hw3_cache.py's os.replace installs a checked download, writing nothing)."""
     modules = repository_modules()
     temporaries = sorted((name, call) for name, path in modules.items() if name != "io_utils"
-                         for call in _calls(path) if call in ("tempfile.mkstemp", "tempfile.NamedTemporaryFile")
-                         and (name, call) not in NOT_YET)
+                         for call in _calls(path) if call in ("tempfile.mkstemp", "tempfile.NamedTemporaryFile"))
     assert temporaries == []
     checkpoint_env = []
     for name, path in modules.items():
