@@ -1,0 +1,123 @@
+"""The embedded default behind `make demo`: course-layout data and tiny models, built here.
+
+    python3 demo.py OUT_DIR [--train N] [--val N] [--p1-per-class N] [--size S] [--lm-steps N] [--seed S]
+
+Writes, with no download and no GPU (GPT-2's vocabulary excepted, found as the
+tokenizer finds it):
+
+  OUT_DIR/hw3_data/p1_data/val/{label}_{id}.png, p1_data/id2label.json
+                     one shape per image, the label its shape (synthetic.py's drawing)
+  OUT_DIR/hw3_data/p2_data/images/{train,val}/*.jpg, p2_data/{train,val}.json
+                     the synthetic captioning set (synthetic.make_dataset)
+  OUT_DIR/hw3_data/p2_data/decoder_model.bin
+                     a tiny GPT-2 taught the captions' language, in the course's layout
+                     (synthetic.pretrain_caption_lm)
+  OUT_DIR/hw3_data/p3_data/images/{bike,girl,sheep,ski,umbrella}.jpg
+  OUT_DIR/models/tiny_clip.pt
+                     a random CLIP of OpenAI's architecture at toy size (Problem 1, CLIPScore)
+  <cache>/timm/<DEMO_ENCODER>.pth
+                     a random timm ViT where the encoder looks for its weights ($HW3_CACHE)
+
+Every file is real: the entry points load them through their ordinary code paths.
+The Makefile's `demo` target runs this, then the course workflow on OUT_DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+import synthetic
+
+# The demo's encoder: a timm ViT at toy size (32x32 input, 8x8 patches, width 64).
+DEMO_ENCODER = "vit_tiny_patch16_224"
+DEMO_ENCODER_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+P1_CLASSES = dict(enumerate(synthetic.SHAPES))  # id -> the shape drawn
+
+
+def write_p1(folder: str, per_class: int, size: int, rng: np.random.Generator) -> None:
+    """`{label}_{id}.png` images of one shape each, and id2label.json beside the folder."""
+    val = os.path.join(folder, "val")
+    os.makedirs(val, exist_ok=True)
+    for label, shape in P1_CLASSES.items():
+        for i in range(per_class):
+            scene = synthetic.random_scene(rng)
+            scene["objects"] = [dict(scene["objects"][0], shape=shape, position="center", size="large")]
+            synthetic.draw_scene(scene, size, rng).save(os.path.join(val, f"{label}_{i}.png"))
+    with open(os.path.join(folder, "id2label.json"), "w", encoding="utf-8") as f:
+        json.dump({str(k): v for k, v in P1_CLASSES.items()}, f, indent=1)
+
+
+def write_decoder(data_root: str, steps: int, seed: int) -> str:
+    import torch
+
+    from p2_data import normalize_caption
+    from tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer()
+    with open(os.path.join(data_root, "train.json"), encoding="utf-8") as f:
+        captions = [tokenizer.encode(normalize_caption(a["caption"])) for a in json.load(f)["annotations"]]
+    path = os.path.join(data_root, "decoder_model.bin")
+    torch.save(synthetic.pretrain_caption_lm(captions, steps=steps, seed=seed), path)
+    return path
+
+
+def write_clip(path: str) -> None:
+    import torch
+    from clip.model import CLIP
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(model.state_dict(), path)
+
+
+def write_encoder() -> str:
+    import timm
+    import torch
+
+    import encoder
+
+    torch.manual_seed(0)
+    path = encoder.cached_weights_path(DEMO_ENCODER)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(timm.create_model(DEMO_ENCODER, pretrained=False, **DEMO_ENCODER_KWARGS).state_dict(), path)
+    return path
+
+
+def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, lm_steps: int, seed: int) -> None:
+    data = os.path.join(out_dir, "hw3_data")
+    steps = [
+        ("Problem 1 images", lambda: write_p1(os.path.join(data, "p1_data"), p1_per_class, size,
+                                              np.random.default_rng(seed))),
+        ("captioning set", lambda: synthetic.make_dataset(os.path.join(data, "p2_data"), n_train, n_val, size, seed)),
+        ("p3_data images", lambda: synthetic.make_report_images(os.path.join(data, "p3_data", "images"), 64, seed)),
+        ("tiny GPT-2 (caption language)", lambda: write_decoder(os.path.join(data, "p2_data"), lm_steps, seed)),
+        ("tiny CLIP", lambda: write_clip(os.path.join(out_dir, "models", "tiny_clip.pt"))),
+        ("tiny ViT", write_encoder),
+    ]
+    for i, (what, step) in enumerate(steps, 1):
+        print(f"demo: [{i}/{len(steps)}] {what}", file=sys.stderr, flush=True)
+        step()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--train", type=int, default=200, help="captioning training images")
+    parser.add_argument("--val", type=int, default=40, help="captioning validation images")
+    parser.add_argument("--p1-per-class", type=int, default=6, help="Problem 1 images per class")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--lm-steps", type=int, default=150, help="steps teaching the tiny GPT-2 the captions")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build(args.out_dir, args.train, args.val, args.p1_per_class, args.size, args.lm_steps, args.seed)
+
+
+if __name__ == "__main__":
+    main()
