@@ -1,6 +1,7 @@
 """The embedded default behind `make demo`: course-layout data and tiny models, built here.
 
-    python3 demo.py OUT_DIR [--train N] [--val N] [--p1-per-class N] [--size S] [--lm-steps N] [--seed S]
+    python3 demo.py OUT_DIR [--train N] [--val N] [--p1-per-class N] [--size S] [--lm-steps N] [--lm-width W]
+                      [--seed S]
 
 Writes, with no download and no GPU (GPT-2's vocabulary excepted, found as the
 tokenizer finds it):
@@ -61,7 +62,7 @@ def write_p1(folder: str, per_class: int, size: int, rng: np.random.Generator) -
         json.dump({str(k): v for k, v in P1_CLASSES.items()}, f, indent=1)
 
 
-def write_decoder(data_root: str, steps: int, seed: int) -> str:
+def write_decoder(data_root: str, steps: int, width: int, seed: int) -> str:
     import torch
 
     from p2_data import normalize_caption
@@ -71,7 +72,7 @@ def write_decoder(data_root: str, steps: int, seed: int) -> str:
     with open(os.path.join(data_root, "train.json"), encoding="utf-8") as f:
         captions = [tokenizer.encode(normalize_caption(a["caption"])) for a in json.load(f)["annotations"]]
     path = os.path.join(data_root, "decoder_model.bin")
-    torch.save(synthetic.pretrain_caption_lm(captions, steps=steps, seed=seed), path)
+    torch.save(synthetic.pretrain_caption_lm(captions, steps=steps, seed=seed, n_embd=width), path)
     return path
 
 
@@ -111,25 +112,27 @@ def write_notes(template: str, path: str) -> None:
         f.write(filled)
 
 
-def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, lm_steps: int, seed: int) -> None:
+def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, lm_steps: int, lm_width: int,
+          seed: int) -> None:
     data = os.path.join(out_dir, "hw3_data")
+    p2 = os.path.join(data, "p2_data")
+    notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report_notes.md")
     steps = [
         ("Problem 1 images", lambda: write_p1(os.path.join(data, "p1_data"), p1_per_class, size,
                                               np.random.default_rng(seed))),
-        ("captioning set", lambda: synthetic.make_dataset(os.path.join(data, "p2_data"), n_train, n_val, size, seed)),
+        ("captioning set", lambda: synthetic.make_dataset(p2, n_train, n_val, size, seed)),
         ("p3_data images", lambda: synthetic.make_report_images(os.path.join(data, "p3_data", "images"), 64, seed)),
-        ("tiny GPT-2 (caption language)", lambda: write_decoder(os.path.join(data, "p2_data"), lm_steps, seed)),
+        ("tiny GPT-2 (caption language)", lambda: write_decoder(p2, lm_steps, lm_width, seed)),
         ("tiny CLIP", lambda: write_clip(os.path.join(out_dir, "models", "tiny_clip.pt"))),
         ("tiny ViT", write_encoder),
-        ("report notes", lambda: write_notes(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                          "report_notes.md"), os.path.join(out_dir, "report_notes.md"))),
+        ("report notes", lambda: write_notes(notes, os.path.join(out_dir, "report_notes.md"))),
     ]
     for i, (what, step) in enumerate(steps, 1):
         print(f"demo: [{i}/{len(steps)}] {what}", file=sys.stderr, flush=True)
         step()
     # written last: the Makefile's sign that the whole set is there
-    settings = dict(train=n_train, val=n_val, p1_per_class=p1_per_class, size=size, lm_steps=lm_steps, seed=seed,
-                    encoder=DEMO_ENCODER, encoder_kwargs=DEMO_ENCODER_KWARGS)
+    settings = dict(train=n_train, val=n_val, p1_per_class=p1_per_class, size=size, lm_steps=lm_steps,
+                    lm_width=lm_width, seed=seed, encoder=DEMO_ENCODER, encoder_kwargs=DEMO_ENCODER_KWARGS)
     io_utils.atomic_write_text(os.path.join(data, "demo.json"), json.dumps(settings, indent=1) + "\n")
 
 
@@ -141,9 +144,11 @@ def main(argv=None) -> None:
     parser.add_argument("--p1-per-class", type=int, default=6, help="Problem 1 images per class")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--lm-steps", type=int, default=150, help="steps teaching the tiny GPT-2 the captions")
+    parser.add_argument("--lm-width", type=int, default=64,
+                        help="the tiny GPT-2's width (a multiple of 64; the 50257-way output dominates training)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    build(args.out_dir, args.train, args.val, args.p1_per_class, args.size, args.lm_steps, args.seed)
+    build(args.out_dir, args.train, args.val, args.p1_per_class, args.size, args.lm_steps, args.lm_width, args.seed)
 
 
 if __name__ == "__main__":
