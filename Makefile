@@ -37,10 +37,11 @@ FEATURES := $(DEMO_DIR)/features
 DEVICE := cpu
 REPORT := $(DEMO_DIR)/hw3_report.pdf
 NOTES := $(DEMO_DIR)/report_notes.md
-# demo.py's tiny ViT (DEMO_ENCODER, DEMO_ENCODER_KWARGS), few steps, greedy or beam 3, no SCST
+# demo.py's tiny ViT (DEMO_ENCODER, DEMO_ENCODER_KWARGS); 80 steps of 16 captions a run, no SCST,
+# decoding chosen between greedy and beam 3
 TRAIN_ARGS := --encoder vit_tiny_patch16_224 \
     --encoder-kwargs '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}' \
-    --epochs 2 --max-steps 40 --batch-size 32 --lr 3e-3 --warmup-steps 5 --val-every 20 --log-every 10 \
+    --epochs 3 --max-steps 80 --batch-size 16 --lr 3e-3 --warmup-steps 5 --val-every 40 --log-every 10 \
     --scst-epochs 0 --decode-beams 1 3 --decode-length-penalties 0 --max-len 16
 EVAL_ARGS := --clip-model $(DEMO_DIR)/models/tiny_clip.pt
 REPORT_ARGS := --synthetic
@@ -139,6 +140,7 @@ $(OUT)/p2_metrics_%.json: $(OUT)/p2_pred_%.json
 	    --device $(DEVICE) --metrics-out $@ --per-image $(OUT)/p2_per_image_$*.json $(EVAL_ARGS)
 
 $(OUT)/p2_ckpt_%.txt: $(CKPT)/%.pt
+	@mkdir -p $(@D)
 	echo $< > $@
 
 # the submitted run, chosen by validation CIDEr; also installed as the cache's p2_checkpoint.pt
@@ -162,11 +164,11 @@ check:
 else
 # The demo has no uploaded checkpoint URL, its report is not at the repository root and the static
 # Python 3.8 tools are test requirements: those FAILs are expected; any other fails the demo.
-DEMO_EXPECTED_FAILS := -e ': download URL:' -e ': report PDF:' -e ': Python 3.8:'
+DEMO_EXPECTED_FAILS := '^FAIL +(download URL|report PDF|Python 3\.8):'
 check: $(BEST)
 	$(PYTHON) selfcheck.py --decoder-weights $(DECODER) $(CHECK_ARGS) > $(DEMO_DIR)/selfcheck.txt 2>&1 || true
 	@cat $(DEMO_DIR)/selfcheck.txt
-	@if grep '^FAIL' $(DEMO_DIR)/selfcheck.txt | grep -v $(DEMO_EXPECTED_FAILS); then \
+	@if grep '^FAIL' $(DEMO_DIR)/selfcheck.txt | grep -v -E $(DEMO_EXPECTED_FAILS); then \
 	  echo "error: selfcheck failed on the demo (above)" >&2; exit 1; fi
 	@echo "demo: selfcheck done (download URL, report PDF and Python 3.8 FAILs are expected in the demo)"
 endif
