@@ -6,7 +6,7 @@
 #   make test                               the tests (the README's command)
 #   make -n report                          print the commands without running them
 #
-# Every target below `report` is a file, rebuilt only when what it depends on changed.
+# Apart from the targets named above, every target is a file, rebuilt only when what it depends on changed.
 # Paths and the device are variables: `make report DATA=/data/hw3_data OUT=results DEVICE=cuda`.
 
 PYTHON ?= python3
