@@ -192,45 +192,63 @@ def make_report_images(folder: str, size: int = 224, seed: int = 0) -> list:
     return paths
 
 
-def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0):
-    """A tiny GPT-2 (transformers) taught the synthetic captions' language: the stand-in for
-    GPT-2's pretraining, so that training the new modules has a language model to ground.
+def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0, n_layer: int = 2,
+                        n_embd: int = 128) -> dict:
+    """A tiny GPT-2 taught the synthetic captions' language, the stand-in for GPT-2's
+    pretraining (so that training the new modules has a language model to ground),
+    returned as a state dict in the course's decoder_model.bin layout (`torch.save` it).
 
-    Test and benchmark tooling: it needs `transformers` (a test-only dependency).
-    Rows of the (tied) embedding for tokens the captions never use are zero, so their
-    logits are exactly 0 and the full 50257-way softmax equals a softmax over the used
-    tokens plus one logit of log(#unused): exact, and ~1000x cheaper than the full one.
+    It is decoder.py's own GPT-2 (no cross-attention), initialised as GPT-2 is (normal
+    0.02, residual projections scaled by 1 / sqrt(2 L)), so it needs nothing beyond
+    requirements.txt. Rows of the (tied) embedding for tokens the captions never use are
+    zero, so their logits are exactly 0 and the full 50257-way softmax equals a softmax
+    over the used tokens plus one logit of log(#unused): exact, and ~1000x cheaper.
     """
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2Config, GPT2LMHeadModel
 
+    from decoder import CONV1D_WEIGHTS, Decoder, DecoderConfig, gpt2_shapes
     from p2_data import make_batch
     from tokenizer import EOT_ID
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=50257, n_positions=64))
+    shape = dict(n_layer=n_layer, n_embd=n_embd, vocab_size=50257, n_ctx=64)
+    model = Decoder(DecoderConfig(**shape, encoder_width=n_embd, cross_layers=[]))
+    gpt2 = gpt2_shapes(**shape)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in gpt2 or "ln_" in name:  # LayerNorms keep weight 1, bias 0
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02)
     used = torch.tensor(sorted({t for c in captions for t in c} | {EOT_ID}))
     with torch.no_grad():
         keep = torch.zeros(50257, dtype=torch.bool)
         keep[used] = True
-        model.transformer.wte.weight[~keep] = 0.0
+        model.wte.weight[~keep] = 0.0
     column = torch.full((50257,), -100, dtype=torch.long)
     column[used] = torch.arange(len(used))
     unused_logit = math.log(50257 - len(used))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    params = [p for name, p in model.named_parameters() if name in gpt2]
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         batch = torch.randint(0, len(captions), (32,), generator=generator).tolist()
         inp, tgt = make_batch([captions[i] for i in batch])
-        hidden = model.transformer(inp).last_hidden_state  # [B, T, C]
-        logits = hidden @ model.transformer.wte.weight[used].t()  # [B, T, used]
+        x = model.wte(inp) + model.wpe(torch.arange(inp.size(1)))  # [B, T, C]
+        for block in model.h:
+            x = block(x)[0]
+        logits = model.ln_f(x) @ model.wte.weight[used].t()  # [B, T, used]
         logits = torch.cat([logits, torch.full_like(logits[..., :1], unused_logit)], dim=-1)
         target = torch.where(tgt >= 0, column[tgt.clamp(min=0)], tgt)
         F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return model.eval()
+    state = model.state_dict()
+    # the course's layout: GPT-2's tensors only, its four Conv1D weights stored (in, out)
+    return {k: (state[k].t() if k.endswith(CONV1D_WEIGHTS) else state[k]).contiguous() for k in gpt2}
 
 
 def main(argv=None) -> None:

@@ -65,7 +65,7 @@ def build_setup(work: str, n_train: int, n_val: int, lm: str) -> dict:
     with open(os.path.join(data_root, "train.json"), encoding="utf-8") as f:
         captions = [tokenizer.encode(normalize_caption(a["caption"])) for a in json.load(f)["annotations"]]
     decoder_weights = os.path.join(work, "decoder_model.bin")
-    torch.save(synthetic.pretrain_caption_lm(captions, steps=150 if lm == "caption" else 0).transformer.state_dict(),
+    torch.save(synthetic.pretrain_caption_lm(captions, steps=150 if lm == "caption" else 0),
                decoder_weights)
 
     import timm

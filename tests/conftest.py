@@ -101,9 +101,8 @@ def captioning_setup(tmp_path_factory, tiny_vit_file, bpe_dir):
     tokenizer = BPETokenizer()
     with open(os.path.join(data_root, "train.json"), encoding="utf-8") as f:
         captions = [tokenizer.encode(normalize_caption(a["caption"])) for a in json.load(f)["annotations"]]
-    lm = synthetic.pretrain_caption_lm(captions)
     decoder_weights = str(root / "decoder_model.bin")
-    torch.save(lm.transformer.state_dict(), decoder_weights)
+    torch.save(synthetic.pretrain_caption_lm(captions), decoder_weights)
     encoder_args = ["--encoder", TINY_VIT, "--encoder-weights", tiny_vit_file,
                     "--encoder-kwargs", json.dumps(TINY_VIT_KWARGS)]
     return dict(data_root=data_root, decoder_weights=decoder_weights, encoder_weights=tiny_vit_file,
