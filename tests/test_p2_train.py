@@ -136,6 +136,14 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, smal
     assert state["progress"]["phase"] == "done" and state["progress"]["step"] == 22
     steps = [(r["step"], r["phase"], "val_cider" in r) for r in read_log(str(split)) if "decoding_grid" not in r]
     assert len(steps) == len(set(steps))  # nothing the interrupted run logged after its last state appears twice
+    # every number the resumed run logged (losses, rewards, validation CIDEr, the decoding grid) is the
+    # uninterrupted run's, to the last bit (it logged every step; the resumed run every other one after resuming)
+    untimed = lambda records: [json.dumps({k: v for k, v in r.items() if k != "time"}, sort_keys=True)  # noqa: E731
+                               for r in records]
+    whole_log = set(untimed(read_log(str(whole))))
+    split_log = read_log(str(split))
+    assert all(r in whole_log for r in untimed(split_log))
+    assert any("reward" in r for r in split_log) and any("decoding_grid" in r for r in split_log)
     assert torch.equal(torch.load(whole)["state_dict"]["decoder.visual_proj.weight"],
                        torch.load(split)["state_dict"]["decoder.visual_proj.weight"])
 
@@ -178,6 +186,28 @@ def test_a_short_run_warns_and_learns_on_its_schedule(tmp_path, captioning_setup
     assert "--val-every is 0" in capsys.readouterr().err
     lrs = [r["lr"] for r in read_log(str(out)) if "lr" in r]
     assert lrs == pytest.approx([3e-3, 3e-3 * (0.05 + 0.95 * 0.75), 3e-3 * (0.05 + 0.95 * 0.25), 3e-3 * 0.05])
+
+
+@pytest.mark.parametrize("peft, overrides", [("adapter", dict(adapter_dim=8)),
+                                             ("prefix", dict(prefix_len=4, prefix_hidden=16)),
+                                             ("prefix", dict(prefix_len=4, prefix_hidden=0)),
+                                             ("lora", dict(lora_rank=4))])
+def test_weight_decay_falls_on_the_linear_maps_weights_only(tiny_gpt2, tiny_vit_file, peft, overrides):
+    """make_optimizer's rule, as its docstring states it: the weight matrices of linear maps (LoRA's
+    A and B included) decay; biases, LayerNorms and the prefix's embedding or key/value tensor do not."""
+    model = Captioner(make_config(peft, encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS, **overrides),
+                      tiny_gpt2[0], encoder_weights=tiny_vit_file)
+    mark_trainable(model, verbose=False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    modules = dict(model.named_modules())
+    linear_maps = {n for n, _ in named if n.endswith((".lora_A", ".lora_B"))
+                   or (n.endswith(".weight") and isinstance(modules[n.rsplit(".", 1)[0]], torch.nn.Linear))}
+    optimizer = p2_train.make_optimizer(named, 1e-3, 0.01)
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert {n for n, p in named if id(p) in decayed} == linear_maps
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
+    assert any(".prefix." in n for n, _ in named) == (peft == "prefix")
 
 
 def test_mean_of_others_baseline():
