@@ -421,7 +421,7 @@ class Trainer:
         self.progress = dict(phase="xe", step=0, phase_step=0, epoch=0, batch=0, validated_step=-1,
                              best_cider=-1.0, best_step=-1, xe_best_cider=-1.0, xe_best_step=-1)
         self.best_weights = None  # the trainable tensors at the best validation so far
-        self.learner.use_optimizer(args.lr, args.weight_decay)
+        self.use_phase_optimizer()
         for message in schedule_warnings(self.xe_total, self.xe_batches, args):
             warn(message)
 
@@ -502,8 +502,7 @@ class Trainer:
         self.load_weights(state["trainable"])
         self.best_weights = state["best"]
         self.progress = dict(state["progress"])
-        if self.progress["phase"] == "scst":
-            self.learner.use_optimizer(self.args.scst_lr, 0.0)
+        self.use_phase_optimizer()
         self.learner.optimizer.load_state_dict(state["optimizer"])
         self.learner.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -645,14 +644,23 @@ class Trainer:
         phase = self.progress["phase"]
         if phase == "xe" and self.scst_total:
             self.load_weights(self.best_weights)
-            self.learner.use_optimizer(self.args.scst_lr, 0.0)
             following = "scst"
         elif phase in ("xe", "scst"):
             following = "decode"
         else:
             following = "done"
         self.progress.update(phase=following, phase_step=0, epoch=0, batch=0)
+        if following == "scst":
+            self.use_phase_optimizer()
         self.save_state()
+
+    def use_phase_optimizer(self) -> None:
+        """A fresh optimizer for the phase the progress is in: cross-entropy's with --weight-decay,
+        SCST's without (short, small updates from the best weights, which decay would pull away)."""
+        if self.progress["phase"] == "scst":
+            self.learner.use_optimizer(self.args.scst_lr, 0.0)
+        else:
+            self.learner.use_optimizer(self.args.lr, self.args.weight_decay)
 
     def run(self) -> None:
         if self.progress["validated_step"] < 0:
