@@ -46,7 +46,7 @@ P1_CLASSES = dict(enumerate(synthetic.SHAPES))  # id -> the shape drawn
 EMPTY_SECTION = "(to be written after the results are in)"  # report_notes.md's placeholder
 DEMO_ANSWER = ("Demo: the numbers and figures of this report come from synthetic shape images and tiny random "
                "models trained for a few dozen steps on a CPU; they show that every step of the workflow runs, "
-               "not how well the homework's models do. Your answer goes here.")
+               "not how well the homework's models do. In the real report, the student's answer stands here.")
 
 
 def write_p1(folder: str, per_class: int, size: int, rng: np.random.Generator) -> None:
