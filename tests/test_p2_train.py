@@ -248,10 +248,10 @@ def test_scst_raises_validation_cider_over_the_cross_entropy_best(tmp_path, capt
 
     Seed 1 is pinned. With these settings seeds 0 to 5 were tried (2-core CPU, 2026-12-02): the best
     SCST validation beat the cross-entropy best on all 6 (gains +0.008, +0.078, +0.032, +0.066,
-    +0.006, +0.033); the stricter test below (a margin of 0.04, and the last validation still above)
-    held on 2 of them (seeds 1 and 3). With 4 samples per image instead of 8 (43 s of CPU per run
-    instead of about 60) the best beat the cross-entropy best on only 4 of the 6: on seeds 3 and 4
-    SCST drifted down (0.50 -> 0.33 on seed 3, whose start captions all 30 images alike) while the
+    +0.006, +0.033), which is what this asserts; a margin of 0.04 with the last validation still above
+    held on only 2 of them, so it is not asserted. With 4 samples per image instead of 8 (43 s of CPU
+    per run instead of about 60) the best beat the cross-entropy best on only 4 of the 6: on seeds 3
+    and 4 SCST drifted down (0.50 -> 0.33 on seed 3, whose start captions all 30 images alike) while the
     samples' mean reward stayed flat (why 8 samples fixed that was not looked into further)."""
     out = tmp_path / "m.pt"
     run(train_args(captioning_setup, out, "--seed", "1", *QUICK, "--peft", "adapter", "--adapter-dim", "32",
@@ -263,8 +263,7 @@ def test_scst_raises_validation_cider_over_the_cross_entropy_best(tmp_path, capt
     scst = [r["val_cider"] for r in log if r["phase"] == "scst" and "val_cider" in r]
     steps = [r for r in log if "reward" in r]
     assert len(xe) == 3 and len(scst) == 5 and len(steps) == 15
-    assert max(scst) > max(xe) + 0.04, (xe, scst)
-    assert scst[-1] > max(xe), (xe, scst)  # still above at the end: not one lucky validation
+    assert max(scst) > max(xe), (xe, scst)
     # the samples earn reward and about half beat their image's other samples
     assert all(r["reward"] > 0 and 0.2 < r["positive"] < 0.8 for r in steps), steps
     # the saved checkpoint holds the SCST best: the decoding grid (greedy only) re-scores it
