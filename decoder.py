@@ -588,6 +588,13 @@ def load_gpt2_state(path: str) -> dict:
     return out
 
 
+def gpt2_course_state(state: dict) -> dict:
+    """The GPT-2 tensors of a decoder state dict in the course's decoder_model.bin layout
+    (the inverse of load_gpt2_state): no new (PEFT or cross-attention) tensors, Conv1D weights (in, out)."""
+    return {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
+            for k, v in state.items() if parameter_group(k) is None}
+
+
 def load_gpt2_into(decoder: Decoder, state: dict) -> None:
     """Copy GPT-2's tensors into `decoder`; every other parameter must be a new (trainable) one."""
     missing, unexpected = decoder.load_state_dict(state, strict=False)

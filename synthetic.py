@@ -207,7 +207,7 @@ def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0, n_layer
     import torch
     import torch.nn.functional as F
 
-    from decoder import CONV1D_WEIGHTS, Decoder, DecoderConfig, gpt2_shapes
+    from decoder import Decoder, DecoderConfig, gpt2_course_state, gpt2_shapes
     from p2_data import make_batch
     from tokenizer import EOT_ID
 
@@ -246,9 +246,7 @@ def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0, n_layer
         F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad()
-    state = model.state_dict()
-    # the course's layout: GPT-2's tensors only, its four Conv1D weights stored (in, out)
-    return {k: (state[k].t() if k.endswith(CONV1D_WEIGHTS) else state[k]).contiguous() for k in gpt2}
+    return gpt2_course_state(model.state_dict())
 
 
 def main(argv=None) -> None:

@@ -46,7 +46,7 @@ from captioner import (
     mark_trainable,
     save_checkpoint,
 )
-from decoder import CONV1D_WEIGHTS, parameter_group
+from decoder import gpt2_course_state
 from io_utils import open_rgb
 from tokenizer import EOT, EOT_ID, BPETokenizer
 
@@ -77,9 +77,7 @@ def save_as_graders_get_it(model: Captioner, folder: str) -> dict:
     """checkpoint, decoder_model.bin (course layout: Conv1D weights (in, out)) and encoder weights."""
     files = {name: os.path.join(folder, name) for name in ("checkpoint.pt", "decoder_model.bin", "encoder.pth")}
     save_checkpoint(model, files["checkpoint.pt"])
-    gpt2 = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
-            for k, v in model.decoder.state_dict().items() if parameter_group(k) is None}
-    torch.save(gpt2, files["decoder_model.bin"])
+    torch.save(gpt2_course_state(model.decoder.state_dict()), files["decoder_model.bin"])
     torch.save({k: v.half() for k, v in model.encoder.vit.state_dict().items()}, files["encoder.pth"])
     return files
 

@@ -128,7 +128,7 @@ def tiny_files(folder: str) -> dict:
     from clip.model import CLIP
 
     import synthetic
-    from decoder import CONV1D_WEIGHTS, Decoder, DecoderConfig, parameter_group
+    from decoder import Decoder, DecoderConfig, gpt2_course_state
 
     torch.manual_seed(0)
     files = {"data_root": os.path.join(folder, "p2_data"), "vit": os.path.join(folder, "tiny_vit.pth"),
@@ -141,8 +141,7 @@ def tiny_files(folder: str) -> dict:
         for p in gpt2.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02)
-    torch.save({k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
-                for k, v in gpt2.state_dict().items() if parameter_group(k) is None}, files["decoder"])
+    torch.save(gpt2_course_state(gpt2.state_dict()), files["decoder"])
     torch.save(CLIP(**TINY_CLIP).state_dict(), files["clip"])
     return files
 
