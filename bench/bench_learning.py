@@ -99,12 +99,18 @@ def read_log(out: str) -> dict:
             "scst_steps": [{k: r[k] for k in ("step", "reward", "positive", "sample_logp")} for r in scst]}
 
 
+def cross_entropy_argv(setup: dict, out: str, preset: str, seed: int, args) -> list:
+    """p2_train's options for one run of the set: the preset, the seed, and --steps cross-entropy
+    steps of --batch-size captions validated every --val-every steps (the SCST options are the caller's)."""
+    per_epoch = math.ceil(setup["n_train_captions"] / args.batch_size)
+    return [*setup["args"], "--out", out, "--peft", preset, *PRESETS[preset], "--seed", str(seed),
+            "--batch-size", str(args.batch_size), "--epochs", str(math.ceil(args.steps / per_epoch)),
+            "--max-steps", str(args.steps), "--val-every", str(args.val_every)]
+
+
 def run_one(work: str, setup: dict, preset: str, seed: int, args) -> dict:
     out = os.path.join(work, f"{preset}-seed{seed}", "model.pt")
-    per_epoch = math.ceil(setup["n_train_captions"] / args.batch_size)
-    argv = [*setup["args"], "--out", out, "--peft", preset, *PRESETS[preset], "--seed", str(seed),
-            "--batch-size", str(args.batch_size), "--epochs", str(math.ceil(args.steps / per_epoch)),
-            "--max-steps", str(args.steps), "--val-every", str(args.val_every),
+    argv = [*cross_entropy_argv(setup, out, preset, seed, args),
             "--scst-epochs", str(args.scst_steps and 1000), "--scst-max-steps", str(args.scst_steps),
             "--scst-lr", str(args.scst_lr), "--scst-batch-size", str(args.scst_images),
             "--scst-samples", str(args.scst_samples), "--scst-top-k", str(args.scst_top_k)]

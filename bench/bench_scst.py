@@ -5,8 +5,8 @@ For every seed and --peft preset: one cross-entropy run through p2_train (bench_
 stand-ins and settings, no SCST), then, for every --configs entry, p2_train's SCST phase started from
 that run's best weights exactly as p2_train would start it (its `next_phase`), in its own folder,
 validated every --val-every steps and at every SCST epoch's end. Per run: the cross-entropy best, the
-best and the last validation CIDEr during SCST, the samples' mean reward in the first and second half
-of the phase. Per setting and preset over the seeds: mean and spread of the gain (SCST best less
+best and the last validation CIDEr during SCST, the samples' mean reward (as logged, every 5 steps)
+in the first and second half of the phase. Per setting and preset over the seeds: mean and spread of the gain (SCST best less
 cross-entropy best) and how many runs it raised.
 
     python3 bench/bench_scst.py --configs LR:TOP_K:SAMPLES:IMAGES:STEPS[:placebo] [...] [--lm caption|random]
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -68,10 +67,7 @@ class ShuffledReward:
 
 
 def train_argv(setup: dict, out: str, preset: str, seed: int, args, config: dict | None = None) -> list:
-    per_epoch = math.ceil(setup["n_train_captions"] / args.batch_size)
-    argv = [*setup["args"], "--out", out, "--peft", preset, *bench_learning.PRESETS[preset], "--seed", str(seed),
-            "--batch-size", str(args.batch_size), "--epochs", str(math.ceil(args.steps / per_epoch)),
-            "--max-steps", str(args.steps), "--val-every", str(args.val_every)]
+    argv = bench_learning.cross_entropy_argv(setup, out, preset, seed, args)
     if config is None:
         return [*argv, "--scst-epochs", "0"]
     return [*argv, "--scst-epochs", "1000", "--scst-max-steps", str(config["steps"]), "--scst-lr", str(config["lr"]),
@@ -93,9 +89,9 @@ def cross_entropy_run(work: str, setup: dict, preset: str, seed: int, args) -> d
 def scst_run(work: str, setup: dict, preset: str, seed: int, config: dict, xe_state: dict, args) -> dict:
     out = os.path.join(work, f"scst-{preset}-seed{seed}-{config['name'].replace(':', '_')}", "model.pt")
     trainer = p2_train.Trainer.from_args(p2_train.parse_args(train_argv(setup, out, preset, seed, args, config)))
-    # the state the cross-entropy phase ends in; next_phase then loads the best weights and starts SCST
     if config["placebo"]:
         trainer.reward = ShuffledReward(trainer.reward, seed)
+    # the state the cross-entropy phase ends in; next_phase then loads the best weights and starts SCST
     trainer.best_weights = xe_state["best"]
     trainer.progress.update({k: xe_state["progress"][k] for k in CARRIED}, phase="xe", phase_step=trainer.xe_total)
     torch.set_rng_state(xe_state["rng"]["torch"])
