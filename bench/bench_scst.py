@@ -18,12 +18,20 @@ among its samples (ShuffledReward), which shows how much of a "gain" the best of
 a perturbed model gives by chance. The
 cross-entropy runs are kept in --work-dir and reused when the benchmark is started again with the
 same folder (for other settings or seeds); results already in --out-json are skipped.
+
+Validation chooses the cross-entropy run's best weights, so their validation CIDEr is the maximum of
+many noisy readings and later ones regress from it by chance. --n-test scores, on a held-out set
+(--n-test images of another synthetic seed) that chose nothing, the cross-entropy best, the weights
+the SCST run would ship (its best by validation, which is the cross-entropy best when SCST never beat
+it) and its last weights; the comparison that says whether turning SCST on pays. Runs measured
+before --n-test was given are scored from their saved training states.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -35,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_learning
 import p2_train
+import synthetic
 from io_utils import atomic_write_text, torch_load
 
 # what the finished cross-entropy run hands to the SCST phase (the rest of the progress is the phase's own)
@@ -109,6 +118,79 @@ def scst_run(work: str, setup: dict, preset: str, seed: int, config: dict, xe_st
             "scst_steps": log["scst_steps"]}
 
 
+def held_out_root(work: str, setup: dict, n_test: int) -> str:
+    """A data root whose val split is n_test images of another synthetic seed and whose train split
+    is the benchmark's (p2_train wants both): made once, in work."""
+    root = os.path.join(work, f"held-out-{n_test}")
+    if not os.path.exists(os.path.join(root, "val.json")):
+        data_root = setup["args"][setup["args"].index("--data-root") + 1]
+        fresh = root + ".partial"
+        shutil.rmtree(fresh, ignore_errors=True)  # an interrupted start's
+        synthetic.make_dataset(fresh, n_train=0, n_val=n_test, image_size=32, seed=1)
+        os.remove(os.path.join(fresh, "train.json"))
+        os.rmdir(os.path.join(fresh, "images", "train"))
+        os.symlink(os.path.join(data_root, "train.json"), os.path.join(fresh, "train.json"))
+        os.symlink(os.path.join(data_root, "images", "train"), os.path.join(fresh, "images", "train"))
+        os.replace(fresh, root)
+    return root
+
+
+class HeldOut:
+    """Greedy CIDEr-D on the held-out set of a preset's weights (p2_train's own captioning and scorer)."""
+
+    def __init__(self, work: str, setup: dict, n_test: int, args):
+        self.root = held_out_root(work, setup, n_test)
+        self.work, self.setup, self.args, self.trainers = work, setup, args, {}
+
+    def score(self, preset: str, weights: dict) -> float:
+        if preset not in self.trainers:
+            argv = bench_learning.cross_entropy_argv(self.setup, os.path.join(self.work, "held-out-scoring.pt"),
+                                                     preset, 0, self.args)
+            cache = argv.index("--cache-features")  # its features are the benchmark's splits', not these images'
+            argv = [*argv[:cache], *argv[cache + 2:]]
+            argv[argv.index("--data-root") + 1] = self.root
+            self.trainers[preset] = p2_train.Trainer.from_args(p2_train.parse_args(argv))
+        trainer = self.trainers[preset]
+        trainer.load_weights(weights)
+        return trainer.cider(trainer.caption_val(1))
+
+
+def score_held_out(work: str, results: list, held_out: HeldOut) -> None:
+    """test_xe_best, test_shipped, test_last for every result that lacks them, from the saved states."""
+    xe_scores = {}
+    for r in results:
+        if "test_last" in r:
+            continue
+        key = (r["preset"], r["seed"])
+        if key not in xe_scores:
+            xe_state = torch_load(os.path.join(work, f"xe-{r['preset']}-seed{r['seed']}", "model.pt.state"))
+            xe_scores[key] = held_out.score(r["preset"], xe_state["best"])
+        state = torch_load(os.path.join(work, f"scst-{r['preset']}-seed{r['seed']}-{r['config'].replace(':', '_')}",
+                                        "model.pt.state"))
+        r.update(test_xe_best=xe_scores[key], test_shipped=held_out.score(r["preset"], state["best"]),
+                 test_last=held_out.score(r["preset"], state["trainable"]))
+
+
+def held_out_table(results: list) -> str:
+    """Per setting and preset over the seeds: held-out CIDEr of the cross-entropy best, of what the SCST
+    run ships and of its last weights, and the gains over the cross-entropy best."""
+    rows = ["| setting | preset | runs | cross-entropy best | SCST run's shipped weights | SCST last "
+            "| shipped - cross-entropy | last - cross-entropy | last higher |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for config in dict.fromkeys(r["config"] for r in results):
+        for preset in bench_learning.PRESETS:
+            runs = [r for r in results if r["config"] == config and r["preset"] == preset and "test_last" in r]
+            if not runs:
+                continue
+            column = lambda key: bench_learning.spread([r[key] for r in runs])  # noqa: E731
+            last_gain = [r["test_last"] - r["test_xe_best"] for r in runs]
+            rows.append(f"| {config} | {preset} | {len(runs)} | {column('test_xe_best')} | {column('test_shipped')} "
+                        f"| {column('test_last')} "
+                        f"| {bench_learning.spread([r['test_shipped'] - r['test_xe_best'] for r in runs])} "
+                        f"| {bench_learning.spread(last_gain)} | {sum(g > 0 for g in last_gain)} |")
+    return "\n".join(rows)
+
+
 def table(results: list) -> str:
     rows = ["| setting (lr:top-k:samples:images:steps) | preset | runs | cross-entropy best | SCST best | SCST last "
             "| gain (best - cross-entropy) | runs raised | sample reward, 1st -> 2nd half |",
@@ -126,21 +208,25 @@ def table(results: list) -> str:
     return "\n".join(rows)
 
 
-def against_placebo(results: list) -> str:
-    """Each setting against its placebo on the same cross-entropy runs (preset and seed paired):
-    mean ± spread of SCST's best and last validation CIDEr less the placebo's, and how many pairs SCST won."""
+def against_placebo(results: list, measures: dict) -> str:
+    """Each setting against its placebo on the same cross-entropy runs (preset and seed paired): for
+    each of `measures` (result key -> its name), mean ± spread of SCST's value less the placebo's and
+    how many pairs SCST won."""
     by_run = {(r["config"], r["preset"], r["seed"]): r for r in results}
-    rows = ["| setting | pairs | best: SCST - placebo | SCST best higher | last: SCST - placebo | SCST last higher |",
-            "|---|---:|---:|---:|---:|---:|"]
+    head = "".join(f" {name}: SCST - placebo | SCST {name} higher |" for name in measures.values())
+    rows = ["| setting | pairs |" + head, "|---|---:|" + "---:|---:|" * len(measures)]
     for config in dict.fromkeys(r["config"] for r in results if not r["config"].endswith(":placebo")):
         pairs = [(r, by_run[(config + ":placebo", r["preset"], r["seed"])]) for r in results
-                 if r["config"] == config and (config + ":placebo", r["preset"], r["seed"]) in by_run]
+                 if r["config"] == config and (config + ":placebo", r["preset"], r["seed"]) in by_run
+                 and all(key in r and key in by_run[(config + ":placebo", r["preset"], r["seed"])]
+                         for key in measures)]
         if not pairs:
             continue
-        best = [a["scst_best"] - b["scst_best"] for a, b in pairs]
-        last = [a["scst_last"] - b["scst_last"] for a, b in pairs]
-        rows.append(f"| {config} | {len(pairs)} | {bench_learning.spread(best)} | {sum(d > 0 for d in best)} "
-                    f"| {bench_learning.spread(last)} | {sum(d > 0 for d in last)} |")
+        row = f"| {config} | {len(pairs)} |"
+        for key in measures:
+            differences = [a[key] - b[key] for a, b in pairs]
+            row += f" {bench_learning.spread(differences)} | {sum(d > 0 for d in differences)} |"
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -156,6 +242,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4, help="captions per cross-entropy step (4)")
     parser.add_argument("--steps", type=int, default=300, help="cross-entropy steps per run (300)")
     parser.add_argument("--val-every", type=int, default=30, help="validate every N steps (30)")
+    parser.add_argument("--n-test", type=int, default=0,
+                        help="held-out images (another synthetic seed) to score the chosen weights on (0: none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--presets", nargs="+", choices=list(bench_learning.PRESETS),
                         default=list(bench_learning.PRESETS))
@@ -182,6 +270,13 @@ def main():
     if os.path.exists(args.out_json):
         with open(args.out_json, encoding="utf-8") as f:
             results = json.load(f)["results"]
+
+    def save():
+        summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+                   "lm": args.lm, "n_train": args.n_train, "n_val": args.n_val, "steps": args.steps,
+                   "batch_size": args.batch_size, "n_test": args.n_test, "results": results}
+        atomic_write_text(args.out_json, json.dumps(summary, indent=1) + "\n")
+
     done = {(r["preset"], r["seed"], r["config"]) for r in results}
     for seed in args.seeds:
         for preset in args.presets:
@@ -195,14 +290,16 @@ def main():
                 print(f"{preset} seed {seed} {config['name']}: cross-entropy best {result['xe_best']:.3f}, SCST best "
                       f"{result['scst_best']:.3f}, last {result['scst_last']:.3f} ({result['seconds']:.0f} s)",
                       file=sys.stderr)
-                summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                           "lm": args.lm, "n_train": args.n_train, "n_val": args.n_val, "steps": args.steps,
-                           "batch_size": args.batch_size, "results": results}
-                atomic_write_text(args.out_json, json.dumps(summary, indent=1) + "\n")
+                save()
+    if args.n_test:
+        score_held_out(args.work_dir, results, HeldOut(args.work_dir, setup, args.n_test, args))
+        save()
     print(table(results))
     if any(r["config"].endswith(":placebo") for r in results):
-        print("\n" + against_placebo(results))
-
+        print("\n" + against_placebo(results, {"scst_best": "best", "scst_last": "last"}))
+    if args.n_test:
+        print(f"\nHeld out ({args.n_test} images of another seed, greedy CIDEr-D):\n" + held_out_table(results))
+        print("\n" + against_placebo(results, {"test_shipped": "shipped", "test_last": "last"}))
 
 if __name__ == "__main__":
     main()

@@ -317,9 +317,10 @@ def test_scst_raises_validation_cider_over_the_cross_entropy_best(tmp_path, capt
     """Six cross-entropy steps (validated at 0, 3, 6), then 15 SCST steps from the best of them (8
     images x 8 samples, top-k 5, mean-of-others baseline, lr 3e-4; validated at 9, 12, .., 21).
     Cross-entropy stops early here, and there is no placebo control: this shows that the SCST phase
-    runs end to end and ends above the cross-entropy best, not that the reward caused it. From
-    converged runs bench/bench_scst.py found a shuffled-reward placebo raising the best validation
-    CIDEr as often and as much (bench/RESULTS.md).
+    runs end to end and ends above the cross-entropy best, not that the reward caused it (that the
+    update earns its reward is the colour-word test above). From converged runs bench/bench_scst.py
+    found a shuffled-reward placebo raising the best validation CIDEr as often and as much
+    (bench/RESULTS.md).
 
     Seed 1 is pinned. With these settings seeds 0 to 5 were tried (2-core CPU, 2026-12-02): the best
     SCST validation beat the cross-entropy best on all 6 (gains +0.008, +0.078, +0.032, +0.066,
