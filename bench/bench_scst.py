@@ -6,18 +6,18 @@ stand-ins and settings, no SCST), then, for every --configs entry, p2_train's SC
 that run's best weights exactly as p2_train would start it (its `next_phase`), in its own folder,
 validated every --val-every steps and at every SCST epoch's end. Per run: the cross-entropy best, the
 best and the last validation CIDEr during SCST, the samples' mean reward (as logged, every 5 steps)
-in the first and second half of the phase. Per setting and preset over the seeds: mean and spread of the gain (SCST best less
-cross-entropy best) and how many runs it raised.
+in the first and second half of the phase. Per setting and preset over the seeds: mean and spread of
+the gain (SCST best less cross-entropy best) and how many runs it raised.
 
     python3 bench/bench_scst.py --configs LR:TOP_K:SAMPLES:IMAGES:STEPS[:placebo] [...] [--lm caption|random]
-                                [--seeds 0 1 2] [--steps 300] [--n-val 48] --work-dir DIR --out-json FILE
+                                [--seeds 0 1 2] [--steps 300] [--n-val 48] [--n-test 480] --work-dir DIR --out-json FILE
 
 A configuration's runs share the cross-entropy weights, so its differences are SCST's own. A
 configuration ending in `:placebo` is the control: the same phase with each step's rewards shuffled
 among its samples (ShuffledReward), which shows how much of a "gain" the best of many validations of
-a perturbed model gives by chance. The
-cross-entropy runs are kept in --work-dir and reused when the benchmark is started again with the
-same folder (for other settings or seeds); results already in --out-json are skipped.
+a perturbed model gives by chance. The cross-entropy runs are kept in --work-dir and reused when the
+benchmark is started again with the same folder (for other settings or seeds); results already in
+--out-json are skipped.
 
 Validation chooses the cross-entropy run's best weights, so their validation CIDEr is the maximum of
 many noisy readings and later ones regress from it by chance. --n-test scores, on a held-out set
