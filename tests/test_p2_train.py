@@ -242,7 +242,8 @@ def own_colour_rate(learner: p2_train.Learner, feats: torch.Tensor) -> float:
 
     learner.model.eval()
     with torch.no_grad():
-        samples = learner.model.decoder.sample(feats, 16, 12, EOT_ID, top_k=5, generator=torch.Generator().manual_seed(9))
+        samples = learner.model.decoder.sample(feats, 16, 12, EOT_ID, top_k=5,
+                                               generator=torch.Generator().manual_seed(9))
     words = [tokenize(caption_text(learner.tokenizer, ids)).split() for ids in samples]
     return sum(words[i].count(COLOURS[i // 16]) for i in range(len(words))) / len(words)
 
@@ -333,6 +334,7 @@ def test_scst_raises_validation_cider_over_the_cross_entropy_best(tmp_path, capt
     run(train_args(captioning_setup, out, "--seed", "1", *QUICK, "--peft", "adapter", "--adapter-dim", "32",
                    "--epochs", "1", "--max-steps", "6", "--val-every", "3", "--scst-epochs", "100",
                    "--scst-max-steps", "15", "--scst-batch-size", "8", "--scst-samples", "8", "--scst-lr", "3e-4",
+                   "--scst-top-k", "5",
                    "--log-every", "1"))
     log = read_log(str(out))
     xe = [r["val_cider"] for r in log if r["phase"] == "xe" and "val_cider" in r]
