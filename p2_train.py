@@ -11,10 +11,11 @@ A run has three phases, one after the other:
 2. self-critical sequence training (--scst-epochs, 0 skips it), starting from
    the best cross-entropy weights: --scst-samples captions per image sampled
    with top-k / nucleus filtering (top-k 2 by default: samples close to the
-   greedy caption, whose CIDEr is what counts), each rewarded by CIDEr-D against the
-   image's references (document frequencies from the training set) less the
-   mean reward of the image's other samples (Luo 2020, "A better variant of
-   self-critical sequence training"), so no greedy pass is needed;
+   greedy caption, whose CIDEr is what counts), each rewarded by CIDEr-D
+   against the image's references (document frequencies from the training
+   set) less the mean reward of the image's other samples (Luo 2020, "A
+   better variant of self-critical sequence training"), so no greedy pass is
+   needed;
 3. decoding chosen on validation: the best weights caption the validation set
    with every beam size x length penalty of --decode-beams x
    --decode-length-penalties; the best pair by CIDEr goes into the saved

@@ -75,6 +75,12 @@ class ShuffledReward:
         return [scores[i] for i in torch.randperm(len(scores), generator=self.generator).tolist()]
 
 
+def run_path(work: str, preset: str, seed: int, config: str | None = None) -> str:
+    """The checkpoint path of a cross-entropy run (config None) or of an SCST run with that setting."""
+    folder = f"xe-{preset}-seed{seed}" if config is None else f"scst-{preset}-seed{seed}-{config.replace(':', '_')}"
+    return os.path.join(work, folder, "model.pt")
+
+
 def train_argv(setup: dict, out: str, preset: str, seed: int, args, config: dict | None = None) -> list:
     argv = bench_learning.cross_entropy_argv(setup, out, preset, seed, args)
     if config is None:
@@ -86,7 +92,7 @@ def train_argv(setup: dict, out: str, preset: str, seed: int, args, config: dict
 
 def cross_entropy_run(work: str, setup: dict, preset: str, seed: int, args) -> dict:
     """The finished cross-entropy run's training state (trained now unless an earlier start left it)."""
-    out = os.path.join(work, f"xe-{preset}-seed{seed}", "model.pt")
+    out = run_path(work, preset, seed)
     if not (os.path.exists(out + ".state") and torch_load(out + ".state")["progress"]["phase"] == "done"):
         for leftover in (out + ".state", out + ".log.jsonl"):  # an interrupted run starts over
             if os.path.exists(leftover):
@@ -96,7 +102,7 @@ def cross_entropy_run(work: str, setup: dict, preset: str, seed: int, args) -> d
 
 
 def scst_run(work: str, setup: dict, preset: str, seed: int, config: dict, xe_state: dict, args) -> dict:
-    out = os.path.join(work, f"scst-{preset}-seed{seed}-{config['name'].replace(':', '_')}", "model.pt")
+    out = run_path(work, preset, seed, config["name"])
     trainer = p2_train.Trainer.from_args(p2_train.parse_args(train_argv(setup, out, preset, seed, args, config)))
     if config["placebo"]:
         trainer.reward = ShuffledReward(trainer.reward, seed)
@@ -163,10 +169,9 @@ def score_held_out(work: str, results: list, held_out: HeldOut) -> None:
             continue
         key = (r["preset"], r["seed"])
         if key not in xe_scores:
-            xe_state = torch_load(os.path.join(work, f"xe-{r['preset']}-seed{r['seed']}", "model.pt.state"))
+            xe_state = torch_load(run_path(work, r["preset"], r["seed"]) + ".state")
             xe_scores[key] = held_out.score(r["preset"], xe_state["best"])
-        state = torch_load(os.path.join(work, f"scst-{r['preset']}-seed{r['seed']}-{r['config'].replace(':', '_')}",
-                                        "model.pt.state"))
+        state = torch_load(run_path(work, r["preset"], r["seed"], r["config"]) + ".state")
         r.update(test_xe_best=xe_scores[key], test_shipped=held_out.score(r["preset"], state["best"]),
                  test_last=held_out.score(r["preset"], state["trainable"]))
 
@@ -300,6 +305,7 @@ def main():
     if args.n_test:
         print(f"\nHeld out ({args.n_test} images of another seed, greedy CIDEr-D):\n" + held_out_table(results))
         print("\n" + against_placebo(results, {"test_shipped": "shipped", "test_last": "last"}))
+
 
 if __name__ == "__main__":
     main()
