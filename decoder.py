@@ -442,6 +442,43 @@ class Decoder(nn.Module):
         return [row[:row.index(eot)] if eot in row else row for row in rows]
 
     @torch.no_grad()
+    def beam_candidates(self, feats, beam_size: int, max_len: int, eot: int) -> list:
+        """The beam_size final beams of every image (self-critical training on what beam search
+        outputs), as token lists without <|endoftext|>, image-major like `sample`, each image's best
+        first by summed log-probability.
+
+        A beam that has ended stays in the beam: its one continuation is <|endoftext|> at no cost,
+        so the K beams at the end are the K likeliest captions the search kept, ended or not.
+        """
+        B, K, dev = feats.size(0), beam_size, feats.device
+        memory = self.memory(feats)  # shared by the K beams of each image
+        rows = torch.arange(B, device=dev).unsqueeze(1)
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # the K beams start identical: keep one alive
+        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)  # [N, t]
+        token = torch.full((B * K, 1), eot, dtype=torch.long, device=dev)
+        alive = torch.ones(B * K, dtype=torch.bool, device=dev)
+        past = None
+        for t in range(max_len):
+            logits, past, _ = self(token, memory, past)
+            logp = logits[:, -1].float().log_softmax(-1)  # [N, V]
+            if t == 0:
+                logp[:, eot] = float("-inf")
+            logp[~alive] = float("-inf")
+            logp[~alive, eot] = 0.0
+            V = logp.size(-1)
+            top, idx = (scores.view(B * K, 1) + logp).view(B, K * V).topk(K, dim=1)  # [B, K], best first
+            parent = (rows * K + torch.div(idx, V, rounding_mode="floor")).view(-1)  # [N]
+            token = (idx % V).view(-1, 1)
+            scores = top
+            alive = alive[parent] & (token.squeeze(1) != eot)
+            seqs = torch.cat([seqs[parent], token], dim=1)
+            past = [(k[parent], v[parent]) for k, v in past]
+            if not alive.any():
+                break
+        return [row[:row.index(eot)] if eot in row else row for row in seqs.tolist()]
+
+    @torch.no_grad()
     def beam_search(self, feats, beam_size: int, max_len: int, eot: int, length_penalty: float = 0.0) -> list:
         """Batched beam search with the key/value cache; captions as token lists.
 

@@ -274,6 +274,42 @@ def test_batched_beam_search_equals_reference(beam_size, alpha):
     assert min(lengths) < 12 and 15 not in {t for c in batched for t in c}
 
 
+def reference_beam_candidates(decoder, feat, beam_size, max_len, eot):
+    """Plain, uncached: every step each live beam offers all its continuations and each ended beam
+    itself unchanged; the best beam_size stay. One image; its final beams, best first."""
+    memory = decoder.memory(feat)
+    beams = [([], 0.0, False)]
+    for t in range(max_len):
+        candidates = []
+        for tokens, score, ended in beams:
+            if ended:
+                candidates.append((score, tokens, True))
+                continue
+            logp = decoder(torch.tensor([[eot] + tokens]), memory)[0][0, -1].float().log_softmax(-1)
+            candidates += [(score + float(logp[v]), tokens + ([] if v == eot else [v]), v == eot)
+                           for v in range(logp.numel()) if not (t == 0 and v == eot)]
+        beams = [(tokens, score, ended) for score, tokens, ended in sorted(candidates, key=lambda c: -c[0])[:beam_size]]
+        if all(ended for _, _, ended in beams):
+            break
+    return [tokens for tokens, _, _ in beams]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_beam_candidates_equal_reference(beam_size):
+    """The K final beams of each image, image-major, best first; K = 1 is greedy decoding."""
+    decoder, feats = small_vocab_decoder()
+    with torch.no_grad():
+        batched = decoder.beam_candidates(feats, beam_size, 12, 15)
+        reference = [c for b in range(16) for c in reference_beam_candidates(decoder, feats[b:b + 1], beam_size, 12, 15)]
+    assert batched == reference
+    if beam_size == 1:
+        assert batched == uncached_greedy(decoder, feats, 12, 15)
+    else:
+        assert all(len({tuple(c) for c in batched[b * beam_size:(b + 1) * beam_size]}) == beam_size for b in range(16))
+    lengths = {len(c) for c in batched}
+    assert min(lengths) < 12 and max(lengths) == 12 and 15 not in {t for c in batched for t in c}
+
+
 def test_sampling_shares_each_image_among_its_samples():
     """n samples per image, image-major; top_k = 1 leaves only the likeliest token: greedy, n times."""
     decoder, feats = small_vocab_decoder()
