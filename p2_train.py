@@ -154,7 +154,10 @@ def parse_args(argv=None):
     scst.add_argument("--scst-max-steps", type=int, default=0, help="end the phase after this many steps (0: all)")
     scst.add_argument("--scst-lr", type=float, default=1e-5, help="constant learning rate")
     scst.add_argument("--scst-batch-size", type=int, default=16, help="images per step")
-    scst.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image (>= 2)")
+    scst.add_argument("--scst-candidates", choices=("sample", "beam"), default="sample",
+                      help="each image's captions: sampled (top-k / nucleus below), or the final beams of a beam "
+                           "search as wide as --scst-samples, which are what beam-search decoding chooses among")
+    scst.add_argument("--scst-samples", type=int, default=5, help="captions per image (>= 2)")
     scst.add_argument("--scst-top-k", type=int, default=2,
                       help="sample among the k likeliest tokens (0: all). 2: samples near the greedy caption, so "
                            "the update improves what decoding outputs; with 5 SCST lowered held-out greedy CIDEr "
@@ -346,8 +349,11 @@ class Learner:
         feats = self.features(x)  # [B, S, W]
         self.model.eval()  # sampling without dropout
         with torch.no_grad(), autocast(self.device):
-            samples = self.model.decoder.sample(feats, K, max_len, EOT_ID, top_k=self.args.scst_top_k,
-                                                top_p=self.args.scst_top_p, generator=self.sampling)
+            if self.args.scst_candidates == "beam":
+                samples = self.model.decoder.beam_candidates(feats, K, max_len, EOT_ID)
+            else:
+                samples = self.model.decoder.sample(feats, K, max_len, EOT_ID, top_k=self.args.scst_top_k,
+                                                    top_p=self.args.scst_top_p, generator=self.sampling)
         self.model.train()
         text = [tokenize(caption_text(self.tokenizer, ids)) for ids in samples]
         rewards = torch.tensor(reward.score_candidates([k for k in keys for _ in range(K)], text),

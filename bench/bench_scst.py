@@ -54,10 +54,11 @@ def parse_config(text: str) -> dict:
     parts = text.split(":")
     if len(parts) not in (5, 6) or parts[5:] not in ([], ["placebo"]):
         raise argparse.ArgumentTypeError(f"{text!r}: expected LR:TOP_K:SAMPLES:IMAGES:STEPS[:placebo], "
-                                         "e.g. 1e-4:5:8:8:60")
+                                         "e.g. 1e-4:5:8:8:60 (TOP_K beam: the final beams)")
     lr, top_k, samples, images, steps = parts[:5]
-    return {"name": text, "lr": float(lr), "top_k": int(top_k), "samples": int(samples), "images": int(images),
-            "steps": int(steps), "placebo": len(parts) == 6}
+    beam = top_k == "beam"  # the image's final beams instead of samples
+    return {"name": text, "lr": float(lr), "top_k": 0 if beam else int(top_k), "beam": beam,
+            "samples": int(samples), "images": int(images), "steps": int(steps), "placebo": len(parts) == 6}
 
 
 class ShuffledReward:
@@ -86,6 +87,7 @@ def train_argv(setup: dict, out: str, preset: str, seed: int, args, config: dict
     if config is None:
         return [*argv, "--scst-epochs", "0"]
     return [*argv, "--scst-epochs", "1000", "--scst-max-steps", str(config["steps"]), "--scst-lr", str(config["lr"]),
+            "--scst-candidates", "beam" if config["beam"] else "sample",
             "--scst-top-k", str(config["top_k"]), "--scst-samples", str(config["samples"]),
             "--scst-batch-size", str(config["images"])]
 

@@ -289,6 +289,44 @@ def test_the_scst_update_earns_the_reward_it_is_given_and_a_placebo_does_not(cap
     assert sum(placebo_seen[-5:]) / 5 < sum(seen[-5:]) / 5 - 1.0, (placebo_seen, seen)
 
 
+class RecordingReward:
+    """Scores every candidate 0 and keeps what it was shown."""
+
+    def __init__(self):
+        self.shown = []
+
+    def score_candidates(self, keys: list, candidates: list) -> list:
+        self.shown.append((list(keys), list(candidates)))
+        return [0.0] * len(candidates)
+
+
+def test_scst_with_beam_candidates_rewards_each_image_s_final_beams(captioning_setup, tiny_vit_file):
+    """--scst-candidates beam: the captions rewarded are the images' --scst-samples final beams
+    (Decoder.beam_candidates), image-major, each under its image's key; sampling draws differ."""
+    from captioner import caption_text
+    from tokenizer import EOT_ID
+
+    torch.manual_seed(0)
+    config = make_config("lora", encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS, generation={"max_len": 12})
+    model = Captioner(config, captioning_setup["decoder_weights"], tiny_vit_file)
+    mark_trainable(model, verbose=False)
+    with torch.no_grad():
+        feats = model.encode(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        beams = model.decoder.beam_candidates(feats, 4, 12, EOT_ID)
+    shown = {}
+    for candidates in ("beam", "sample"):
+        args = p2_train.parse_args(["--print-params", "--scst-candidates", candidates, "--scst-samples", "4"])
+        args.cache_features, args.device = "(image tokens)", "cpu"
+        learner = p2_train.Learner(model, torch.device("cpu"), args)
+        learner.use_optimizer(1e-3, 0.0)
+        reward = RecordingReward()
+        learner.scst_step(feats, ["a", "b", "c"], reward, 1e-3)  # all advantages 0: the weights stay
+        shown[candidates] = reward.shown[0]
+    tokenizer = learner.tokenizer
+    assert shown["beam"] == (["a"] * 4 + ["b"] * 4 + ["c"] * 4, [tokenize(caption_text(tokenizer, ids)) for ids in beams])
+    assert shown["sample"][0] == shown["beam"][0] and shown["sample"][1] != shown["beam"][1]
+
+
 def test_scst_starts_from_the_best_cross_entropy_weights(tmp_path, captioning_setup, monkeypatch):
     """Validation says step 0 (the fresh model) was best: SCST must start from it, not from step 6."""
     monkeypatch.setattr(p2_train.Trainer, "cider", lambda self, preds: 1.0 / (1 + self.progress["step"]))
