@@ -9,13 +9,13 @@ A run has three phases, one after the other:
    with a linear warm-up and a cosine decay that both follow the run's real
    length (--epochs, --max-steps), fp16 autocast + GradScaler on CUDA;
 2. self-critical sequence training (--scst-epochs, 0 skips it), starting from
-   the best cross-entropy weights: --scst-samples captions per image sampled
-   with top-k / nucleus filtering (top-k 2 by default: samples close to the
-   greedy caption, whose CIDEr is what counts), each rewarded by CIDEr-D
-   against the image's references (document frequencies from the training
-   set) less the mean reward of the image's other samples (Luo 2020, "A
-   better variant of self-critical sequence training"), so no greedy pass is
-   needed;
+   the best cross-entropy weights: --scst-samples captions per image, by
+   default the final beams of a beam search that wide (the captions decoding
+   chooses among; --scst-candidates sample draws them with top-k / nucleus
+   filtering instead), each rewarded by CIDEr-D against the image's
+   references (document frequencies from the training set) less the mean
+   reward of the image's other captions (Luo 2020, "A better variant of
+   self-critical sequence training"), so no greedy pass is needed;
 3. decoding chosen on validation: the best weights caption the validation set
    with every beam size x length penalty of --decode-beams x
    --decode-length-penalties; the best pair by CIDEr goes into the saved
@@ -154,15 +154,17 @@ def parse_args(argv=None):
     scst.add_argument("--scst-max-steps", type=int, default=0, help="end the phase after this many steps (0: all)")
     scst.add_argument("--scst-lr", type=float, default=1e-5, help="constant learning rate")
     scst.add_argument("--scst-batch-size", type=int, default=16, help="images per step")
-    scst.add_argument("--scst-candidates", choices=("sample", "beam"), default="sample",
-                      help="each image's captions: sampled (top-k / nucleus below), or the final beams of a beam "
-                           "search as wide as --scst-samples, which are what beam-search decoding chooses among")
+    scst.add_argument("--scst-candidates", choices=("beam", "sample"), default="beam",
+                      help="each image's captions: the final beams of a beam search as wide as --scst-samples (what "
+                           "decoding chooses among; on the synthetic set the steadiest held-out gain, "
+                           "bench/RESULTS.md), or sampled with --scst-top-k / --scst-top-p")
     scst.add_argument("--scst-samples", type=int, default=5, help="captions per image (>= 2)")
     scst.add_argument("--scst-top-k", type=int, default=2,
                       help="sample among the k likeliest tokens (0: all). 2: samples near the greedy caption, so "
                            "the update improves what decoding outputs; with 5 SCST lowered held-out greedy CIDEr "
                            "on the synthetic set (bench/RESULTS.md, bench_scst.py)")
-    scst.add_argument("--scst-top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding p")
+    scst.add_argument("--scst-top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding p "
+                                                                    "(sampling only)")
 
     gen = p.add_argument_group("decoding (chosen on validation after training, stored in the checkpoint)")
     gen.add_argument("--max-len", type=int, default=30, help="most tokens per caption")

@@ -113,6 +113,7 @@ def run_one(work: str, setup: dict, preset: str, seed: int, args) -> dict:
     argv = [*cross_entropy_argv(setup, out, preset, seed, args),
             "--scst-epochs", str(args.scst_steps and 1000), "--scst-max-steps", str(args.scst_steps),
             "--scst-lr", str(args.scst_lr), "--scst-batch-size", str(args.scst_images),
+            "--scst-candidates", "sample",  # as its recorded results were made; bench_scst.py compares beams
             "--scst-samples", str(args.scst_samples), "--scst-top-k", str(args.scst_top_k)]
     start = time.perf_counter()
     p2_train.Trainer.from_args(p2_train.parse_args(argv)).run()

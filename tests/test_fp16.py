@@ -172,10 +172,10 @@ def test_generate_under_fp16_autocast_gives_the_fp32_captions(models, images, pe
 # -- training steps ---------------------------------------------------------------------------
 
 
-def learner_for(model: Captioner, cached: bool, scaler: bool) -> p2_train.Learner:
-    """p2_train's Learner at its defaults around a copy of `model`, on the CPU. With `scaler`, a
-    CPU GradScaler replaces the (CUDA-only, so disabled) one: the scale/unscale/step path of CUDA."""
-    args = p2_train.parse_args(["--print-params"])
+def learner_for(model: Captioner, cached: bool, scaler: bool, *options: str) -> p2_train.Learner:
+    """p2_train's Learner at its defaults (but `options`) around a copy of `model`, on the CPU. With
+    `scaler`, a CPU GradScaler replaces the (CUDA-only, so disabled) one: the scale/unscale/step path of CUDA."""
+    args = p2_train.parse_args(["--print-params", *options])
     args.device, args.cache_features = "cpu", "(test features)" if cached else None
     args.scst_batch_size, args.scst_samples, args.max_len = 4, 3, 12
     model = copy.deepcopy(model)
@@ -245,10 +245,11 @@ def test_xe_step_under_fp16_autocast_with_grad_scaler(models, images, peft, cach
     assert torch.nn.functional.cosine_similarity(delta16, delta32, dim=0) >= 0.99
 
 
-@pytest.mark.parametrize("peft", ["lora"])
-def test_scst_step_under_fp16_autocast_with_grad_scaler(models, images, peft):
-    """Learner.scst_step: sampling, rewards and the policy-gradient step in fp16. Samples are drawn
-    from the same seed; where they are the same as fp32's, so are the loss and the gradient norm."""
+@pytest.mark.parametrize("peft, candidates", [("lora", "beam"), ("lora", "sample")])
+def test_scst_step_under_fp16_autocast_with_grad_scaler(models, images, peft, candidates):
+    """Learner.scst_step: beam search or sampling, rewards and the policy-gradient step in fp16. Samples
+    are drawn from the same seed; where the captions are the same as fp32's, so are the loss and the
+    gradient norm."""
     from cider import CiderD, tokenize
 
     keys = [str(i) for i in range(4)]
@@ -256,14 +257,15 @@ def test_scst_step_under_fp16_autocast_with_grad_scaler(models, images, peft):
     x = images[:4]
 
     def stepper(learner):
-        """learner.scst_step from the same seeds at every call; the samples it drew go in drawn[0]."""
-        drawn, sample = [], learner.model.decoder.sample
+        """learner.scst_step from the same seeds at every call; the captions it made go in drawn[0]."""
+        method = "beam_candidates" if candidates == "beam" else "sample"
+        drawn, make = [], getattr(learner.model.decoder, method)
 
-        def recording_sample(*args, **kwargs):
-            drawn[:] = [sample(*args, **kwargs)]
+        def recording(*args, **kwargs):
+            drawn[:] = [make(*args, **kwargs)]
             return drawn[0]
 
-        learner.model.decoder.sample = recording_sample
+        setattr(learner.model.decoder, method, recording)
 
         def step():
             torch.manual_seed(0)
@@ -271,9 +273,10 @@ def test_scst_step_under_fp16_autocast_with_grad_scaler(models, images, peft):
             return learner.scst_step(x, keys, CiderD(refs), lr=1e-5)
         return step, drawn
 
-    step32, drawn32 = stepper(learner_for(models[peft], False, scaler=False))
+    options = ("--scst-candidates", candidates)
+    step32, drawn32 = stepper(learner_for(models[peft], False, False, *options))
     out32 = step32()
-    amp = learner_for(models[peft], False, scaler=True)
+    amp = learner_for(models[peft], False, True, *options)
     step16, drawn16 = stepper(amp)
     out16, skipped = scaled_step(amp, step16)
     for key in ("loss", "reward", "baseline", "sample_logp", "grad_norm"):

@@ -257,6 +257,7 @@ def scst_on_colours(setup: dict, tiny_vit_file: str, placebo: bool, steps: int =
     mark_trainable(model, verbose=False)
     args = p2_train.parse_args(["--print-params"])  # every option at its default
     args.cache_features, args.device, args.scst_samples, args.scst_top_k = "(image tokens)", "cpu", 8, 5
+    args.scst_candidates = "sample"
     learner = p2_train.Learner(model, torch.device("cpu"), args)
     learner.use_optimizer(2e-3, 0.0)
     with torch.no_grad():
@@ -372,7 +373,7 @@ def test_scst_raises_validation_cider_over_the_cross_entropy_best(tmp_path, capt
     run(train_args(captioning_setup, out, "--seed", "1", *QUICK, "--peft", "adapter", "--adapter-dim", "32",
                    "--epochs", "1", "--max-steps", "6", "--val-every", "3", "--scst-epochs", "100",
                    "--scst-max-steps", "15", "--scst-batch-size", "8", "--scst-samples", "8", "--scst-lr", "3e-4",
-                   "--scst-top-k", "5",
+                   "--scst-candidates", "sample", "--scst-top-k", "5",
                    "--log-every", "1"))
     log = read_log(str(out))
     xe = [r["val_cider"] for r in log if r["phase"] == "xe" and "val_cider" in r]
