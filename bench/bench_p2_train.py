@@ -18,8 +18,9 @@ every step):
   - the 2080 Ti epoch estimate: step time x 18 (HW3_SPEC.md 8) x steps per
     epoch (53,046 captions / batch size);
   - with the cache, the SCST step too (p2_train's --scst-batch-size images,
-    --scst-samples samples each; random weights never end a caption, so every
-    sample runs to max_len: the worst case) and its epoch (10,604 images).
+    --scst-samples captions each, made as p2_train's default makes them: the
+    final beams; random weights hardly ever end a caption, so every caption
+    runs to max_len: the worst case) and its epoch (10,604 images).
 
     python3 bench/bench_p2_train.py [--peft none adapter prefix lora] [--steps 20] [--out-json FILE]
     python3 bench/bench_p2_train.py --small      # toy models on the CPU: does it run?
