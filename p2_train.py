@@ -159,12 +159,12 @@ def parse_args(argv=None):
                            "decoding chooses among; on the synthetic set the steadiest held-out gain, "
                            "bench/RESULTS.md), or sampled with --scst-top-k / --scst-top-p")
     scst.add_argument("--scst-samples", type=int, default=5, help="captions per image (>= 2)")
-    scst.add_argument("--scst-top-k", type=int, default=2,
-                      help="sample among the k likeliest tokens (0: all). 2: samples near the greedy caption, so "
-                           "the update improves what decoding outputs; with 5 SCST lowered held-out greedy CIDEr "
-                           "on the synthetic set (bench/RESULTS.md, bench_scst.py)")
-    scst.add_argument("--scst-top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding p "
-                                                                    "(sampling only)")
+    scst.add_argument("--scst-top-k", type=int, default=None,
+                      help="sampling only: among the k likeliest tokens (0: all; default 2: samples near the greedy "
+                           "caption, so the update improves what decoding outputs; with 5 SCST lowered held-out "
+                           "greedy CIDEr on the synthetic set, bench/RESULTS.md)")
+    scst.add_argument("--scst-top-p", type=float, default=None,
+                      help="sampling only: nucleus, the likeliest tokens holding p (default 1: all)")
 
     gen = p.add_argument_group("decoding (chosen on validation after training, stored in the checkpoint)")
     gen.add_argument("--max-len", type=int, default=30, help="most tokens per caption")
@@ -186,15 +186,24 @@ def parse_args(argv=None):
         missing = [f"--{n.replace('_', '-')}" for n in ("data_root", "decoder_weights", "out") if not getattr(args, n)]
         if missing:
             p.error("the following arguments are required: " + ", ".join(missing))
+    sampling = {"scst_top_k": 2, "scst_top_p": 1.0}  # the sampling options and their defaults
+    for name, default in sampling.items():
+        if args.scst_candidates == "beam" and getattr(args, name) is not None:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} has no effect with --scst-candidates beam "
+                    "(the default): add --scst-candidates sample to sample the captions")
+        if args.scst_candidates == "sample" and getattr(args, name) is None:
+            setattr(args, name, default)
     at_least = dict(batch_size=1, epochs=0, max_steps=0, warmup_steps=0, scst_epochs=0, scst_max_steps=0,
-                    scst_batch_size=1, scst_samples=2, scst_top_k=0, max_len=1, val_every=0, val_images=0,
+                    scst_batch_size=1, scst_samples=2, max_len=1, val_every=0, val_images=0,
                     val_beam_size=1, save_every=1, log_every=1)
     for name, low in at_least.items():
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if not 0.0 <= args.warmup_fraction <= 1.0:
         p.error(f"--warmup-fraction must be within [0, 1], got {args.warmup_fraction}")
-    if not 0.0 < args.scst_top_p <= 1.0:
+    if args.scst_candidates == "sample" and args.scst_top_k < 0:
+        p.error(f"--scst-top-k must be >= 0, got {args.scst_top_k}")
+    if args.scst_candidates == "sample" and not 0.0 < args.scst_top_p <= 1.0:
         p.error(f"--scst-top-p must be within (0, 1], got {args.scst_top_p}")
     # the decoding grid runs only after training: a value it cannot take must fail now
     for name, values, low, high in (("decode_beams", args.decode_beams, 1, MAX_BEAM),

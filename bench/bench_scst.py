@@ -87,24 +87,31 @@ def train_argv(setup: dict, out: str, preset: str, seed: int, args, config: dict
     if config is None:
         return [*argv, "--scst-epochs", "0"]
     return [*argv, "--scst-epochs", "1000", "--scst-max-steps", str(config["steps"]), "--scst-lr", str(config["lr"]),
-            "--scst-candidates", "beam" if config["beam"] else "sample",
-            "--scst-top-k", str(config["top_k"]), "--scst-samples", str(config["samples"]),
+            *(["--scst-candidates", "beam"] if config["beam"] else
+              ["--scst-candidates", "sample", "--scst-top-k", str(config["top_k"])]),
+            "--scst-samples", str(config["samples"]),
             "--scst-batch-size", str(config["images"])]
+
+
+def remove_leftovers(out: str) -> None:
+    """An interrupted run's files: it starts over (p2_train refuses to overwrite them)."""
+    for leftover in (out + ".state", out + ".log.jsonl"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
 
 
 def cross_entropy_run(work: str, setup: dict, preset: str, seed: int, args) -> dict:
     """The finished cross-entropy run's training state (trained now unless an earlier start left it)."""
     out = run_path(work, preset, seed)
     if not (os.path.exists(out + ".state") and torch_load(out + ".state")["progress"]["phase"] == "done"):
-        for leftover in (out + ".state", out + ".log.jsonl"):  # an interrupted run starts over
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        remove_leftovers(out)
         p2_train.Trainer.from_args(p2_train.parse_args(train_argv(setup, out, preset, seed, args))).run()
     return torch_load(out + ".state")
 
 
 def scst_run(work: str, setup: dict, preset: str, seed: int, config: dict, xe_state: dict, args) -> dict:
     out = run_path(work, preset, seed, config["name"])
+    remove_leftovers(out)  # a finished run's result is in --out-json and is not run again
     trainer = p2_train.Trainer.from_args(p2_train.parse_args(train_argv(setup, out, preset, seed, args, config)))
     if config["placebo"]:
         trainer.reward = ShuffledReward(trainer.reward, seed)

@@ -255,9 +255,9 @@ def scst_on_colours(setup: dict, tiny_vit_file: str, placebo: bool, steps: int =
     config = make_config("lora", encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS, generation={"max_len": 12})
     model = Captioner(config, setup["decoder_weights"], tiny_vit_file)
     mark_trainable(model, verbose=False)
-    args = p2_train.parse_args(["--print-params"])  # every option at its default
-    args.cache_features, args.device, args.scst_samples, args.scst_top_k = "(image tokens)", "cpu", 8, 5
-    args.scst_candidates = "sample"
+    args = p2_train.parse_args(["--print-params", "--scst-candidates", "sample", "--scst-top-k", "5",
+                                "--scst-samples", "8"])  # the rest at the defaults
+    args.cache_features, args.device = "(image tokens)", "cpu"
     learner = p2_train.Learner(model, torch.device("cpu"), args)
     learner.use_optimizer(2e-3, 0.0)
     with torch.no_grad():
@@ -477,6 +477,25 @@ def test_decoding_values_beyond_their_range_fail_at_once(option, values, message
     with pytest.raises(SystemExit):
         p2_train.parse_args(["--print-params", option, *values])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scst-top-k", "5"], "--scst-top-k 5 has no effect with --scst-candidates beam"),
+    (["--scst-top-p", "0.9"], "--scst-top-p 0.9 has no effect with --scst-candidates beam"),
+    (["--scst-candidates", "sample", "--scst-top-k", "-1"], "--scst-top-k must be >= 0, got -1"),
+    (["--scst-candidates", "sample", "--scst-top-p", "0"], "--scst-top-p must be within (0, 1], got 0.0"),
+])
+def test_sampling_options_are_refused_where_they_would_do_nothing_or_nonsense(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        p2_train.parse_args(["--print-params", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_sampling_options_default_only_when_sampling():
+    beams = p2_train.parse_args(["--print-params"])
+    sampled = p2_train.parse_args(["--print-params", "--scst-candidates", "sample"])
+    assert (beams.scst_candidates, beams.scst_top_k, beams.scst_top_p) == ("beam", None, None)
+    assert (sampled.scst_top_k, sampled.scst_top_p) == (2, 1.0)
 
 
 @pytest.mark.parametrize("option", ["--out", "--cache-features"])
