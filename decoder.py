@@ -411,6 +411,22 @@ class Decoder(nn.Module):
 
     # -- decoding -------------------------------------------------------------
 
+    def _beams_start(self, feats, K: int, eot: int) -> tuple:
+        """What a beam search over K beams per image starts from: the image tokens (shared by an
+        image's beams), scores [B, K] with one live beam per image (the K start identical), the
+        empty sequences [B * K, 0] and the first input token."""
+        B, dev = feats.size(0), feats.device
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0
+        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
+        token = torch.full((B * K, 1), eot, dtype=torch.long, device=dev)
+        return self.memory(feats), scores, seqs, token
+
+    @staticmethod
+    def _until_eot(rows: list, eot: int) -> list:
+        """Token lists cut before their first <|endoftext|>."""
+        return [row[:row.index(eot)] if eot in row else row for row in rows]
+
     @torch.no_grad()
     def sample(self, feats, n: int, max_len: int, eot: int, top_k: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, generator=None) -> list:
@@ -438,8 +454,7 @@ class Decoder(nn.Module):
             if not alive.any():
                 break
             token = nxt.unsqueeze(1)
-        rows = torch.stack(out, 1).tolist()
-        return [row[:row.index(eot)] if eot in row else row for row in rows]
+        return self._until_eot(torch.stack(out, 1).tolist(), eot)
 
     @torch.no_grad()
     def beam_candidates(self, feats, beam_size: int, max_len: int, eot: int) -> list:
@@ -451,12 +466,8 @@ class Decoder(nn.Module):
         so the K beams at the end are the K likeliest captions the search kept, ended or not.
         """
         B, K, dev = feats.size(0), beam_size, feats.device
-        memory = self.memory(feats)  # shared by the K beams of each image
+        memory, scores, seqs, token = self._beams_start(feats, K, eot)
         rows = torch.arange(B, device=dev).unsqueeze(1)
-        scores = torch.full((B, K), float("-inf"), device=dev)
-        scores[:, 0] = 0.0  # the K beams start identical: keep one alive
-        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)  # [N, t]
-        token = torch.full((B * K, 1), eot, dtype=torch.long, device=dev)
         alive = torch.ones(B * K, dtype=torch.bool, device=dev)
         past = None
         for t in range(max_len):
@@ -476,7 +487,7 @@ class Decoder(nn.Module):
             past = [(k[parent], v[parent]) for k, v in past]
             if not alive.any():
                 break
-        return [row[:row.index(eot)] if eot in row else row for row in seqs.tolist()]
+        return self._until_eot(seqs.tolist(), eot)
 
     @torch.no_grad()
     def beam_search(self, feats, beam_size: int, max_len: int, eot: int, length_penalty: float = 0.0) -> list:
@@ -493,12 +504,8 @@ class Decoder(nn.Module):
         if length_penalty < 0:
             raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
         B, K, dev = feats.size(0), beam_size, feats.device
-        memory = self.memory(feats)  # shared by the K beams of each image
+        memory, scores, seqs, token = self._beams_start(feats, K, eot)  # seqs [N, t]
         rows = torch.arange(B, device=dev)
-        scores = torch.full((B, K), float("-inf"), device=dev)
-        scores[:, 0] = 0.0  # the K beams start identical: keep one alive
-        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)  # [N, t]
-        token = torch.full((B * K, 1), eot, dtype=torch.long, device=dev)
         ended = torch.zeros(B, dtype=torch.long, device=dev)
         best = torch.full((B,), float("-inf"), device=dev)
         best_seq = torch.zeros(B, max_len, dtype=torch.long, device=dev)

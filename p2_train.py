@@ -358,7 +358,7 @@ class Learner:
         weighs the sample's log-likelihood. B images, K samples each, N = B * K."""
         K, max_len = self.args.scst_samples, self.model.config["generation"]["max_len"]
         feats = self.features(x)  # [B, S, W]
-        self.model.eval()  # sampling without dropout
+        self.model.eval()  # the captions are made without dropout
         with torch.no_grad(), autocast(self.device):
             if self.args.scst_candidates == "beam":
                 samples = self.model.decoder.beam_candidates(feats, K, max_len, EOT_ID)
