@@ -172,8 +172,6 @@ def main():
     args = parser.parse_args()
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here downloads; a hub miss would retry for ~47 s
-    # GPT-2's vocabulary where the tokenizer looks (HW3_BPE_DIR, the repository, its cache), else the test suite's
-    os.environ.setdefault("HW3_BPE_DIR", os.path.join(REPO, "..", "shared", "gpt2"))
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_learning_")
     if os.path.isdir(work) and os.listdir(work):
         raise SystemExit(f"error: --work-dir {work!r} is not empty; the runs would collide with earlier ones")

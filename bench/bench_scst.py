@@ -266,7 +266,6 @@ def main():
     args = parser.parse_args()
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("HW3_BPE_DIR", os.path.join(bench_learning.REPO, "..", "shared", "gpt2"))
     setup_file = os.path.join(args.work_dir, "setup.json")
     if os.path.exists(setup_file):
         with open(setup_file, encoding="utf-8") as f:

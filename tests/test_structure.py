@@ -216,3 +216,18 @@ def test_every_requirement_is_used():
             imported |= imported_modules(f.read())
     unused = [n for n in names if IMPORT_NAMES.get(n, n) not in imported and n not in INDIRECT_REQUIREMENTS]
     assert unused == [], "requirements.txt lists packages no module imports"
+
+
+def test_nothing_reaches_outside_the_clone():
+    """A clone with nothing beside it must pass the README's commands: no tracked file points at
+    a folder beside the clone (the vocabulary is committed at the root)."""
+    outside = re.compile(r"\.\./" + "shared")  # spelled in two parts so this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    hits = []
+    for name in tracked:
+        if name.endswith((".json", ".bpe", ".pdf")) or name == "bench/RESULTS.md":
+            continue
+        with open(os.path.join(REPO, name), encoding="utf-8", errors="replace") as f:
+            if outside.search(f.read()):
+                hits.append(name)
+    assert hits == []

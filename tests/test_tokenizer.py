@@ -5,6 +5,7 @@ transformers' GPT2Tokenizer is built from the same local files; tiktoken's
 it checks against the SHA-256 of OpenAI's originals (its usual path downloads
 them, which the test machines cannot).
 """
+import hashlib
 import inspect
 import os
 import random
@@ -154,6 +155,21 @@ def test_endoftext_requires_allowed_special(bpe, tik):
 def test_unknown_allowed_special_rejected(bpe):
     with pytest.raises(ValueError, match="<\\|startoftext\\|>"):
         bpe.encode("hi", allowed_special={"<|startoftext|>"})
+
+
+# OpenAI's GPT-2 124M files (MIT licence), committed at the repository root as in the course's template
+VOCAB_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+def test_committed_vocabulary_is_openais(monkeypatch):
+    for name, digest in VOCAB_SHA256.items():
+        with open(os.path.join(tokenizer.REPO_ROOT, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, name
+    monkeypatch.delenv("HW3_BPE_DIR", raising=False)
+    assert find_vocab_dir() == tokenizer.REPO_ROOT  # the clone's own copy is the default
 
 
 def test_default_location_from_env(bpe_dir, monkeypatch):
