@@ -211,18 +211,20 @@ def _collate_readable(items):
     return [i for i, _ in kept], batches, skipped
 
 
-def readable_batches(paths, transforms, batch_size: int, device, desc: str):
+def readable_batches(paths, transforms, batch_size: int, device, desc: str, pin_memory: bool | None = None):
     """Yield (indices, batches) over the readable images of `paths`: `batches[t]` is
     transform t's [B, ...] tensor of the images `paths[i] for i in indices`.
 
     A file Pillow cannot read is skipped with a warning naming it; a tqdm bar
-    on stderr counts files. Loading runs in worker processes on CUDA.
+    on stderr counts files. Loading runs in worker processes on CUDA, into pinned
+    memory unless `pin_memory` is False (pinning runs in a thread of its own, which
+    must not make CUDA calls while a CUDA graph is being captured).
     """
     from torch.utils.data import DataLoader
 
     loader = DataLoader(ReadableImages(paths, transforms), batch_size=batch_size,
                         num_workers=loader_workers(device), collate_fn=_collate_readable,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda" if pin_memory is None else pin_memory)
     with tqdm(total=len(paths), unit="img", desc=desc, file=sys.stderr) as bar:
         for indices, batches, skipped in loader:
             for message in skipped:
@@ -264,9 +266,22 @@ def pick_device(requested="auto"):
 
 
 def loader_workers(device) -> int:
-    """Data-loading processes for work on `device` (a torch.device): up to 4 beside a GPU,
+    """Data-loading processes for work on `device` (a torch.device): beside a GPU every core but
+    the one that drives it, up to 12 (decoding and resizing images is what keeps a GPU waiting);
     none on the CPU, where the workers would only compete with the model for the cores."""
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return max(1, min(12, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+
+
+def free_cuda_memory(device) -> int:
+    """Bytes free on CUDA `device` now: what the driver reports, plus what torch's allocator holds
+    in reserve and could hand out again."""
+    import torch
+
+    if hasattr(torch.cuda, "mem_get_info"):
+        free = torch.cuda.mem_get_info(device)[0]
+    else:  # older torch: total less what torch has reserved (blind to other processes)
+        free = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_reserved(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def env_number(name: str, cast, valid, allowed: str, default=None):

@@ -288,7 +288,7 @@ class ScriptedModel:
     def __init__(self, beam, greedy):
         self.beam, self.greedy, self.calls = beam, greedy, []
 
-    def generate(self, feats, beam_size=None, max_len=None, length_penalty=None):
+    def generate(self, feats, beam_size=None, max_len=None, length_penalty=None, cuda_graph=False):
         self.calls.append((len(feats), beam_size, max_len))
         return [list(ids) for ids in (self.greedy if beam_size == 1 else self.beam)][:len(feats)]
 
