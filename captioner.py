@@ -118,7 +118,7 @@ class Captioner(nn.Module):
         config = copy.deepcopy(config)
         self.encoder = ImageEncoder(config["encoder"]["name"], weights=encoder_weights, pretrained=pretrained_encoder,
                                     model_kwargs=config["encoder"].get("model_kwargs"), device=device)
-        gpt2 = load_gpt2_state(decoder_weights) if decoder_weights else None
+        gpt2 = load_gpt2_state(decoder_weights, check_values=False) if decoder_weights else None  # load_gpt2_into checks
         shape = infer_gpt2_shape(gpt2) if gpt2 is not None else {}
         decoder = config["decoder"]
         for key, value in shape.items():

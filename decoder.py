@@ -44,7 +44,6 @@ V vocabulary, L layers (LC cached positions).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -730,14 +729,15 @@ def _describe_non_tensors(state) -> str:
     return f"a dict whose values are not all tensors ({shown})"
 
 
-def load_gpt2_state(path: str) -> dict:
+def load_gpt2_state(path: str, check_values: bool = True) -> dict:
     """The course's decoder_model.bin as tensors in this module's layout.
 
     Checks what the course's template never does: every key is a GPT-2 key,
-    nothing is missing, every shape fits, every value is finite, and the four
-    Conv1D weights are transposed for nn.Linear.
+    nothing is missing, every shape fits, every value is finite (unless
+    `check_values` is False: the caller checks them where they end up), and the
+    four Conv1D weights are transposed for nn.Linear.
     """
-    state = torch_load(path)
+    state = torch_load(path, mmap=True)  # guarded in torch_load
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} holds {_describe_non_tensors(state)}; expected the course's decoder_model.bin, "
                          "a flat dict of GPT-2 tensors (wte.weight, wpe.weight, h.N.*, ln_f.*)")
@@ -748,7 +748,8 @@ def load_gpt2_state(path: str) -> dict:
     if missing or unexpected:
         raise ValueError(f"{path} is not the course's GPT-2 layout: missing {missing[:8]} "
                          f"({len(missing)} in all), unexpected {unexpected[:8]} ({len(unexpected)} in all)")
-    check_finite(state, path)
+    if check_values:
+        check_finite(state, path)
     out = {}
     for key, tensor in state.items():
         if key.endswith(CONV1D_WEIGHTS):
@@ -774,3 +775,4 @@ def load_gpt2_into(decoder: Decoder, state: dict, source: str = "GPT-2 weights",
     not_new = [k for k in missing if parameter_group(k) is None]
     if not_new:
         raise ValueError(f"{source} does not fit the decoder: {len(not_new)} GPT-2 tensors missing, e.g. {not_new[:3]}")
+    check_finite({k: v for k, v in decoder.state_dict().items() if k in state}, source)  # on a GPU: free

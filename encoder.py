@@ -52,9 +52,10 @@ def download_weights(name: str) -> str:
     return path
 
 
-def read_state_dict(path: str) -> dict:
+def read_state_dict(path: str, check: bool = True) -> dict:
     """Tensors from a .pth/.bin/.safetensors file, unwrapping {'state_dict': ...} style containers;
-    ValueError naming any tensor that holds NaN or inf."""
+    ValueError naming any tensor that holds NaN or inf (unless `check` is False: the caller checks
+    them where they end up, e.g. on the GPU, where that pass costs nothing)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"encoder weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -62,13 +63,14 @@ def read_state_dict(path: str) -> dict:
 
         state = load_file(path)
     else:
-        state = torch_load(path)
+        state = torch_load(path, mmap=True)  # guarded in torch_load
         for key in ("state_dict", "model", "state"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    check_finite(state, path)
+    if check:
+        check_finite(state, path)
     return state
 
 
@@ -115,12 +117,13 @@ class ImageEncoder(nn.Module):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         # converts OpenAI / open_clip layouts and resamples position embeddings when needed
-        state = checkpoint_filter_fn(read_state_dict(path), self.vit)
+        state = checkpoint_filter_fn(read_state_dict(path, check=False), self.vit)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier we drop
         missing = assign_state(self.vit, state, f"encoder weights {path!r} for {self.name!r}", device)
         if missing:  # built without initialisation: a tensor the file lacks would be garbage
             raise ValueError(f"encoder weights {path!r} do not fit {self.name!r}: {len(missing)} of its tensors "
                              f"are not in the file, e.g. {missing[:3]}")
+        check_finite(self.vit.state_dict(), path)  # where the tensors now are: on a GPU this pass is free
 
     @property
     def width(self) -> int:

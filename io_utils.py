@@ -277,8 +277,8 @@ def free_cuda_memory(device) -> int:
     in reserve and could hand out again."""
     import torch
 
-    if hasattr(torch.cuda, "mem_get_info"):
-        free = torch.cuda.mem_get_info(device)[0]
+    if hasattr(torch.cuda, "mem_get_info"):  # guarded
+        free = torch.cuda.mem_get_info(device)[0]  # guarded: torch >= 1.11
     else:  # older torch: total less what torch has reserved (blind to other processes)
         free = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_reserved(device)
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
@@ -540,10 +540,14 @@ def _not_a_torch_file(head: bytes) -> str:
     return f"it starts with the bytes {head[:8]!r}, neither a zip archive nor a pickle"
 
 
-def torch_load(path: str):
+def torch_load(path: str, mmap: bool = False):
     """`torch.load` onto the CPU, restricted to tensors and plain containers
     where this torch supports it (the argument is new in torch 1.13; the
     graders' 1.12.1 does not know it).
+
+    `mmap`: where torch can (2.1 and later, zip archives), the tensors are the
+    file's pages mapped into memory rather than copies, read when first used: a
+    large frozen weights file then costs one pass over its bytes, not two.
 
     A file torch.save did not write (empty, text, an HTML page, a damaged
     archive) raises ValueError "PATH is not a PyTorch weights file (what it
@@ -558,9 +562,11 @@ def torch_load(path: str):
     reason = _not_a_torch_file(head)
     if reason:
         raise ValueError(f"{path} is not a PyTorch weights file ({reason})")
+    options = inspect.signature(torch.load).parameters
+    extra = {"mmap": True} if mmap and "mmap" in options and head.startswith(b"PK") else {}  # guarded: torch >= 2.1
     try:
-        if "weights_only" in inspect.signature(torch.load).parameters:  # guarded: torch >= 1.13
-            return torch.load(path, map_location="cpu", weights_only=True)  # guarded
+        if "weights_only" in options:  # guarded: torch >= 1.13
+            return torch.load(path, map_location="cpu", weights_only=True, **extra)  # guarded
         return torch.load(path, map_location="cpu")
     # The file opened: any failure is its content. A damaged zip or pickle fails in many
     # ways (RuntimeError, EOFError, UnpicklingError, KeyError, OSError "Invalid argument"...).
@@ -583,8 +589,13 @@ def check_finite(state: dict, source: str) -> None:
     """
     import torch
 
-    bad = [k for k, v in state.items()
-           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    def finite(v) -> bool:
+        # NaN and inf carry through a sum, so a finite sum means finite values: one pass, nothing
+        # allocated (isfinite(v).all() writes a mask as large as the weights: 4x slower on ViT-L).
+        # A sum that overflowed says nothing: then the values are checked one by one.
+        return bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())
+
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not finite(v)]
     if bad:
         raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, e.g. {bad[:5]}; "
                          "the file is damaged or comes from a diverged training run")
