@@ -12,10 +12,13 @@ checkpoint's max_len. Channel 0 of GPT-2's final LayerNorm is pinned to a
 constant (weight 0, bias 100) and only <|endoftext|>'s output embedding reads
 it (-100), which puts 10^4 below its logit; nothing else changes in cost.
 
-The timed run writes its time per phase (load, read, encode, decode, write:
-p2_inference's HW3_P2_PROFILE) into the result. Then, unless told otherwise:
+The timed run (the first in this process: CUDA's start included) writes its
+time per phase (load, read, encode, decode, text, write: p2_inference's
+HW3_P2_PROFILE) into the result. Then, unless told otherwise:
 - the same run with HW3_P2_CUDA_GRAPH=0 (eager decoding steps): its time, and
-  whether its captions equal the CUDA-graph run's, image for image;
+  whether its captions equal the CUDA-graph run's, image for image; then the
+  CUDA-graph run once more, warm (`warm_seconds`);
+- a new process's start-up, step by step (`startup_profile`);
 - `bash hw3_2.sh` as the graders run it, in a process of its own: Python's
   start, the imports and the model load included;
 - a naive decoder, as public solutions decode: one image at a time, beam 5,
@@ -171,8 +174,36 @@ def time_naive(files: dict, paths: list, device: torch.device) -> tuple:
     return seconds, gen
 
 
+# What a fresh process spends before p2_inference's own work: the interpreter, torch, timm (torchvision,
+# and with it torch._dynamo on recent releases), CLIP's tokenizer, the CUDA context, cuBLAS.
+STARTUP_PROBE = """
+import json, sys, time
+marks = [("start", time.perf_counter())]
+def mark(name):
+    marks.append((name, time.perf_counter()))
+import torch; mark("import torch")
+import p2_inference; mark("import p2_inference")
+import timm; mark("import timm")
+import clip_context; clip_context._tokenizer(); mark("CLIP tokenizer")
+if torch.cuda.is_available():
+    torch.zeros(1, device="cuda"); torch.cuda.synchronize(); mark("CUDA context")
+    a = torch.randn(512, 512, device="cuda", dtype=torch.float16); (a @ a).sum().item(); mark("cuBLAS")
+print(json.dumps({name: round(t - marks[i][1], 3) for i, (name, t) in enumerate(marks[1:])}))
+"""
+
+
+def startup_profile() -> dict:
+    """Seconds per start-up step in a new process, and the bare interpreter's start."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - start
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", STARTUP_PROBE], cwd=REPO, check=True,
+                            capture_output=True, text=True)
+    return {"python": round(bare, 3), **json.loads(result.stdout.strip().splitlines()[-1])}
+
+
 def run_in_process(images: str, out: str, files: dict, cuda: bool, graph: bool) -> tuple:
-    """p2_inference.main on `images` with CUDA graphs on or off: (seconds, peak MB on CUDA, captions)."""
+    """p2_inference.main on `images` with CUDA graphs on or off: (seconds, peak MB on CUDA, captions, profile)."""
     os.environ["HW3_P2_CUDA_GRAPH"] = "1" if graph else "0"
     if cuda:
         torch.cuda.empty_cache()
@@ -184,7 +215,9 @@ def run_in_process(images: str, out: str, files: dict, cuda: bool, graph: bool) 
     seconds = time.perf_counter() - start
     with open(out, encoding="utf-8") as f:
         captions = json.load(f)
-    return seconds, round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None, captions
+    with open(os.environ["HW3_P2_PROFILE"], encoding="utf-8") as f:
+        profile = json.load(f)
+    return seconds, round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None, captions, profile
 
 
 def main():
@@ -213,17 +246,20 @@ def main():
         out = os.path.join(tmp, "out", "pred.json")
 
         images = os.path.dirname(paths[0])
-        seconds, peak_mb, captions = run_in_process(images, out, files, cuda, graph=True)
+        seconds, peak_mb, captions, profile = run_in_process(images, out, files, cuda, graph=True)
         assert len(captions) == n_images
-        with open(os.environ["HW3_P2_PROFILE"], encoding="utf-8") as f:
-            profile = json.load(f)
         extra = {}
         if args.eager:
-            eager_seconds, _, eager = run_in_process(images, os.path.join(tmp, "out", "eager.json"), files, cuda,
-                                                     graph=False)
-            extra.update(eager_seconds=round(eager_seconds, 2), graph_equals_eager=eager == captions,
+            eager_seconds, _, eager, eager_profile = run_in_process(images, os.path.join(tmp, "out", "eager.json"),
+                                                                    files, cuda, graph=False)
+            warm_seconds, _, _, warm_profile = run_in_process(images, os.path.join(tmp, "out", "warm.json"), files,
+                                                              cuda, graph=True)
+            extra.update(eager_seconds=round(eager_seconds, 2), eager_profile=eager_profile["seconds"],
+                         warm_seconds=round(warm_seconds, 2), warm_profile=warm_profile["seconds"],
+                         graph_equals_eager=eager == captions,
                          graph_differs_from_eager=sorted(k for k in captions if captions[k] != eager.get(k))[:10])
         if args.process:
+            extra["startup_profile"] = startup_profile()
             start = time.perf_counter()
             subprocess.run(["bash", os.path.join(REPO, "hw3_2.sh"), images, os.path.join(tmp, "out", "process.json"),
                             files["decoder_model.bin"]], cwd=REPO, check=True, capture_output=True,

@@ -266,7 +266,8 @@ def summary_lines(report: dict) -> list:
             profile = r.get("profile", {})
             lines.append(f"      phases {profile.get('seconds')}, batch {profile.get('batch')}, CUDA graph "
                          f"{profile.get('cuda_graph')}; eager {r.get('eager_seconds')} s, captions equal: "
-                         f"{r.get('graph_equals_eager')}")
+                         f"{r.get('graph_equals_eager')}; warm {r.get('warm_seconds')} s {r.get('warm_profile')}")
+            lines.append(f"      a new process's start-up: {r.get('startup_profile')}")
         if name == "load" and r:
             for dtype, x in r["results"].items():
                 lines.append(f"      {dtype}: read {x['read_s']} s, build {x['build_s']} s ({x['build_over_read']}x; "

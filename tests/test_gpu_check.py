@@ -24,7 +24,7 @@ def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
     assert smoke["xe_steps"] == 4 and smoke["scst_steps"] == 1 and smoke["captions"] == 10
     p2 = sections["p2_inference"]["result"]
     assert p2["n_images"] == 4 and p2["graph_equals_eager"] is True and p2["process_seconds"] > 0
-    assert set(p2["profile"]["seconds"]) == {"load", "read", "encode", "decode", "write"}
+    assert set(p2["profile"]["seconds"]) == {"load", "read", "encode", "decode", "text", "write"}
     assert sections["p1"]["result"]["process_seconds"] > 0
     assert set(sections["load"]["result"]["results"]) == {"fp32", "fp16"}
     assert sections["p1"]["result"]["n_images"] == 8

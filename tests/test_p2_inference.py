@@ -360,7 +360,7 @@ def test_profile_names_every_phase_and_the_graph_switch_is_checked(env, tmp_path
     monkeypatch.setenv("HW3_P2_PROFILE", str(tmp_path / "profile.json"))
     p2_inference.main([str(folder), str(tmp_path / "pred.json"), decoder_weights])
     profile = json.loads((tmp_path / "profile.json").read_text(encoding="utf-8"))
-    assert set(profile["seconds"]) == {"load", "read", "encode", "decode", "write"}
+    assert set(profile["seconds"]) == {"load", "read", "encode", "decode", "text", "write"}
     assert profile["images"] == 2 and profile["cuda_graph"] is False and profile["batch"] == 32
     monkeypatch.setenv("HW3_P2_CUDA_GRAPH", "yes")
     assert "HW3_P2_CUDA_GRAPH='yes' is not 0 or 1" in run_main([folder, tmp_path / "p2.json", decoder_weights])
