@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from encoder import DEFAULT_ENCODER, ImageEncoder
-from io_utils import torch_load
+from io_utils import atomic_write_text, torch_load
 
 SMALL = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2})
 REPEATS = 3
@@ -85,9 +85,7 @@ def main():
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     print(json.dumps(result, indent=2))
     if args.out_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
-        with open(args.out_json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_text(args.out_json, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
