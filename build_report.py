@@ -611,11 +611,15 @@ def main(argv=None) -> None:
                                 epilog=__doc__[__doc__.index("The results folder"):])
     p.add_argument("--results", default="outputs", help="folder of the result files (default %(default)s)")
     p.add_argument("--attention-dir", help="p2_attention.py's --out-dir (default: the results folder)")
-    p.add_argument("--notes", default="report_notes.md", help="free-text answers, one '## ' section per question")
-    p.add_argument("--out", default="hw3_report.pdf", help="the PDF (the course names it hw3_<studentID>.pdf)")
+    p.add_argument("--notes", default="report_notes.md",
+                   help="free-text answers, one '## ' section per question (default %(default)s)")
+    p.add_argument("--out", default="hw3_report.pdf",
+                   help="the PDF to write (default %(default)s; the course names it hw3_<studentID>.pdf)")
     p.add_argument("--checkpoint", action="append", type=parse_checkpoint, default=[], metavar="RUN=PATH",
-                   help=f"checkpoint of a run ({', '.join(RUNS)}); overrides DIR/p2_ckpt_<run>.txt")
-    p.add_argument("--best-checkpoint", metavar="PATH", help="same as --checkpoint best=PATH")
+                   help=f"checkpoint of a run ({', '.join(RUNS)}), repeatable; overrides DIR/p2_ckpt_<run>.txt "
+                        "(default: the paths in those files)")
+    p.add_argument("--best-checkpoint", metavar="PATH",
+                   help="same as --checkpoint best=PATH (default: the path in DIR/p2_ckpt_best.txt)")
     p.add_argument("--synthetic", action="store_true",
                    help="say on page 1 that the results come from synthetic data and tiny random models (the demo)")
     args = p.parse_args(argv)

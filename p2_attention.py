@@ -63,12 +63,11 @@ import os
 import sys
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 import io_utils
-from captioner import MAX_BEAM, autocast, caption_text, load_checkpoint
 from tokenizer import EOT, BPETokenizer
+
+# torch and the model load in the functions that use them: `--help` answers at once.
 
 COLUMNS = 5
 # Figure geometry in pixels at DPI, fixed so that every figure of n panels has the same size.
@@ -112,7 +111,6 @@ def model_view(image, transform):
     return image
 
 
-@torch.no_grad()
 def word_maps(model, tokenizer, image, device, beam_size: int | None = None):
     """Caption `image` (PIL, RGB) and return (caption, panels).
 
@@ -120,9 +118,13 @@ def word_maps(model, tokenizer, image, device, beam_size: int | None = None):
     (word, float32 [rows, cols]) per caption word, then ("<|endoftext|>", map
     of the step that produced the end token). See the module docstring.
     """
+    import torch
+
+    from captioner import autocast, caption_text
+
     device = torch.device(device)
     x = model.encoder.transform(image).unsqueeze(0).to(device)  # [1, 3, H, W]
-    with autocast(device):
+    with torch.no_grad(), autocast(device):
         feats = model.encode(x)  # [1, S, W]
         ids = [int(t) for t in model.generate(feats, beam_size=beam_size)[0]]
         att = model.cross_attention(feats, ids)  # [N + 2, rows, cols]
@@ -149,6 +151,9 @@ def figure_size(n_panels: int, columns: int = COLUMNS) -> tuple:
 
 def heat_map(att: np.ndarray, height: int, width: int) -> np.ndarray:
     """[rows, cols] attention -> [height, width] in [0, 1]: bilinear upsampling, then min-max."""
+    import torch
+    import torch.nn.functional as F
+
     grid = torch.from_numpy(np.ascontiguousarray(att, dtype=np.float32))[None, None]  # [1, 1, rows, cols]
     up = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
     span = up.max() - up.min()
@@ -244,6 +249,10 @@ def extreme_figures(per_image: str, images_root: str, out_dir: str, model, token
 
 def load_model(checkpoint: str, decoder_weights: str, encoder_weights: str | None = None, device=None):
     """(model on device, tokenizer, device) from a P2 checkpoint."""
+    import torch
+
+    from captioner import load_checkpoint
+
     device = torch.device(device) if device is not None else io_utils.pick_device()
     model = load_checkpoint(checkpoint, decoder_weights, encoder_weights).to(device)
     return model, BPETokenizer(), device
@@ -261,16 +270,23 @@ def _read_json_dict(path: str) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", nargs="+", default=[], metavar="IMG", help="images to draw (e.g. p3_data/images/*.jpg)")
-    p.add_argument("--per-image", metavar="FILE", help="p2_evaluate.py --per-image output: draw its top-1 and last-1")
-    p.add_argument("--images-root", metavar="DIR", help="the folder of the --per-image keys' images")
+    p.add_argument("--images", nargs="+", default=[], metavar="IMG",
+                   help="images to draw (e.g. p3_data/images/*.jpg; default: none)")
+    p.add_argument("--per-image", metavar="FILE",
+                   help="p2_evaluate.py --per-image output: draw its top-1 and last-1 (default: none)")
+    p.add_argument("--images-root", metavar="DIR",
+                   help="the folder of the --per-image keys' images (required with --per-image)")
     p.add_argument("--out-dir", required=True, help="folder for attention_*.png and attention.json")
     p.add_argument("--checkpoint", help="P2 checkpoint (default $HW3_P2_CKPT, else the cache)")
     p.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (GPT-2)")
     p.add_argument("--encoder-weights", default=os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None,
-                   help="local encoder weights (default $HW3_P2_ENCODER_WEIGHTS, else the cache)")
-    p.add_argument("--beam-size", type=int, help="override the checkpoint's beam size (1 = greedy)")
+                   help="local encoder weights (default: $HW3_P2_ENCODER_WEIGHTS, else found as "
+                        "p2_inference.py finds them)")
+    p.add_argument("--beam-size", type=int,
+                   help="beam size, 1 = greedy (default: the checkpoint's decoding settings)")
     args = p.parse_args(argv)
+    from captioner import MAX_BEAM
+
     if not args.images and not args.per_image:
         p.error("nothing to draw: give --images and/or --per-image")
     if bool(args.per_image) != bool(args.images_root):

@@ -409,11 +409,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decoder-weights", help="the course's decoder_model.bin "
                         "(default: hw3_data/p2_data/decoder_model.bin in the repository, if there)")
     parser.add_argument("--p1-images", help="P1 image folder (default: generated)")
-    parser.add_argument("--id2label", help="id2label.json for --p1-images")
+    parser.add_argument("--id2label", help="id2label.json for --p1-images (default: generated with them)")
     parser.add_argument("--p2-images", help="P2 image folder (default: generated)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="generated images per problem")
-    parser.add_argument("--slowdown", type=float, default=1.0, help="multiply measured times by this for "
-                        "the graders' RTX 2080 Ti (18 is conservative from an H100, HW3_SPEC.md section 8)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                        help="images generated per problem when no folder is given (default %(default)s)")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="factor on the measured times to estimate the graders' RTX 2080 Ti (default "
+                             "%(default)s: this GPU's times; 18 is conservative from an H100, whose fp16 "
+                             "tensor throughput is ~18x a 2080 Ti's)")
     parser.add_argument("--skip-run", action="store_true", help="do not run hw3_1.sh and hw3_2.sh")
     args = parser.parse_args(argv)
     if bool(args.p1_images) != bool(args.id2label):

@@ -32,7 +32,8 @@ def test_dry_run_of_report_prints_the_real_data_commands(tmp_path):
     data = f"{tmp_path}/hw3_data"
     expected = [
         f"bash hw3_1.sh {data}/p1_data/val {data}/p1_data/id2label.json {tmp_path}/out/p1_pred.csv",
-        "p1_report.py accuracy", "p1_report.py top5",
+        "p1_report.py accuracy", f"p1_report.py top5 --id2label {data}/p1_data/id2label.json --out-dir "
+        f"{tmp_path}/out --pick-from {data}/p1_data/val",  # three classes, chosen in Python
         *[f"--peft {run} --out {tmp_path}/ck/{run}.pt" for run in RUNS],
         *[f"HW3_P2_CKPT={tmp_path}/ck/{run}.pt bash hw3_2.sh {data}/p2_data/images/val "
           f"{tmp_path}/out/p2_pred_{run}.json {data}/p2_data/decoder_model.bin" for run in RUNS],
