@@ -280,8 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="P2 checkpoint (default $HW3_P2_CKPT, else the cache)")
     p.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (GPT-2)")
     p.add_argument("--encoder-weights", default=os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None,
-                   help="local encoder weights (default: $HW3_P2_ENCODER_WEIGHTS, else found as "
-                        "p2_inference.py finds them)")
+                   help="local encoder weights file ($HW3_P2_ENCODER_WEIGHTS when set; default: as p2_inference.py "
+                        "finds them, the file the checkpoint was trained with, else the cache)")
     p.add_argument("--beam-size", type=int,
                    help="beam size, 1 = greedy (default: the checkpoint's decoding settings)")
     args = p.parse_args(argv)

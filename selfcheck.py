@@ -10,13 +10,18 @@ the files tracked by git; the Problem 2 checkpoint (format, parameters < 35M);
 `bash hw3_1.sh` and `bash hw3_2.sh` on sample images with their outputs checked
 exactly; a test-set time estimate against the limits; Python 3.8 / torch 1.12.
 
-The scripts run with this shell's environment (HW3_P1_CLIP, HW3_P2_CKPT,
-HW3_CACHE, ...), so what is checked is the real setup. Without image folders,
+The scripts run with this shell's environment, so what is checked is the real
+setup (see "Environment" below). Without image folders,
 synthetic ones are generated (synthetic.py), including grayscale, CMYK and a
 file name with spaces and several dots.
 
 torch and the model stack are imported only by the checks that use them, so
 the static checks (`--skip-run`, no checkpoint) never load them.
+
+Environment (read here and by the scripts it runs):
+  HW3_P2_CKPT             the checkpoint checked (default `<cache>/p2_checkpoint.pt`)
+  HW3_P2_ENCODER_WEIGHTS  the encoder's weights file (default: as hw3_2.sh finds them)
+  HW3_P1_CLIP, HW3_CACHE  as hw3_1.sh reads them (default: ViT-L/14 + ViT-L/14@336px, `<repo>/cache`)
 """
 from __future__ import annotations
 
@@ -403,7 +408,9 @@ def run_checks(args) -> list:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__[__doc__.index("Environment ("):])
     parser.add_argument("--repo", default=REPO_ROOT, help="repository to check (default: this one)")
     parser.add_argument("--checkpoint", help="P2 checkpoint (default: $HW3_P2_CKPT, else the cache)")
     parser.add_argument("--decoder-weights", help="the course's decoder_model.bin "

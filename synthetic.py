@@ -7,7 +7,7 @@ stand-in to show that the captioner learns. `make_dataset(root)` writes
     root/{train,val}.json             {"annotations": [{"caption", "image_id", "id"}],
                                        "images": [{"file_name", "id"}]}
 
-with the quirks of the real data (HW3_SPEC.md section 5): COCO-style names
+with the quirks of the course's data: COCO-style names
 (`000000060623.jpg`, id = the number) mixed with Flickr30k-style names
 (`2988244398.jpg`, captions like " a red circle on the left ."), lowercase
 captions, and a few grayscale or CMYK JPEGs. Every caption word is decided by
