@@ -54,7 +54,14 @@ from fpdf.fonts import FontFace  # noqa: E402
 from matplotlib import font_manager, ft2font  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from io_utils import InputError, atomic_output, check_output_path, reports_input_errors, warn  # noqa: E402
+from io_utils import (  # noqa: E402
+    InputError,
+    atomic_output,
+    check_output_path,
+    quiet_known_warnings,
+    reports_input_errors,
+    warn,
+)
 
 NOT_MEASURED = "not measured"
 TO_BE_WRITTEN = "(to be written after the results are in)"
@@ -607,6 +614,7 @@ def parse_checkpoint(value: str):
 
 @reports_input_errors
 def main(argv=None) -> None:
+    quiet_known_warnings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("The results folder"):])
     p.add_argument("--results", default="outputs", help="folder of the result files (default %(default)s)")

@@ -137,6 +137,7 @@ def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, 
 
 
 def main(argv=None) -> None:
+    io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write into (created; the Makefile's demo/)")
     parser.add_argument("--train", type=int, default=200, help="captioning training images (default %(default)s)")

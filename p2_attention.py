@@ -298,6 +298,7 @@ def parse_args(argv=None):
 
 @io_utils.reports_input_errors
 def main(argv=None) -> None:
+    io_utils.quiet_known_warnings()
     args = parse_args(argv)
     # Every cheap check before the model loads.
     stems = {}

@@ -434,6 +434,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    io_utils.quiet_known_warnings()
     results = run_checks(parse_args(argv))
     for result in results:
         first, *rest = result.message.splitlines() or [""]

@@ -173,3 +173,56 @@ def test_known_third_party_warnings_are_hidden_and_ours_are_not():
         for category, message, module in kept:
             warnings.warn_explicit(message, category, "x.py", 1, module=module)
         assert [str(w.message) for w in caught] == [message for _, message, _ in kept]
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory, tiny_gpt2, tiny_vit_file):
+    """A checkpoint of the tiny untrained captioner, two images and an annotation file for them."""
+    import json
+
+    import captioner
+    import synthetic
+    from conftest import TINY_VIT, TINY_VIT_KWARGS
+
+    root = tmp_path_factory.mktemp("quiet")
+    config = captioner.make_config("none", encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS,
+                                   generation=dict(beam_size=1, max_len=4))
+    model = captioner.Captioner(config, tiny_gpt2[0], tiny_vit_file)
+    captioner.mark_trainable(model, verbose=False)
+    captioner.save_checkpoint(model, str(root / "untrained.pt"))
+    images = root / "images"
+    paths = synthetic.make_report_images(str(images), size=32)[:2]
+    keys = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    annotation = {"images": [{"file_name": k + ".jpg", "id": i} for i, k in enumerate(keys)],
+                  "annotations": [{"caption": "a shape", "image_id": i, "id": i} for i in range(len(keys))]}
+    (root / "ann.json").write_text(json.dumps(annotation))
+    (root / "id2label.json").write_text(json.dumps({"0": "circle", "1": "maple_tree"}))
+    return dict(root=root, checkpoint=str(root / "untrained.pt"), images=str(images), keys=keys,
+                decoder=tiny_gpt2[0], vit=tiny_vit_file)
+
+
+def run_quietly(*args, env):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="", **env), timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    noise = [line for line in result.stderr.splitlines() if re.search(r"\w+Warning: ", line)]
+    assert noise == [], f"{args[0]} printed Python warnings when all is well"
+    return result
+
+
+def test_runs_are_quiet_when_all_is_well_and_keep_our_warnings(untrained, tiny_clip_file):
+    """timm (torch.jit.script), CLIP (pkg_resources, torch.jit.load): no third-party noise on stderr;
+    our own warnings still show."""
+    import json
+
+    root = untrained["root"]
+    run_quietly("p1_zeroshot.py", untrained["images"], root / "id2label.json", root / "p1.csv",
+                env={"HW3_P1_CLIP": tiny_clip_file})
+    run_quietly("p2_inference.py", untrained["images"], root / "pred.json", untrained["decoder"],
+                env={"HW3_P2_CKPT": untrained["checkpoint"], "HW3_P2_ENCODER_WEIGHTS": untrained["vit"]})
+    long = {key: "a shape " * 60 for key in untrained["keys"]}  # over CLIP's 77 tokens: our warning
+    (root / "long.json").write_text(json.dumps(long))
+    result = run_quietly("p2_evaluate.py", "--pred_file", root / "long.json", "--images_root", untrained["images"],
+                         "--annotation_file", root / "ann.json", "--clip-model", tiny_clip_file, "--no-cider",
+                         env={})
+    assert "warning: 2 caption(s) longer than CLIP's 77-token context were truncated" in result.stderr
