@@ -314,3 +314,41 @@ def test_captions_are_cut_to_clip_context():
     assert long.startswith(cut + " ") and clip_length(cut) <= 77 < clip_length(cut + " " + following)
     clip.tokenize(cut)
     assert 2 < clip_length(fit_clip_context("!?" * 100)) <= 77  # one long "word"
+
+
+def fit_one_step_at_a_time(text, context=CLIP_CONTEXT):
+    """The definition, and the old code: drop the last word, or the last character of a single word,
+    until the rest fits (each step re-tokenises the caption: quadratic in its length, or worse)."""
+    while clip_length(text) > context:
+        text = text.rsplit(" ", 1)[0] if " " in text else text[:-1]
+    return text
+
+
+def test_cutting_to_clip_context_agrees_with_dropping_one_step_at_a_time():
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz") + ["é", "猫", "!", "?", "7", "'s", "&amp;", "\n", "  "]
+    texts = ["", " ", " leading space", "trailing space ", "a  double  space", "x" * 150, "&amp;" * 60,
+             "a photo " + "猫" * 60, "word " * 80, " " + "q" * 200, "\u00c5ngstr\u00f6m " * 30]
+    for _ in range(60):
+        words = ["".join(rng.choice(alphabet, size=rng.integers(1, 12))) for _ in range(rng.integers(1, 40))]
+        texts.append(" ".join(words))
+        texts.append("".join(words))  # one long word
+    for text in texts:
+        assert fit_clip_context(text) == fit_one_step_at_a_time(text), repr(text)
+    assert fit_clip_context("a b c", 4) == fit_one_step_at_a_time("a b c", 4) == "a b"
+
+
+def test_cutting_a_long_caption_takes_time_linear_in_it():
+    """A 20,000-character single-word caption took 207 s in p2_evaluate.py (the old loop re-tokenised
+    it once per character dropped); 100,000 characters would have taken hours."""
+    import time
+
+    rng = np.random.default_rng(1)
+    fit_clip_context("warm up the tokenizer")
+    for text in ("".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=20_000)),
+                 "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=100_000)),
+                 " ".join(f"word{i}" for i in range(20_000)), "a" * 100_000 + " b"):
+        start = time.perf_counter()
+        cut = fit_clip_context(text)
+        assert time.perf_counter() - start < 5, len(text)
+        assert text.startswith(cut) and 60 < clip_length(cut) <= CLIP_CONTEXT
