@@ -122,6 +122,38 @@ def test_e2e_warns_about_skipped_files(e2e):
     assert "wrote 8 captions" in result.stderr
 
 
+def test_the_encoder_file_the_checkpoint_was_trained_with_is_found_and_its_absence_fails_at_once(
+        checkpoint, tiny_vit_file, decoder_weights, tmp_path):
+    """p2_train.py --encoder-weights FILE: hw3_2.sh finds FILE with no override and an empty cache; when
+    FILE is gone it fails in one line naming the fix (it used to retry the hub five times, 54 s)."""
+    import time
+
+    record = torch.load(checkpoint)["config"]["encoder"]["weights_file"]
+    assert record["path"] == os.path.abspath(tiny_vit_file)
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    env = {k: v for k, v in os.environ.items() if k not in OVERRIDES + ("HW3_P2_ENCODER_WEIGHTS", "HF_HUB_OFFLINE")}
+    env.update(HW3_P2_CKPT=checkpoint, HW3_CACHE=str(tmp_path / "empty_cache"), CUDA_VISIBLE_DEVICES="")
+
+    def hw3_2(out):
+        return subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), decoder_weights], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    result = hw3_2(tmp_path / "pred.json")
+    assert result.returncode == 0, result.stderr
+
+    moved = torch.load(checkpoint)
+    moved["config"]["encoder"]["weights_file"]["path"] = str(tmp_path / "gone" / "vit.pth")
+    torch.save(moved, tmp_path / "moved.pt")
+    env.update(HW3_P2_CKPT=str(tmp_path / "moved.pt"))
+    start = time.perf_counter()
+    result = hw3_2(tmp_path / "pred2.json")
+    assert result.returncode == 1 and time.perf_counter() - start < 30
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert "vit.pth" in lines[0] and "HW3_P2_ENCODER_WEIGHTS=FILE" in lines[0] and "hw3_download.sh" in lines[0]
+    assert not (tmp_path / "pred2.json").exists()
+
+
 def test_e2e_equals_direct_computation(e2e, checkpoint, tiny_vit_file, decoder_weights):
     folder, out, _ = e2e
     preds = json.loads(out.read_text(encoding="utf-8"))
