@@ -5,8 +5,10 @@
 
 Each check prints one line, PASS / FAIL / WARN / SKIP (with the reason), and
 the exit status is 1 when any check FAILs. The checks: the graders' script
-rules; no hard-coded absolute paths in the Python they run; the report PDF and
-the files tracked by git; the Problem 2 checkpoint (format, parameters < 35M);
+rules; no hard-coded absolute paths in the Python they run; the report PDF (a
+report build_report.py made with a gap left, such as "Student: name / ID" or a
+value "not measured", FAILs with the command that fills each) and the files
+tracked by git; the Problem 2 checkpoint (format, parameters < 35M);
 `bash hw3_1.sh` and `bash hw3_2.sh` on sample images with their outputs checked
 exactly; a test-set time estimate against the limits; Python 3.8 / torch 1.12.
 
@@ -41,11 +43,13 @@ from typing import NamedTuple
 import numpy as np
 
 import io_utils
+import report_record
 import script_rules
 import synthetic
 from io_utils import REPO_ROOT
 
 MAX_FILE_BYTES = 50 * 1000 * 1000  # the course's "GitHub's maximum capacity (50 MB)"
+MAX_GAPS_SHOWN = 12  # of an unfinished report's gaps
 DEFAULT_SAMPLES = 50
 
 
@@ -127,10 +131,22 @@ def tracked_files(repo: str):
 
 
 def check_report(repo: str) -> Result:
+    """A hw3_*.pdf at the root, named hw3_<studentID>.pdf, tracked, with no gap build_report.py recorded."""
     name = "report PDF"
     pdfs = sorted(f for f in os.listdir(repo) if re.fullmatch(r"hw3_.+\.pdf", f))
     if not pdfs:
         return Result("FAIL", name, "no hw3_<studentID>.pdf at the repository root")
+    problems = []
+    for pdf in pdfs:
+        gaps = report_record.read_gaps(os.path.join(repo, pdf)) or []
+        shown = [f"  {what}: {how}" for what, how in gaps[:MAX_GAPS_SHOWN]]
+        more = [f"  ... and {len(gaps) - MAX_GAPS_SHOWN} more (the report's last page lists them)"] \
+            if len(gaps) > MAX_GAPS_SHOWN else []
+        if gaps:
+            problems.append(f"{pdf} is not ready to hand in: {len(gaps)} gap(s), each with what fills it:")
+            problems += shown + more
+    if problems:
+        return Result("FAIL", name, "\n".join(problems))
     tracked = tracked_files(repo)
     untracked = [f for f in pdfs if tracked is not None and f not in tracked]
     found = ", ".join(pdfs)
