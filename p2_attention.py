@@ -258,6 +258,49 @@ def load_model(checkpoint: str, decoder_weights: str, encoder_weights: str | Non
     return model, BPETokenizer(), device
 
 
+# Where the notebook looks, in order: the course workflow's folders (the Makefile's DATA and OUT),
+# then the demo's, whose weights cache is its own: (data, results, cache) relative to the repository.
+LAYOUTS = (("hw3_data", "outputs", None),
+           (os.path.join("demo", "hw3_data"), os.path.join("demo", "outputs"), os.path.join("demo", "cache")))
+
+
+def notebook_inputs(root: str = io_utils.REPO_ROOT) -> dict:
+    """What p2_visualize.ipynb draws, found by itself: the data and results folders from $HW3_DATA
+    and $HW3_OUT when set, else the first layout of LAYOUTS (under `root`) that holds the decoder
+    weights; the checkpoint from $HW3_P2_CKPT, else the run the workflow chose (OUT/p2_ckpt_best.txt),
+    else the cache's. Returns {checkpoint, decoder_weights, encoder_weights, images (the p3_data
+    images), per_image (None before p2_evaluate.py wrote it), images_root, out_dir, cache (the
+    demo's weights cache, else None)}; InputError naming what is missing and how to point at it.
+    """
+    if os.environ.get("HW3_DATA") or os.environ.get("HW3_OUT"):
+        layouts = [(os.environ.get("HW3_DATA") or LAYOUTS[0][0], os.environ.get("HW3_OUT") or LAYOUTS[0][1], None)]
+    else:
+        layouts = LAYOUTS
+    found = [(os.path.join(root, d), os.path.join(root, o), c and os.path.join(root, c)) for d, o, c in layouts
+             if os.path.isfile(os.path.join(root, d, "p2_data", "decoder_model.bin"))]
+    if not found:
+        looked = " and ".join(os.path.join(root, d, "p2_data", "decoder_model.bin") for d, _, _ in layouts)
+        raise io_utils.InputError(f"no course data here: {looked} do not exist. Run `make data` (or `make demo`), "
+                                  "or set HW3_DATA to the folder holding p2_data/ and p3_data/ and HW3_OUT to "
+                                  "the results folder (build_report.py's --results)")
+    data, out, cache = found[0]
+    checkpoint = io_utils.p2_checkpoint(root)
+    best = os.path.join(out, "p2_ckpt_best.txt")
+    if checkpoint == io_utils.cache_dir(io_utils.P2_CHECKPOINT_NAME, repo=root) and os.path.isfile(best):
+        with open(best, encoding="utf-8") as f:  # $HW3_P2_CKPT unset: the workflow's choice
+            checkpoint = os.path.join(root, f.read().strip())
+    if not os.path.isfile(checkpoint):
+        raise io_utils.InputError(f"no checkpoint at {checkpoint!r}: set HW3_P2_CKPT, or run the workflow "
+                                  f"(`make report`), which names its choice in {best}")
+    p3 = os.path.join(data, "p3_data", "images")
+    images = sorted(os.path.join(p3, n) for n in os.listdir(p3)) if os.path.isdir(p3) else []
+    per_image = os.path.join(out, "p2_per_image.json")
+    return dict(checkpoint=checkpoint, decoder_weights=os.path.join(data, "p2_data", "decoder_model.bin"),
+                encoder_weights=os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None, images=images,
+                per_image=per_image if os.path.isfile(per_image) else None,
+                images_root=os.path.join(data, "p2_data", "images", "val"), out_dir=out, cache=cache)
+
+
 def _read_json_dict(path: str) -> dict:
     """The JSON object at path, or {} when there is none yet."""
     if not os.path.isfile(path):
@@ -296,55 +339,71 @@ def parse_args(argv=None):
     return args
 
 
+def image_stems(paths: list, per_image: str | None = None) -> dict:
+    """{stem: path} of the images to draw, each checked before any model loads: it exists, it decodes,
+    and no two share a record in attention.json (nor one the top1/last1 records of --per-image)."""
+    stems = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            raise io_utils.InputError(f"image {path!r} does not exist")
+        try:
+            io_utils.open_rgb(path)  # a broken image would otherwise fail after the model loads
+        # Pillow's plugins raise more than OSError on corrupt data (see io_utils.ReadableImages).
+        except Exception as error:  # noqa: BLE001
+            raise io_utils.InputError(f"image {path!r} cannot be decoded: {error}") from None
+        stem = io_utils.strip_extension(os.path.basename(path))
+        if stem in stems or (per_image and stem in EXTREMES):
+            raise io_utils.InputError(f"{path!r} and {stems.get(stem, per_image)!r} would both be "
+                                      f"recorded as {stem!r} in attention.json")
+        stems[stem] = path
+    if per_image:
+        read_per_image(per_image)
+    return stems
+
+
+def draw_figures(model, tokenizer, device, out_dir: str, stems: dict, per_image: str | None = None,
+                 images_root: str | None = None, beam_size: int | None = None) -> dict:
+    """Draw `stems` ({stem: image path}) and, with `per_image`, its top-1 and last-1 images into
+    `out_dir`, and record them in out_dir/attention.json (where build_report.py looks), keeping the
+    entries an earlier run wrote for other images. Returns this run's records, by stem / rank."""
+    json_path = os.path.join(out_dir, "attention.json")
+    results, drawn = _read_json_dict(json_path), {}
+    for stem, path in stems.items():
+        record = figure_for(path, os.path.join(out_dir, f"attention_{stem}.png"), model, tokenizer, device,
+                            beam_size)
+        drawn[stem] = {**record, "png": os.path.basename(record["png"])}
+        print(f"{stem}: {record['caption']}", file=sys.stderr)
+    if per_image:
+        for rank, record in extreme_figures(per_image, images_root, out_dir, model, tokenizer, device,
+                                            beam_size).items():
+            drawn[rank] = {**record, "png": os.path.basename(record["png"])}
+            print(f"{rank}: {record['key']} (CLIPScore {record['clip_score']:.4f}): {record['caption']}",
+                  file=sys.stderr)
+    results.update(drawn)
+    io_utils.atomic_write_text(json_path, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(drawn)} figures and {json_path}", file=sys.stderr)
+    return drawn
+
+
 @io_utils.reports_input_errors
 def main(argv=None) -> None:
     io_utils.quiet_known_warnings()
     args = parse_args(argv)
     # Every cheap check before the model loads.
-    stems = {}
-    for path in args.images:
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: image {path!r} does not exist")
-        try:
-            io_utils.open_rgb(path)  # a broken image would otherwise fail after the model loads
-        # Pillow's plugins raise more than OSError on corrupt data (see io_utils.ReadableImages).
-        except Exception as error:  # noqa: BLE001
-            raise SystemExit(f"error: image {path!r} cannot be decoded: {error}") from None
-        stem = io_utils.strip_extension(os.path.basename(path))
-        if stem in stems or (args.per_image and stem in EXTREMES):
-            raise SystemExit(f"error: {path!r} and {stems.get(stem, args.per_image)!r} would both be "
-                             f"recorded as {stem!r} in attention.json")
-        stems[stem] = path
-    if args.per_image:
-        read_per_image(args.per_image)
-    json_path = os.path.join(args.out_dir, "attention.json")
+    stems = image_stems(args.images, args.per_image)
     try:
-        io_utils.check_output_path(json_path)
+        io_utils.check_output_path(os.path.join(args.out_dir, "attention.json"))
     except io_utils.InputError as error:
         raise io_utils.InputError(f"--out-dir: {error}") from None
     if not os.path.isfile(args.decoder_weights):
-        raise SystemExit(f"error: decoder weights {args.decoder_weights!r} do not exist (the course's decoder_model.bin)")
+        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
+                                  "decoder_model.bin)")
     if args.checkpoint is None:
         args.checkpoint = io_utils.existing_p2_checkpoint()
-    results = _read_json_dict(json_path)
+    _read_json_dict(os.path.join(args.out_dir, "attention.json"))  # an earlier record that is no JSON object
 
     model, tokenizer, device = load_model(args.checkpoint, args.decoder_weights, args.encoder_weights)
-    for stem, path in stems.items():
-        record = figure_for(path, os.path.join(args.out_dir, f"attention_{stem}.png"), model, tokenizer, device,
-                            args.beam_size)
-        results[stem] = {**record, "png": os.path.basename(record["png"])}
-        print(f"{stem}: {record['caption']}", file=sys.stderr)
-    if args.per_image:
-        extremes = extreme_figures(args.per_image, args.images_root, args.out_dir, model, tokenizer, device,
-                                   args.beam_size)
-        for rank, record in extremes.items():
-            results[rank] = {**record, "png": os.path.basename(record["png"])}
-            print(f"{rank}: {record['key']} (CLIPScore {record['clip_score']:.4f}): {record['caption']}",
-                  file=sys.stderr)
-    io_utils.atomic_write_text(json_path, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {len(stems) + (2 if args.per_image else 0)} figures and {json_path} ({device.type})",
-          file=sys.stderr)
-
+    draw_figures(model, tokenizer, device, args.out_dir, stems, args.per_image, args.images_root, args.beam_size)
 
 if __name__ == "__main__":
     main()
