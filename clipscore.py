@@ -6,7 +6,8 @@ Used by p2_evaluate.py (the course's command line) and by p2_train.py
 (validation), so it lives here, under both. Unlike the course's script it
 cuts a caption longer than CLIP's 77-token context at a word boundary (with a warning) and
 takes images of any extension. fp16 on CUDA (as `clip.load` gives it), fp32 on
-the CPU.
+the CPU. Where the cache keeps an OpenAI CLIP model (`clip_weights_path`) is
+decided here too, for Problem 1's models as well.
 """
 from __future__ import annotations
 
