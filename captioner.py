@@ -33,6 +33,7 @@ from decoder import (
 from encoder import DEFAULT_ENCODER, ImageEncoder
 from io_utils import atomic_torch_save, check_finite, torch_load
 from tokenizer import EOT_ID
+from weights import assign_state, skip_init
 
 MAX_TRAINABLE = 35_000_000  # the course's limit, counted from the saved checkpoint
 CHECKPOINT_FORMAT = 1
@@ -106,16 +107,19 @@ def make_config(peft: str = "none", encoder: str = DEFAULT_ENCODER, encoder_kwar
 
 
 class Captioner(nn.Module):
-    """Image -> caption token ids. `decoder_weights=None` leaves GPT-2 random (tests, benchmarks)."""
+    """Image -> caption token ids. `decoder_weights=None` leaves GPT-2 random (tests, benchmarks).
+
+    The frozen weights are put in place on `device` (default: the CPU) as they are read.
+    """
 
     def __init__(self, config: dict, decoder_weights: str | None = None, encoder_weights: str | None = None,
-                 pretrained_encoder: bool = True):
+                 pretrained_encoder: bool = True, device=None):
         super().__init__()
         config = copy.deepcopy(config)
-        self.encoder = ImageEncoder(config["encoder"]["name"], weights=encoder_weights,
-                                    pretrained=pretrained_encoder, model_kwargs=config["encoder"].get("model_kwargs"),
+        self.encoder = ImageEncoder(config["encoder"]["name"], weights=encoder_weights, pretrained=pretrained_encoder,
+                                    model_kwargs=config["encoder"].get("model_kwargs"), device=device,
                                     recorded=config["encoder"].get("weights_file"))
-        gpt2 = load_gpt2_state(decoder_weights) if decoder_weights else None
+        gpt2 = load_gpt2_state(decoder_weights, check_values=False) if decoder_weights else None  # load_gpt2_into checks
         shape = infer_gpt2_shape(gpt2) if gpt2 is not None else {}
         decoder = config["decoder"]
         for key, value in shape.items():
@@ -128,7 +132,7 @@ class Captioner(nn.Module):
         self.config = config
         self.decoder = Decoder(DecoderConfig(**config["decoder"]))
         if gpt2 is not None:
-            load_gpt2_into(self.decoder, gpt2)
+            load_gpt2_into(self.decoder, gpt2, str(decoder_weights), device)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> image tokens [B, S, encoder width]"""
@@ -145,10 +149,27 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, feats: torch.Tensor, beam_size: int | None = None, max_len: int | None = None,
-                 length_penalty: float | None = None) -> list:
-        """Caption token ids (without <|endoftext|>) per image; defaults from the config."""
+                 length_penalty: float | None = None, cuda_graph: bool = False) -> list:
+        """Caption token ids (without <|endoftext|>) per image; defaults from the config.
+        `cuda_graph`: replay each search step as a CUDA graph (`Decoder.beam_search`)."""
         gen = self.generation(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
-        return self.decoder.beam_search(feats, gen["beam_size"], gen["max_len"], EOT_ID, gen["length_penalty"])
+        return self.decoder.beam_search(feats, gen["beam_size"], gen["max_len"], EOT_ID, gen["length_penalty"],
+                                        cuda_graph=cuda_graph)
+
+    def decoding_bytes(self, generation: dict, element_bytes: int) -> int:
+        """Memory one image takes while its captions are decoded with `generation`, activations
+        stored in `element_bytes` (2 under fp16 autocast): its image tokens and their per-block
+        cross-attention keys and values, the K beams' key/value cache for max_len positions
+        (and one block's reordering copy), and a step's logits [K, V] in fp16 and three fp32
+        forms (float, log-softmax, scores)."""
+        cfg = self.decoder.cfg
+        S = self.encoder.grid[0] * self.encoder.grid[1] + self.encoder.prefix_tokens
+        K, T = generation["beam_size"], generation["max_len"]
+        cross = sum(cfg.has_cross(i) for i in range(cfg.n_layer))
+        image = S * (self.encoder.width + cfg.n_embd * (2 * cross + 1)) * element_bytes
+        cache = K * T * cfg.n_embd * 2 * (cfg.n_layer + 1) * element_bytes
+        logits = K * cfg.vocab_size * (element_bytes + 3 * 4)
+        return image + cache + logits
 
     @torch.no_grad()
     def cross_attention(self, feats: torch.Tensor, tokens: list) -> torch.Tensor:
@@ -159,7 +180,7 @@ class Captioner(nn.Module):
         pass is exactly its attention while generating token i + 1.
         """
         idx = torch.tensor([[EOT_ID, *tokens, EOT_ID]], device=feats.device)
-        _, _, att = self.decoder(idx, self.decoder.memory(feats[:1]))  # [1, H, T, S]
+        _, att = self.decoder(idx, self.decoder.memory(feats[:1]))  # [1, H, T, S]
         att = att[0].mean(0)[:, self.encoder.prefix_tokens:]  # [T, patches]
         rows, cols = self.encoder.grid
         return att.reshape(att.size(0), rows, cols)
@@ -260,11 +281,16 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_checkpoint(path: str, decoder_weights: str | None, encoder_weights: str | None = None,
-                    pretrained_encoder: bool = True) -> Captioner:
-    """Rebuild the captioner from a checkpoint; the saved tensors must be exactly the trainable
-    parameters, name for name and shape for shape."""
+                    pretrained_encoder: bool = True, device="cpu") -> Captioner:
+    """Rebuild the captioner from a checkpoint on `device`; the saved tensors must be exactly the
+    trainable parameters, name for name and shape for shape.
+
+    With GPT-2's weights every decoder tensor comes from a file (GPT-2's, or the checkpoint's
+    for every new one: checked below), so the decoder is built without initialisation.
+    """
     checkpoint = read_checkpoint(path)
-    model = Captioner(checkpoint["config"], decoder_weights, encoder_weights, pretrained_encoder)
+    with skip_init(decoder_weights is not None):
+        model = Captioner(checkpoint["config"], decoder_weights, encoder_weights, pretrained_encoder, device)
     mark_trainable(model, verbose=False)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     state = checkpoint["state_dict"]
@@ -276,8 +302,7 @@ def load_checkpoint(path: str, decoder_weights: str | None, encoder_weights: str
              for k, v in sorted(state.items()) if v.shape != trainable[k].shape]
     if wrong:
         raise ValueError(f"{path}: saved tensors of another shape than its config builds: {wrong[:5]}")
-    with torch.no_grad():  # names and shapes match one to one: nothing is left to a strict=False load
-        for name, tensor in state.items():
-            trainable[name].copy_(tensor)
+    # names and shapes match one to one: nothing is left to a strict=False load
+    assign_state(model, state, path, device)
     model.requires_grad_(False)
-    return model.eval()
+    return model.to(device).eval()

@@ -31,9 +31,16 @@ A part a config leaves out is a module that passes the stream through
 key/value cache, a layer's prefix). What trains is decided by
 `parameter_group` alone, by parameter name.
 
+Decoding keeps each block's keys and values in a `KVCache` preallocated for
+the whole caption and written in place, and a beam search step is a fixed
+sequence of tensor operations with no host synchronisation (`BeamSearch`), so
+that on CUDA the step can be captured once as a CUDA graph and replayed
+(`Decoder.beam_search(..., cuda_graph=True)`), which removes the Python and
+kernel-launch overhead that otherwise dominates decoding.
+
 Shapes: B images, K beams per image, N = B * K sequences, T caption tokens,
 S image tokens, P prefix tokens, C width, H heads, D = C / H head width,
-V vocabulary, L layers.
+V vocabulary, L layers (LC cached positions).
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from io_utils import check_finite, torch_load
+from weights import assign_state
 
 # GPT-2 stores these four as Conv1D, weight (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -209,8 +217,40 @@ def sample_next(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, genera
     return ids.gather(-1, choice).squeeze(1)
 
 
+class KVCache:
+    """Self-attention keys and values of N sequences for `length` positions, one [2, N, H, LC, D]
+    tensor per block (keys, values), zeros until written.
+
+    Decoding writes each new position in place and reorders the rows in place when beams
+    change parents, so the tensors never move: what a captured CUDA graph needs. A block's
+    tensor is allocated at its first write, in the dtype of what is written (fp16 under
+    autocast). Positions not yet written hold zeros or an old row's values; attention masks
+    them (a zero weight times a finite value adds nothing).
+    """
+
+    def __init__(self, n_layer: int, length: int):
+        self.length = length
+        self.layers = [None] * n_layer
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple:
+        """k, v [N, H, T, D] at positions pos [T] -> every position's keys and values, [N, H, LC, D] each"""
+        if self.layers[layer] is None:
+            N, H, _, D = k.shape
+            self.layers[layer] = k.new_zeros(2, N, H, self.length, D)
+        kv = self.layers[layer]
+        kv[0].index_copy_(2, pos, k)
+        kv[1].index_copy_(2, pos, v)
+        return kv[0], kv[1]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row n becomes old row rows[n] (beam search's parents), in place."""
+        for kv in self.layers:
+            if kv is not None:
+                kv.copy_(kv.index_select(1, rows))
+
+
 class SelfAttention(nn.Module):
-    """GPT-2's causal self-attention, with a key/value cache and an optional prefix."""
+    """GPT-2's causal self-attention, with an optional key/value cache and prefix."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -219,27 +259,30 @@ class SelfAttention(nn.Module):
         self.c_attn = gpt2_linear(cfg, "attn.c_attn", C, 3 * C)
         self.c_proj = gpt2_linear(cfg, "attn.c_proj", C, C)
 
-    def forward(self, x, past=None, prefix=None):
-        """x [N, T, C]; past (k, v) [N, H, t, D] or None; prefix [2, P, C] (keys, values) or None.
-        Returns y [N, T, C] and the cache (k, v) [N, H, t + T, D]."""
+    def forward(self, x, pos, cache=None, prefix=None):
+        """x [N, T, C] at positions pos [T]; cache (KVCache, block index) or None; prefix [2, P, C]
+        (keys, values) or None. Returns y [N, T, C].
+
+        Without a cache the keys are x's own; with one, x's keys are written at pos and every
+        cached position is a key. Either way query i sees the keys at positions <= pos[i].
+        """
         N, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (_heads(z, self.n_head) for z in (q, k, v))  # [N, H, T, D]
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # [N, H, t + T, D]
-            v = torch.cat([past[1], v], dim=2)
+        key_pos = pos
+        if cache is not None:
+            kv, layer = cache
+            k, v = kv.write(layer, k, v, pos)  # [N, H, LC, D]
+            key_pos = torch.arange(kv.length, device=x.device)
         scale = 1.0 / math.sqrt(q.size(-1))
-        att = (q @ k.transpose(-2, -1)) * scale  # [N, H, T, t + T]
-        # query i sits at absolute position t + i and sees keys 0 .. t + i
-        keys = k.size(2)  # t + T
-        causal = torch.arange(keys - T, keys, device=x.device)[:, None] >= torch.arange(keys, device=x.device)
-        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        att = (q @ k.transpose(-2, -1)) * scale  # [N, H, T, keys]
+        att = att.masked_fill(key_pos[None, :] > pos[:, None], float("-inf")).softmax(dim=-1)
         y = att.to(v.dtype) @ v  # [N, H, T, D]
         if prefix is not None:
             pk, pv = (z.view(1, -1, self.n_head, C // self.n_head).transpose(1, 2) for z in prefix)  # [1, H, P, D]
             patt = ((q @ pk.transpose(-2, -1).to(q.dtype)) * scale).softmax(dim=-1)  # [N, H, T, P]
             y = y + patt.to(y.dtype) @ pv.to(y.dtype)
-        return self.c_proj(_merge_heads(y)), (k, v)
+        return self.c_proj(_merge_heads(y))
 
 
 class CrossAttention(nn.Module):
@@ -317,12 +360,11 @@ class Block(nn.Module):
         self.adapter_attn = Adapter(C, cfg.adapter_dim) if cfg.has_adapter(layer, "attn") else nn.Identity()
         self.adapter_mlp = Adapter(C, cfg.adapter_dim) if cfg.has_adapter(layer, "mlp") else nn.Identity()
 
-    def forward(self, x, memory=None, past=None, prefix=None):
-        h, present = self.attn(self.ln_1(x), past, prefix)
-        x = x + self.adapter_attn(h)
+    def forward(self, x, pos, memory=None, cache=None, prefix=None):
+        x = x + self.adapter_attn(self.attn(self.ln_1(x), pos, cache, prefix))
         x, att = self.cross(x, memory)
         x = x + self.adapter_mlp(self.mlp(self.ln_2(x)))
-        return x, present, att
+        return x, att
 
 
 class Prefix(nn.Module):
@@ -388,39 +430,30 @@ class Decoder(nn.Module):
         img = self.visual_proj(feats)  # [B, S, C]
         return [block.cross.memory(img) for block in self.h]
 
-    def forward(self, idx, memory, past=None):
-        """idx [N, T] token ids; memory from `memory()`; past: per-block self-attention cache or None.
+    def forward(self, idx, memory, cache=None, start=0):
+        """idx [N, T] token ids at positions start .. start + T - 1; memory from `memory()`;
+        cache a KVCache (decoding) or None; start an int or a 0-dim tensor on idx's device
+        (a captured step reads it from the device).
 
-        Returns logits [N, T, V], the new cache, and the last cross-attention
-        block's attention [N, H, T, S] (None without cross-attention).
+        Returns logits [N, T, V] and the last cross-attention block's attention
+        [N, H, T, S] (None without cross-attention).
         """
         N, T = idx.shape
-        start = 0 if past is None else past[0][0].size(2)
-        if start + T > self.cfg.n_ctx:
-            raise ValueError(f"sequence of {start + T} tokens exceeds GPT-2's context of {self.cfg.n_ctx}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        limit = self.cfg.n_ctx if cache is None else min(cache.length, self.cfg.n_ctx)
+        if not torch.is_tensor(start) and start + T > limit:
+            raise ValueError(f"sequence of {start + T} tokens exceeds GPT-2's context of {self.cfg.n_ctx}"
+                             if limit == self.cfg.n_ctx else f"position {start + T - 1} is past the cache's {limit}")
+        pos = torch.arange(T, device=idx.device) + start  # [T]
         x = self.wte(idx) + self.wpe(pos)  # [N, T, C]
         prefixes = self.prefix()  # [L, 2, P, C]: per layer (keys, values), or L times None
-        presents, last_att = [], None
+        last_att = None
         for i, block in enumerate(self.h):
-            x, present, att = block(x, memory[i], None if past is None else past[i], prefixes[i])
-            presents.append(present)
+            x, att = block(x, pos, memory[i], None if cache is None else (cache, i), prefixes[i])
             last_att = att if att is not None else last_att
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head, [N, T, V]
-        return logits, presents, last_att
+        return logits, last_att
 
     # -- decoding -------------------------------------------------------------
-
-    def _beams_start(self, feats, K: int, eot: int) -> tuple:
-        """What a beam search over K beams per image starts from: the image tokens (shared by an
-        image's beams), scores [B, K] with one live beam per image (the K start identical), the
-        empty sequences [B * K, 0] and the first input token."""
-        B, dev = feats.size(0), feats.device
-        scores = torch.full((B, K), float("-inf"), device=dev)
-        scores[:, 0] = 0.0
-        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
-        token = torch.full((B * K, 1), eot, dtype=torch.long, device=dev)
-        return self.memory(feats), scores, seqs, token
 
     @staticmethod
     def _until_eot(rows: list, eot: int) -> list:
@@ -439,11 +472,12 @@ class Decoder(nn.Module):
         B, dev = feats.size(0), feats.device
         N = B * n
         memory = self.memory(feats)  # [B, H, S, D] per block, shared by the n samples of each image
+        cache = KVCache(self.cfg.n_layer, max_len)
         token = torch.full((N, 1), eot, dtype=torch.long, device=dev)
         alive = torch.ones(N, dtype=torch.bool, device=dev)
-        out, past = [], None
+        out = []
         for t in range(max_len):
-            logits, past, _ = self(token, memory, past)
+            logits, _ = self(token, memory, cache, t)
             logits = logits[:, -1].float() / temperature  # [N, V]
             if t == 0:
                 logits[:, eot] = float("-inf")  # a caption has at least one token
@@ -466,12 +500,16 @@ class Decoder(nn.Module):
         so the K beams at the end are the K likeliest captions the search kept, ended or not.
         """
         B, K, dev = feats.size(0), beam_size, feats.device
-        memory, scores, seqs, token = self._beams_start(feats, K, eot)
+        memory = self.memory(feats)
+        cache = KVCache(self.cfg.n_layer, max_len)
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # one live beam per image: the K start identical
+        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
+        token = torch.full((B * K, 1), eot, dtype=torch.long, device=dev)
         rows = torch.arange(B, device=dev).unsqueeze(1)
         alive = torch.ones(B * K, dtype=torch.bool, device=dev)
-        past = None
         for t in range(max_len):
-            logits, past, _ = self(token, memory, past)
+            logits, _ = self(token, memory, cache, t)
             logp = logits[:, -1].float().log_softmax(-1)  # [N, V]
             if t == 0:
                 logp[:, eot] = float("-inf")
@@ -484,74 +522,163 @@ class Decoder(nn.Module):
             scores = top
             alive = alive[parent] & (token.squeeze(1) != eot)
             seqs = torch.cat([seqs[parent], token], dim=1)
-            past = [(k[parent], v[parent]) for k, v in past]
+            cache.reorder(parent)
             if not alive.any():
                 break
         return self._until_eot(seqs.tolist(), eot)
 
     @torch.no_grad()
-    def beam_search(self, feats, beam_size: int, max_len: int, eot: int, length_penalty: float = 0.0) -> list:
-        """Batched beam search with the key/value cache; captions as token lists.
+    def beam_search(self, feats, beam_size: int, max_len: int, eot: int, length_penalty: float = 0.0,
+                    cuda_graph: bool = False) -> list:
+        """Batched beam search with the key/value cache; captions as token lists (`BeamSearch`
+        says how hypotheses end and are scored). With beam_size 1 this is greedy decoding,
+        token for token (the only greedy decoder here).
 
-        A hypothesis ends when <|endoftext|> ranks among the top `beam_size`
-        candidates of its image (as in HuggingFace's beam search); it is
-        scored by its summed log-probability / (tokens + 1) ** length_penalty.
-        An image is done once `beam_size` hypotheses have ended, or when no
-        live beam can beat its best ended one any more (log-probabilities only
-        fall, so a live beam's bound is its score / max_len ** length_penalty).
-        With beam_size 1 this is greedy decoding, token for token (the only greedy decoder here).
+        cuda_graph=True on CUDA captures one search step as a CUDA graph per batch shape and
+        replays it: the same operations, so the same captions, without the host's per-step
+        overhead. It needs a frozen decoder (no parameter requiring grad: autocast then keeps
+        no cached weight casts that a graph could capture) and is ignored elsewhere.
         """
         if length_penalty < 0:
             raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
-        B, K, dev = feats.size(0), beam_size, feats.device
-        memory, scores, seqs, token = self._beams_start(feats, K, eot)  # seqs [N, t]
-        rows = torch.arange(B, device=dev)
-        ended = torch.zeros(B, dtype=torch.long, device=dev)
-        best = torch.full((B,), float("-inf"), device=dev)
-        best_seq = torch.zeros(B, max_len, dtype=torch.long, device=dev)
-        best_len = torch.zeros(B, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        rank = torch.arange(2 * K, device=dev)
-        past = None
-        for t in range(max_len):
-            logits, past, _ = self(token, memory, past)
-            logp = logits[:, -1].float().log_softmax(-1)  # [N, V]
-            if t == 0:
-                logp[:, eot] = float("-inf")
-            V = logp.size(-1)
-            cand = (scores.view(B * K, 1) + logp).view(B, K * V)
-            top, idx = cand.topk(2 * K, dim=1)  # [B, 2K]
-            beam, tok = torch.div(idx, V, rounding_mode="floor"), idx % V  # tensor // warns on torch 1.12
-            is_eot = tok == eot
-            # ended hypotheses: <|endoftext|> among the top K candidates
-            new = is_eot & (rank < K) & ~done.unsqueeze(1)
-            normed = torch.where(new, top / float(t + 1) ** length_penalty, torch.full_like(top, float("-inf")))
-            cand_best, arg = normed.max(1)  # [B]
-            better = cand_best > best
-            if better.any():
-                src = seqs.view(B, K, t)[rows, beam.gather(1, arg.unsqueeze(1)).squeeze(1)]  # [B, t]
-                best_seq[better, :t] = src[better]
-                best_len[better] = t
-                best = torch.where(better, cand_best, best)
-            ended += new.sum(1)
-            # live beams: the best K candidates that do not end
-            order = (is_eot.long() * 2 * K + rank).argsort(dim=1)[:, :K]  # [B, K]
-            scores = top.gather(1, order)
-            parent = (rows.unsqueeze(1) * K + beam.gather(1, order)).view(-1)  # [N]
-            token = tok.gather(1, order).view(-1, 1)
-            seqs = torch.cat([seqs[parent], token], dim=1)
-            past = [(k[parent], v[parent]) for k, v in past]
-            bound = scores.max(1).values / float(max_len) ** length_penalty
-            done |= (ended >= K) | (best >= bound)
-            if done.all():
+        if not (cuda_graph and feats.is_cuda and not any(p.requires_grad for p in self.parameters())):
+            return BeamSearch(self, feats, beam_size, max_len, eot, length_penalty).run()
+        key = (tuple(feats.shape), feats.dtype, beam_size, max_len, float(length_penalty), eot,
+               torch.is_autocast_enabled())
+        cached = getattr(self, "_graph_search", None)
+        if cached is not None and cached[0] == key:
+            search = cached[1]
+            search.restart(feats)
+        else:
+            self._graph_search = None  # one captured search at a time: free the last one's memory first
+            search = BeamSearch(self, feats, beam_size, max_len, eot, length_penalty)
+            search.capture()
+            self._graph_search = (key, search)
+        return search.run()
+
+
+class BeamSearch:
+    """One batched beam search over B images with K beams each, as fixed-shape tensor operations.
+
+    A hypothesis ends when <|endoftext|> ranks among the top K candidates of its image (as in
+    HuggingFace's beam search); it is scored by its summed log-probability / (tokens + 1) **
+    length_penalty. An image is done once K hypotheses have ended, or when no live beam can
+    beat its best ended one any more (log-probabilities only fall, so a live beam's bound is its
+    score / max_len ** length_penalty). At max_len the live beams end without <|endoftext|>.
+
+    `step()` reads and writes only this object's tensors, in place, the position included
+    (`t`, on the device): no host synchronisation and no tensor that moves, so on CUDA it can be
+    captured as a graph (`capture`) and replayed. `run()` steps until every image is done.
+    """
+
+    def __init__(self, decoder: Decoder, feats: torch.Tensor, beam_size: int, max_len: int, eot: int,
+                 length_penalty: float):
+        self.decoder = decoder
+        self.memory = decoder.memory(feats)  # [B, H, S, D] per block, shared by an image's beams
+        self.B, self.K, self.max_len, self.eot, self.lp = feats.size(0), beam_size, max_len, eot, float(length_penalty)
+        B, K, dev = self.B, self.K, feats.device
+        self.cache = KVCache(decoder.cfg.n_layer, max_len)
+        self.rows = torch.arange(B, device=dev)
+        self.rank = torch.arange(2 * K, device=dev)
+        self.t = torch.zeros((), dtype=torch.long, device=dev)  # the step, 0-based
+        self.scores = torch.empty(B, K, device=dev)
+        self.seqs = torch.empty(B * K, max_len, dtype=torch.long, device=dev)
+        self.token = torch.empty(B * K, 1, dtype=torch.long, device=dev)
+        self.ended = torch.empty(B, dtype=torch.long, device=dev)
+        self.best = torch.empty(B, device=dev)
+        self.best_seq = torch.empty(B, max_len, dtype=torch.long, device=dev)
+        self.best_len = torch.empty(B, dtype=torch.long, device=dev)
+        self.done = torch.empty(B, dtype=torch.bool, device=dev)
+        self.graph = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """The start: one live beam per image (the K start identical), nothing ended."""
+        self.t.zero_()
+        self.scores.fill_(float("-inf"))
+        self.scores[:, 0] = 0.0
+        self.seqs.zero_()
+        self.token.fill_(self.eot)
+        self.ended.zero_()
+        self.best.fill_(float("-inf"))
+        self.best_seq.zero_()
+        self.best_len.zero_()
+        self.done.zero_()
+
+    def restart(self, feats: torch.Tensor) -> None:
+        """Another batch of the same shape: its image tokens copied into this search's (a captured
+        graph reads these tensors), the state back at the start."""
+        for mine, new in zip(self.memory, self.decoder.memory(feats)):
+            if mine is not None:
+                mine[0].copy_(new[0])
+                mine[1].copy_(new[1])
+        self._reset()
+
+    def step(self) -> None:
+        B, K, eot, t = self.B, self.K, self.eot, self.t
+        logits, _ = self.decoder(self.token, self.memory, self.cache, t)
+        logp = logits[:, -1].float().log_softmax(-1)  # [N, V]
+        logp[:, eot].masked_fill_(t == 0, float("-inf"))  # a caption has at least one token
+        V = logp.size(-1)
+        top, idx = (self.scores.view(B * K, 1) + logp).view(B, K * V).topk(2 * K, dim=1)  # [B, 2K]
+        beam, tok = torch.div(idx, V, rounding_mode="floor"), idx % V  # tensor // warns on torch 1.12
+        is_eot = tok == eot
+        # ended hypotheses: <|endoftext|> among the top K candidates
+        new = is_eot & (self.rank < K) & ~self.done.unsqueeze(1)
+        normed = torch.where(new, top / (t + 1).float() ** self.lp, torch.full_like(top, float("-inf")))
+        cand_best, arg = normed.max(1)  # [B]
+        better = cand_best > self.best
+        src = self.seqs.view(B, K, self.max_len)[self.rows, beam.gather(1, arg.unsqueeze(1)).squeeze(1)]  # [B, LC]
+        self.best_seq.copy_(torch.where(better.unsqueeze(1), src, self.best_seq))  # positions >= t hold zeros
+        self.best_len.copy_(torch.where(better, t, self.best_len))
+        self.best.copy_(torch.where(better, cand_best, self.best))
+        self.ended.add_(new.sum(1))
+        # live beams: the best K candidates that do not end
+        order = (is_eot.long() * 2 * K + self.rank).argsort(dim=1)[:, :K]  # [B, K]
+        self.scores.copy_(top.gather(1, order))
+        parent = (self.rows.unsqueeze(1) * K + beam.gather(1, order)).view(-1)  # [N]
+        self.token.copy_(tok.gather(1, order).view(-1, 1))
+        self.seqs.copy_(self.seqs.index_select(0, parent))
+        self.seqs.index_copy_(1, t.view(1), self.token)
+        self.cache.reorder(parent)
+        bound = self.scores.max(1).values / float(self.max_len) ** self.lp
+        self.done.logical_or_(self.ended >= K).logical_or_(self.best >= bound)
+        t.add_(1)
+
+    def capture(self) -> None:
+        """Record `step` as a CUDA graph: run twice on a side stream first (lazy allocations,
+        library workspaces), then back to the start and capture (capturing runs nothing)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        self.graph = graph
+
+    def run(self) -> list:
+        """Step until every image is done or max_len is reached; the captions as token lists."""
+        for _ in range(self.max_len):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            if bool(self.done.all()):
                 break
         else:
             # max_len reached: live beams end here without <|endoftext|>
-            live, arg = (scores / float(max_len) ** length_penalty).max(1)
-            better = ~done & (live > best)
-            best_seq[better] = seqs.view(B, K, max_len)[rows, arg][better]
-            best_len[better] = max_len
-        return [best_seq[b, :best_len[b]].tolist() for b in range(B)]
+            B, K = self.B, self.K
+            live, arg = (self.scores / float(self.max_len) ** self.lp).max(1)
+            better = ~self.done & (live > self.best)
+            last = self.seqs.view(B, K, self.max_len)[self.rows, arg]  # [B, LC]
+            self.best_seq.copy_(torch.where(better.unsqueeze(1), last, self.best_seq))
+            self.best_len.copy_(torch.where(better, torch.full_like(self.best_len, self.max_len), self.best_len))
+        seqs, lengths = self.best_seq.tolist(), self.best_len.tolist()
+        return [row[:n] for row, n in zip(seqs, lengths)]
 
 
 # -- loading GPT-2 --------------------------------------------------------------
@@ -602,14 +729,15 @@ def _describe_non_tensors(state) -> str:
     return f"a dict whose values are not all tensors ({shown})"
 
 
-def load_gpt2_state(path: str) -> dict:
+def load_gpt2_state(path: str, check_values: bool = True) -> dict:
     """The course's decoder_model.bin as tensors in this module's layout.
 
     Checks what the course's template never does: every key is a GPT-2 key,
-    nothing is missing, every shape fits, every value is finite, and the four
-    Conv1D weights are transposed for nn.Linear.
+    nothing is missing, every shape fits, every value is finite (unless
+    `check_values` is False: the caller checks them where they end up), and the
+    four Conv1D weights are transposed for nn.Linear.
     """
-    state = torch_load(path)
+    state = torch_load(path, mmap=True)  # guarded in torch_load
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} holds {_describe_non_tensors(state)}; expected the course's decoder_model.bin, "
                          "a flat dict of GPT-2 tensors (wte.weight, wpe.weight, h.N.*, ln_f.*)")
@@ -620,7 +748,8 @@ def load_gpt2_state(path: str) -> dict:
     if missing or unexpected:
         raise ValueError(f"{path} is not the course's GPT-2 layout: missing {missing[:8]} "
                          f"({len(missing)} in all), unexpected {unexpected[:8]} ({len(unexpected)} in all)")
-    check_finite(state, path)
+    if check_values:
+        check_finite(state, path)
     out = {}
     for key, tensor in state.items():
         if key.endswith(CONV1D_WEIGHTS):
@@ -639,10 +768,11 @@ def gpt2_course_state(state: dict) -> dict:
             for k, v in state.items() if parameter_group(k) is None}
 
 
-def load_gpt2_into(decoder: Decoder, state: dict) -> None:
-    """Copy GPT-2's tensors into `decoder`; every other parameter must be a new (trainable) one."""
-    missing, unexpected = decoder.load_state_dict(state, strict=False)
+def load_gpt2_into(decoder: Decoder, state: dict, source: str = "GPT-2 weights", device=None) -> None:
+    """Put GPT-2's tensors into `decoder` (on `device`); every parameter left out must be a new
+    (trainable) one, which the caller initialises or loads."""
+    missing = assign_state(decoder, state, source, device)
     not_new = [k for k in missing if parameter_group(k) is None]
-    if unexpected or not_new:
-        raise RuntimeError(f"GPT-2 weights do not fit the decoder: unexpected {unexpected[:8]}, "
-                           f"missing non-PEFT {not_new[:8]}")
+    if not_new:
+        raise ValueError(f"{source} does not fit the decoder: {len(not_new)} GPT-2 tensors missing, e.g. {not_new[:3]}")
+    check_finite({k: v for k, v in decoder.state_dict().items() if k in state}, source)  # on a GPU: free

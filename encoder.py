@@ -13,7 +13,9 @@ or timm's own download (announced on stderr, refused under HF_HUB_OFFLINE=1
 and for a checkpoint trained from a file, whose weights the hub may not have:
 those fail at once, saying how to supply the file). Loading is checked:
 every encoder tensor must be found in the file; only the classifier head,
-which the captioner drops, may be left over.
+which the captioner drops, may be left over. With weights, the ViT is built
+without its random initialisation (`weights.skip_init`) and the file's tensors
+are put in place on the target device (`weights.assign_state`).
 
 The encoder brings its own preprocessing (timm's data config) and width.
 """
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from io_utils import atomic_torch_save, cache_dir, check_finite, torch_load
+from weights import assign_state, skip_init
 
 DEFAULT_ENCODER = "vit_large_patch14_clip_quickgelu_224.openai"
 
@@ -106,9 +109,10 @@ def find_weights(name: str, weights: str | None = None, recorded: dict | None = 
     return None
 
 
-def read_state_dict(path: str) -> dict:
+def read_state_dict(path: str, check: bool = True) -> dict:
     """Tensors from a .pth/.bin/.safetensors file, unwrapping {'state_dict': ...} style containers;
-    ValueError naming any tensor that holds NaN or inf."""
+    ValueError naming any tensor that holds NaN or inf (unless `check` is False: the caller checks
+    them where they end up, e.g. on the GPU, where that pass costs nothing)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"encoder weights file {path!r} does not exist")
     if path.endswith(".safetensors"):
@@ -116,13 +120,14 @@ def read_state_dict(path: str) -> dict:
 
         state = load_file(path)
     else:
-        state = torch_load(path)
+        state = torch_load(path, mmap=True)  # guarded in torch_load
         for key in ("state_dict", "model", "state"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    check_finite(state, path)
+    if check:
+        check_finite(state, path)
     return state
 
 
@@ -135,7 +140,7 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, name: str = DEFAULT_ENCODER, weights: str | None = None, pretrained: bool = True,
-                 model_kwargs: dict | None = None, recorded: dict | None = None):
+                 model_kwargs: dict | None = None, device=None, recorded: dict | None = None):
         super().__init__()
         import timm
 
@@ -145,7 +150,7 @@ class ImageEncoder(nn.Module):
         found = find_weights(name, weights, recorded) if pretrained and timm.is_model(name) else None
         self.named_file = found if found is not None and found != cached_weights_path(name) else None
         try:
-            self.vit = timm.create_model(name, pretrained=False, num_classes=0, **self.model_kwargs)
+            self.vit = _create_vit(name, self.model_kwargs, initialise=not pretrained)
         except RuntimeError as error:  # timm's "Unknown model"
             raise ValueError(f"encoder {name!r} is not a timm model ({error}); "
                              f"e.g. {DEFAULT_ENCODER!r}") from error
@@ -154,7 +159,7 @@ class ImageEncoder(nn.Module):
         self.weights = None
         if pretrained:
             self.weights = found or download_weights(name)
-            self._load(self.weights)
+            self._load(self.weights, device)
         self.requires_grad_(False)
         self.vit.eval()
 
@@ -164,16 +169,17 @@ class ImageEncoder(nn.Module):
         self.data_config = data
         self.transform = timm.data.create_transform(**data)
 
-    def _load(self, path: str) -> None:
+    def _load(self, path: str, device=None) -> None:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         # converts OpenAI / open_clip layouts and resamples position embeddings when needed
-        state = checkpoint_filter_fn(read_state_dict(path), self.vit)
-        missing, unexpected = self.vit.load_state_dict(state, strict=False)
-        unexpected = [k for k in unexpected if not k.startswith("head.")]  # the classifier we drop
-        if missing or unexpected:
-            raise ValueError(f"encoder weights {path!r} do not fit {self.name!r}: missing {missing[:8]} "
-                             f"({len(missing)} in all), unexpected {unexpected[:8]} ({len(unexpected)} in all)")
+        state = checkpoint_filter_fn(read_state_dict(path, check=False), self.vit)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier we drop
+        missing = assign_state(self.vit, state, f"encoder weights {path!r} for {self.name!r}", device)
+        if missing:  # built without initialisation: a tensor the file lacks would be garbage
+            raise ValueError(f"encoder weights {path!r} do not fit {self.name!r}: {len(missing)} of its tensors "
+                             f"are not in the file, e.g. {missing[:3]}")
+        check_finite(self.vit.state_dict(), path)  # where the tensors now are: on a GPU this pass is free
 
     @property
     def width(self) -> int:
@@ -211,6 +217,20 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] preprocessed by `self.transform` -> tokens [B, S, width]"""
         return self.vit.forward_features(images)
+
+
+def _create_vit(name: str, model_kwargs: dict, initialise: bool):
+    """timm's model `name`; without `initialise` its random initialisation is skipped (weights follow),
+    and whatever random numbers its constructor still draws come from a forked generator, so that the
+    global one (which then initialises the captioner's new modules) does not depend on the encoder."""
+    import timm
+    from timm.models import model_entrypoint, split_model_name_tag
+
+    kwargs = dict(pretrained=False, num_classes=0, **model_kwargs)
+    if not initialise and model_entrypoint(split_model_name_tag(name)[0]).__module__.endswith(".vision_transformer"):
+        kwargs["weight_init"] = "skip"  # VisionTransformer's own switch for its init_weights()
+    with torch.random.fork_rng(devices=[], enabled=not initialise), skip_init(not initialise):
+        return timm.create_model(name, **kwargs)
 
 
 def _file_identity(path: str | None):

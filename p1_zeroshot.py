@@ -27,7 +27,9 @@ Environment (the graders' command line is fixed, so options live here):
   HW3_P1_CLIP   comma-separated CLIP model names (see clip.available_models())
                 or paths to local checkpoint files;
                 default "ViT-L/14,ViT-L/14@336px"
-  HW3_P1_BATCH  images per batch (default 64)
+  HW3_P1_BATCH  images per batch (default: on CUDA as many as half the free
+                GPU memory holds for the largest model, flip included, at
+                most 256; on the CPU 64)
   HW3_CACHE     root of the weight cache; CLIP weights live in $HW3_CACHE/clip
                 (default <repo>/cache/clip, filled by `bash hw3_download.sh`)
 
@@ -52,6 +54,8 @@ if TYPE_CHECKING:  # torch and CLIP load in the functions that use them: `--help
 
 DEFAULT_MODELS = "ViT-L/14,ViT-L/14@336px"
 DEFAULT_BATCH = 64
+MAX_CUDA_BATCH = 256  # beyond this a larger batch no longer speeds a ViT-L up; it only delays the first
+MEMORY_SHARE = 0.5  # of the free GPU memory, for the image batch's activations (`image_bytes`)
 # Prompts per encode_text call: bounds activation memory, whatever K * T is.
 TEXT_CHUNK = 256
 
@@ -198,12 +202,40 @@ def batch_size() -> int:
     return io_utils.env_number("HW3_P1_BATCH", int, lambda v: v >= 1, "a positive integer", DEFAULT_BATCH)
 
 
+def image_bytes(model, element_bytes: int = 2) -> int:
+    """Activation memory one image takes in `model`'s image tower, itself and its mirror image:
+    the input in fp32 and the model's dtype, and one block's activations at a time (the residual
+    stream, its LayerNorm, the attention output and the 4x MLP: about 7 x tokens x width) plus
+    the attention scores and their softmax (2 x heads x tokens^2)."""
+    visual = model.visual
+    R, patch, width = visual.input_resolution, visual.conv1.kernel_size[0], visual.conv1.out_channels
+    tokens = (R // patch) ** 2 + 1
+    heads = visual.transformer.resblocks[0].attn.num_heads
+    one_view = 3 * R * R * (4 + element_bytes) + (7 * tokens * width + 2 * heads * tokens ** 2) * element_bytes
+    return 2 * one_view
+
+
+def image_batch(models, device) -> int:
+    """Images per batch: $HW3_P1_BATCH, else on CUDA as many as MEMORY_SHARE of the free memory holds
+    for the hungriest model (at most MAX_CUDA_BATCH), else DEFAULT_BATCH."""
+    chosen = io_utils.env_number("HW3_P1_BATCH", int, lambda v: v >= 1, "a positive integer")
+    if chosen is not None or device.type != "cuda":
+        return chosen or DEFAULT_BATCH
+    per_image = max(image_bytes(model) for model, _ in models)
+    return max(1, min(MAX_CUDA_BATCH, int(io_utils.free_cuda_memory(device) * MEMORY_SHARE) // per_image))
+
+
 # ---------------------------------------------------------------- models
 
 def _clip_load(spec: str, device: torch.device, root: str):
     import clip
 
-    return clip.load(spec, device=device, jit=False, download_root=root)
+    from weights import skip_init
+
+    # clip.load builds the model and then loads every tensor strictly (clip.model.build_model):
+    # its random initialisation (ViT-L/14: 428M parameters) would only be overwritten
+    with skip_init():
+        return clip.load(spec, device=device, jit=False, download_root=root)
 
 
 def load_clip(spec: str, device: torch.device):
@@ -338,7 +370,7 @@ def main(argv=None) -> None:
     id2label = read_id2label(args.id2label)
     check_prompt_lengths(id2label, TEMPLATES)
     specs = model_specs()
-    batch = batch_size()
+    batch_size()  # a bad $HW3_P1_BATCH fails here, before the models load
     io_utils.check_output_path(args.out_csv)
     names = io_utils.list_files(args.img_dir)
 
@@ -348,7 +380,7 @@ def main(argv=None) -> None:
     models = [load_clip(spec, device) for spec in specs]
     text_embs = [text_embeddings(model, classnames, TEMPLATES, device) for model, _ in models]
     paths = [os.path.join(args.img_dir, name) for name in names]
-    kept, image_embs = image_embeddings(models, paths, device, batch)
+    kept, image_embs = image_embeddings(models, paths, device, image_batch(models, device))
     if not kept:
         raise io_utils.InputError(f"no readable image in {args.img_dir!r} ({len(names)} files, none an image)")
 

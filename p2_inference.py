@@ -20,15 +20,30 @@ Environment (the graders' command line is fixed, so options live here):
   HW3_P2_MAX_LEN          most tokens per caption, up to the decoder's context
                           less 2 (default: the checkpoint's)
   HW3_P2_LENGTH_PENALTY   length penalty, 0..5 (default: the checkpoint's)
-  HW3_P2_BATCH            images per batch (default 32)
+  HW3_P2_BATCH            images decoded together (default: on CUDA as many as
+                          half the free GPU memory holds, `decoding_bytes`;
+                          on the CPU 32)
+  HW3_P2_CUDA_GRAPH       1 (default): on CUDA each beam search step is
+                          replayed as a CUDA graph; 0: plain eager steps
+                          (the same captions, slower)
+  HW3_P2_PROFILE          a JSON file to write the run's time per phase to
+                          (load, read, encode, decode, write; on CUDA each
+                          phase is synchronised, so the profile costs a
+                          little; default: none written)
   HW3_CACHE               root of the cache (default `<repo>/cache`)
+
+On CUDA the images are read and preprocessed by worker processes while the
+GPU encodes each batch of READ_BATCH images; the image tokens wait on the GPU
+until a decoding batch is full.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import io_utils
@@ -38,14 +53,19 @@ from tokenizer import BPETokenizer
 if TYPE_CHECKING:  # torch and the model load after the arguments are parsed: `--help` answers at once
     import torch
 
-DEFAULT_BATCH = 32
+DEFAULT_BATCH = 32  # images decoded together on the CPU
+READ_BATCH = 64  # images read and encoded together on CUDA
+# Share of the free GPU memory the decoding batch may fill (`Captioner.decoding_bytes`); the rest
+# is for the encoder's activations, the allocator's slack and what the estimate leaves out.
+MEMORY_SHARE = 0.5
 FALLBACK_CAPTION = "a photo."
 
 
 # -- what the graders receive as a caption ---------------------------------------
 
 
-def caption_batch(model, feats: torch.Tensor, tokenizer, names: list, generation: dict) -> list:
+def caption_batch(model, feats: torch.Tensor, tokenizer, names: list, generation: dict,
+                  cuda_graph: bool = False) -> list:
     """Caption text per image as written to OUT_JSON: decoded, whitespace collapsed,
     never empty, within CLIP's context.
 
@@ -57,7 +77,7 @@ def caption_batch(model, feats: torch.Tensor, tokenizer, names: list, generation
     """
     from captioner import caption_text
 
-    texts = [caption_text(tokenizer, ids) for ids in model.generate(feats, **generation)]
+    texts = [caption_text(tokenizer, ids) for ids in model.generate(feats, **generation, cuda_graph=cuda_graph)]
     empty = [i for i, text in enumerate(texts) if not text]
     if empty:
         greedy = model.generate(feats[empty], **{**generation, "beam_size": 1})
@@ -82,6 +102,38 @@ def generation_overrides() -> dict:
         "length_penalty": number("HW3_P2_LENGTH_PENALTY", float, lambda v: 0 <= v <= MAX_LENGTH_PENALTY,
                                  f"a number from 0 to {MAX_LENGTH_PENALTY:g}"),
     }
+
+
+def decoding_batch(model, generation: dict, device, n_images: int) -> int:
+    """Images decoded together: $HW3_P2_BATCH, else on CUDA as many as MEMORY_SHARE of the free
+    memory holds (at most all of them), else DEFAULT_BATCH."""
+    chosen = io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer")
+    if chosen is not None:
+        return chosen
+    if device.type != "cuda":
+        return DEFAULT_BATCH
+    per_image = model.decoding_bytes(generation, element_bytes=2)  # fp16 autocast on CUDA
+    return max(1, min(n_images, int(io_utils.free_cuda_memory(device) * MEMORY_SHARE) // per_image))
+
+
+class PhaseTimer:
+    """Wall time per phase of a run. With `sync` on CUDA each phase ends with a synchronisation, so
+    that its GPU work is counted in it and not in the next (a profile); without, phases overlap."""
+
+    def __init__(self, device, sync: bool):
+        import torch
+
+        self.sync = torch.cuda.synchronize if sync and device.type == "cuda" else (lambda: None)
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def image_keys(folder: str, names: list) -> dict:
@@ -118,19 +170,27 @@ def main(argv=None) -> None:
 
     # Every cheap check first, so a bad argument fails before the models load.
     overrides = generation_overrides()
-    batch_size = io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer", DEFAULT_BATCH)
+    io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer")
+    use_graph = io_utils.env_number("HW3_P2_CUDA_GRAPH", int, lambda v: v in (0, 1), "0 or 1", 1) == 1
+    profile_path = os.environ.get("HW3_P2_PROFILE") or None
     checkpoint = io_utils.existing_p2_checkpoint()
     if not os.path.isfile(args.decoder_weights):
         raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
                                   "decoder_model.bin)")
     io_utils.check_output_path(args.out_json)
+    if profile_path:
+        io_utils.check_output_path(profile_path)
     names = io_utils.list_files(args.img_dir)
     keys = image_keys(args.img_dir, names)
     tokenizer = BPETokenizer()
 
     device = io_utils.pick_device()
+    use_graph = use_graph and device.type == "cuda"
+    timer = PhaseTimer(device, sync=profile_path is not None)
     try:
-        model = load_checkpoint(checkpoint, args.decoder_weights, os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None)
+        with timer("load"):
+            model = load_checkpoint(checkpoint, args.decoder_weights,
+                                    os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None, device=device)
     # torch.load and the layout checks fail in many ways (pickle, zip, ValueError, missing file) on a wrong file.
     except Exception as error:  # noqa: BLE001
         raise SystemExit(f"error: cannot build the captioner from {checkpoint!r} and {args.decoder_weights!r}: {error}")
@@ -139,24 +199,55 @@ def main(argv=None) -> None:
     except ValueError as error:  # an override the decoder cannot take (max_len beyond its context)
         raise SystemExit(f"error: {error} (HW3_P2_BEAM, HW3_P2_MAX_LEN and HW3_P2_LENGTH_PENALTY "
                          "override the checkpoint's decoding settings)")
-    model.to(device)
+    batch_size = decoding_batch(model, generation, device, len(names))
+    read_size = min(READ_BATCH, batch_size) if device.type == "cuda" else batch_size
+
+    results = {}
+    pending, pending_names = [], []  # image tokens [b, S, W] on the device, and their files
+
+    def decode(count: int) -> None:
+        feats = torch.cat(pending)
+        batch_names = pending_names[:count]
+        with timer("decode"):
+            texts = caption_batch(model, feats[:count], tokenizer, batch_names, generation, use_graph)
+        results.update((keys[name], text) for name, text in zip(batch_names, texts))
+        pending[:] = [feats[count:]] if count < len(feats) else []
+        del pending_names[:count]
 
     paths = [os.path.join(args.img_dir, n) for n in names]
-    results = {}
-    batches = io_utils.readable_batches(paths, [model.encoder.transform], batch_size, device, "captions")
-    with torch.no_grad():
-        for indices, (images,) in batches:
-            batch_names = [names[i] for i in indices]
-            with autocast(device):
-                feats = model.encode(images.to(device, non_blocking=True))  # [B, S, W]
-                texts = caption_batch(model, feats, tokenizer, batch_names, generation)
-            results.update((keys[name], text) for name, text in zip(batch_names, texts))
+    batches = iter(io_utils.readable_batches(paths, [model.encoder.transform], read_size, device, "captions",
+                                             pin_memory=False if use_graph else None))
+    with torch.no_grad(), autocast(device):
+        while True:
+            with timer("read"):
+                item = next(batches, None)
+            if item is None:
+                break
+            indices, (images,) = item
+            with timer("encode"):
+                pending.append(model.encode(images.to(device, non_blocking=True)))  # [b, S, W]
+            pending_names.extend(names[i] for i in indices)
+            while len(pending_names) >= batch_size:
+                decode(batch_size)
+        if pending_names:
+            decode(len(pending_names))
     if not results:
         raise SystemExit(f"error: no readable image in {args.img_dir!r} ({len(names)} files, none an image)")
 
-    io_utils.atomic_write_text(args.out_json, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    with timer("write"):
+        io_utils.atomic_write_text(args.out_json,
+                                   json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
     print(f"wrote {len(results)} captions to {args.out_json} ({len(names) - len(results)} files skipped; "
-          f"{device.type})", file=sys.stderr)
+          f"{device.type}, {batch_size} images per decoding batch"
+          f"{', CUDA graph' if use_graph else ''})", file=sys.stderr)
+    if profile_path:
+        profile = {"seconds": {k: round(v, 3) for k, v in timer.seconds.items()}, "images": len(results),
+                   "batch": batch_size, "read_batch": read_size, "cuda_graph": use_graph, "device": device.type,
+                   "decoding_bytes_per_image": model.decoding_bytes(generation, 2 if device.type == "cuda" else 4),
+                   "generation": generation}
+        if device.type == "cuda":
+            profile["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+        io_utils.atomic_write_text(profile_path, json.dumps(profile, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ NEW_TORCH_APIS = (
     "torch.set_default_device",
     "nn.Buffer",
     "torch.nn.attention",
+    "mmap=",
+    "mem_get_info",
 )
 
 

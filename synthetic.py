@@ -237,9 +237,10 @@ def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0, n_layer
     for _ in range(steps):
         batch = torch.randint(0, len(captions), (32,), generator=generator).tolist()
         inp, tgt = make_batch([captions[i] for i in batch])
-        x = model.wte(inp) + model.wpe(torch.arange(inp.size(1)))  # [B, T, C]
+        pos = torch.arange(inp.size(1))
+        x = model.wte(inp) + model.wpe(pos)  # [B, T, C]
         for block in model.h:
-            x = block(x)[0]
+            x = block(x, pos)[0]
         logits = model.ln_f(x) @ model.wte.weight[used].t()  # [B, T, used]
         logits = torch.cat([logits, torch.full_like(logits[..., :1], unused_logit)], dim=-1)
         target = torch.where(tgt >= 0, column[tgt.clamp(min=0)], tgt)

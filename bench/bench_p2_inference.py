@@ -12,9 +12,15 @@ checkpoint's max_len. Channel 0 of GPT-2's final LayerNorm is pinned to a
 constant (weight 0, bias 100) and only <|endoftext|>'s output embedding reads
 it (-100), which puts 10^4 below its logit; nothing else changes in cost.
 
-Then a naive decoder, as public solutions decode: one image at a time, beam 5,
-the whole prefix recomputed at every step (no cache), on a subset, and
-extrapolated to N. The speed-up is the naive estimate over our measured time.
+The timed run writes its time per phase (load, read, encode, decode, write:
+p2_inference's HW3_P2_PROFILE) into the result. Then, unless told otherwise:
+- the same run with HW3_P2_CUDA_GRAPH=0 (eager decoding steps): its time, and
+  whether its captions equal the CUDA-graph run's, image for image;
+- `bash hw3_2.sh` as the graders run it, in a process of its own: Python's
+  start, the imports and the model load included;
+- a naive decoder, as public solutions decode: one image at a time, beam 5,
+  the whole prefix recomputed at every step (no cache), on a subset, and
+  extrapolated to N. The speed-up is the naive estimate over our measured time.
 
     python3 bench/bench_p2_inference.py [--n-images 1404] [--naive-images 20] [--out-json FILE]
     python3 bench/bench_p2_inference.py --small      # toy models on the CPU: does it run?
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +40,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import io_utils
 import p2_inference
@@ -163,16 +171,37 @@ def time_naive(files: dict, paths: list, device: torch.device) -> tuple:
     return seconds, gen
 
 
+def run_in_process(images: str, out: str, files: dict, cuda: bool, graph: bool) -> tuple:
+    """p2_inference.main on `images` with CUDA graphs on or off: (seconds, peak MB on CUDA, captions)."""
+    os.environ["HW3_P2_CUDA_GRAPH"] = "1" if graph else "0"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    p2_inference.main([images, out, files["decoder_model.bin"]])
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    with open(out, encoding="utf-8") as f:
+        captions = json.load(f)
+    return seconds, round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None, captions
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-images", type=int,
                         help="images to caption (default 1404, the private test set; 16 with --small)")
-    parser.add_argument("--naive-images", type=int, help="images for the naive decoder (default 20; 4 with --small)")
+    parser.add_argument("--naive-images", type=int,
+                        help="images for the naive decoder (default 20; 4 with --small; 0: skip it)")
     parser.add_argument("--small", action="store_true", help="toy-size models, to check that it runs")
+    parser.add_argument("--no-eager", dest="eager", action="store_false",
+                        help="skip the eager run (HW3_P2_CUDA_GRAPH=0) and its caption comparison")
+    parser.add_argument("--no-process", dest="process", action="store_false",
+                        help="skip timing `bash hw3_2.sh` in a process of its own")
     parser.add_argument("--out-json", help="also write the numbers here (default: printed only)")
     args = parser.parse_args()
     n_images = args.n_images or (16 if args.small else 1404)
-    n_naive = min(args.naive_images or (4 if args.small else 20), n_images)
+    n_naive = min((4 if args.small else 20) if args.naive_images is None else args.naive_images, n_images)
 
     torch.manual_seed(0)
     device = io_utils.pick_device()
@@ -181,23 +210,31 @@ def main():
         files = save_as_graders_get_it(build_model(args.small), tmp)
         vocab = ensure_vocab(tmp)
         paths = write_images(os.path.join(tmp, "images"), n_images)
-        os.environ.update(HW3_P2_CKPT=files["checkpoint.pt"], HW3_P2_ENCODER_WEIGHTS=files["encoder.pth"])
+        os.environ.update(HW3_P2_CKPT=files["checkpoint.pt"], HW3_P2_ENCODER_WEIGHTS=files["encoder.pth"],
+                          HW3_P2_PROFILE=os.path.join(tmp, "profile.json"))
         out = os.path.join(tmp, "out", "pred.json")
 
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        p2_inference.main([os.path.dirname(paths[0]), out, files["decoder_model.bin"]])
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak_mb = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
-        with open(out, encoding="utf-8") as f:
-            assert len(json.load(f)) == n_images
+        images = os.path.dirname(paths[0])
+        seconds, peak_mb, captions = run_in_process(images, out, files, cuda, graph=True)
+        assert len(captions) == n_images
+        with open(os.environ["HW3_P2_PROFILE"], encoding="utf-8") as f:
+            profile = json.load(f)
+        extra = {}
+        if args.eager:
+            eager_seconds, _, eager = run_in_process(images, os.path.join(tmp, "out", "eager.json"), files, cuda,
+                                                     graph=False)
+            extra.update(eager_seconds=round(eager_seconds, 2), graph_equals_eager=eager == captions,
+                         graph_differs_from_eager=sorted(k for k in captions if captions[k] != eager.get(k))[:10])
+        if args.process:
+            start = time.perf_counter()
+            subprocess.run(["bash", os.path.join(REPO, "hw3_2.sh"), images, os.path.join(tmp, "out", "process.json"),
+                            files["decoder_model.bin"]], cwd=REPO, check=True, capture_output=True,
+                           env={**os.environ, "HW3_P2_PROFILE": ""})
+            extra["process_seconds"] = round(time.perf_counter() - start, 2)
 
-        naive_seconds, gen = time_naive(files, paths[:n_naive], device)
+        naive_seconds, gen = time_naive(files, paths[:n_naive], device) if n_naive else (None, profile["generation"])
 
-    naive_total = naive_seconds * n_images / n_naive
+    naive_total = naive_seconds * n_images / n_naive if n_naive else None
     result = {
         "n_images": n_images,
         "model": ("small test models" if args.small else
@@ -206,18 +243,21 @@ def main():
         "captions": f"all {gen['max_len']} tokens (<|endoftext|> unreachable)",
         "vocabulary": vocab,
         "seconds": round(seconds, 2),
+        "seconds_note": "p2_inference.main in this process (imports done), model load included",
         "images_per_s": round(n_images / seconds, 1),
         "peak_gpu_mb": peak_mb,
+        "profile": profile,
+        **extra,
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "estimate_2080ti_s": round(seconds * 18, 1),
         "estimate_note": "H100 seconds x 18 (~989 / ~54 fp16 tensor TFLOPS); only meaningful when device is an H100",
         "limit_s": LIMIT_S,
         "naive_images": n_naive,
-        "naive_seconds": round(naive_seconds, 2),
-        "naive_seconds_for_n_images": round(naive_total, 1),
-        "naive_estimate_2080ti_s": round(naive_total * 18, 1),
-        "speedup": round(naive_total / seconds, 1),
+        "naive_seconds": naive_seconds and round(naive_seconds, 2),
+        "naive_seconds_for_n_images": naive_total and round(naive_total, 1),
+        "naive_estimate_2080ti_s": naive_total and round(naive_total * 18, 1),
+        "speedup": naive_total and round(naive_total / seconds, 1),
         "speedup_note": "naive (one image at a time, no key/value cache, model load excluded) "
                         "over the whole p2_inference run (model load included)",
     }

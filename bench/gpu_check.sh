@@ -1,5 +1,5 @@
 #!/bin/bash
-# One prepared check on a GPU machine (issue 13): the three benchmarks at full size and a CUDA smoke run
+# One prepared check on a GPU machine (issues 13, 23): the benchmarks at full size and a CUDA smoke run
 # of the real workflow on tiny models, one JSON (bench/gpu_check.py says what each section does).
 #
 #   bash bench/gpu_check.sh --out DIR              # GPU machine (H100/H200): about 5 minutes, within 8

@@ -8,11 +8,12 @@ from decoder import (
     GPT2_SMALL,
     Decoder,
     DecoderConfig,
+    KVCache,
     infer_gpt2_shape,
-    sample_next,
     load_gpt2_into,
     load_gpt2_state,
     parameter_group,
+    sample_next,
 )
 from tokenizer import EOT_ID
 PEFT_CASES = {
@@ -179,11 +180,16 @@ def test_key_value_cache_matches_full_forward(tiny_gpt2, case):
     with torch.no_grad():
         memory = decoder.memory(torch.randn(4, 5, 48))
         full = decoder(idx, memory)[0]
-        past, pieces = None, []
+        cache, pieces = KVCache(decoder.cfg.n_layer, 12), []  # longer than the sequence: 3 positions unused
         for start, stop in [(0, 4), (4, 5), (5, 9)]:
-            logits, past, _ = decoder(idx[:, start:stop], memory, past)
-            pieces.append(logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
+            pieces.append(decoder(idx[:, start:stop], memory, cache, start)[0])
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
+        # positions not yet written may hold anything finite (an old beam's keys): attention masks them
+        for kv in cache.layers:
+            kv.normal_(0.0, 100.0)
+        pieces = [decoder(idx[:, start:stop], memory, cache, torch.tensor(start))[0]
+                  for start, stop in [(0, 4), (4, 5), (5, 9)]]
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
 
 
 def uncached_greedy(decoder, feats, max_len, eot):
@@ -274,6 +280,70 @@ def test_batched_beam_search_equals_reference(beam_size, alpha):
     assert min(lengths) < 12 and 15 not in {t for c in batched for t in c}
 
 
+def recomputing_beam_search(decoder, feats, beam_size, max_len, eot, alpha):
+    """The batched beam search as it was before the preallocated cache (issue 23), with every
+    step recomputing all beams' whole prefixes instead of any cache: the same bookkeeping, in
+    plain eager code with host-side branches."""
+    B, K = feats.size(0), beam_size
+    memory = decoder.memory(feats)
+    scores = torch.full((B, K), float("-inf"))
+    scores[:, 0] = 0.0
+    seqs = torch.zeros(B * K, 0, dtype=torch.long)
+    rows, rank = torch.arange(B), torch.arange(2 * K)
+    ended, done = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
+    best = torch.full((B,), float("-inf"))
+    best_seq, best_len = torch.zeros(B, max_len, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    for t in range(max_len):
+        prefixes = torch.cat([torch.full((B * K, 1), eot), seqs], dim=1)
+        logp = decoder(prefixes, memory)[0][:, -1].float().log_softmax(-1)
+        if t == 0:
+            logp[:, eot] = float("-inf")
+        V = logp.size(-1)
+        top, idx = (scores.view(B * K, 1) + logp).view(B, K * V).topk(2 * K, dim=1)
+        beam, tok = idx // V, idx % V
+        is_eot = tok == eot
+        new = is_eot & (rank < K) & ~done.unsqueeze(1)
+        normed = torch.where(new, top / float(t + 1) ** alpha, torch.full_like(top, float("-inf")))
+        cand_best, arg = normed.max(1)
+        better = cand_best > best
+        if better.any():
+            src = seqs.view(B, K, t)[rows, beam.gather(1, arg.unsqueeze(1)).squeeze(1)]
+            best_seq[better, :t] = src[better]
+            best_len[better] = t
+            best = torch.where(better, cand_best, best)
+        ended += new.sum(1)
+        order = (is_eot.long() * 2 * K + rank).argsort(dim=1)[:, :K]
+        scores = top.gather(1, order)
+        parent = (rows.unsqueeze(1) * K + beam.gather(1, order)).view(-1)
+        seqs = torch.cat([seqs[parent], tok.gather(1, order).view(-1, 1)], dim=1)
+        done |= (ended >= K) | (best >= scores.max(1).values / float(max_len) ** alpha)
+        if done.all():
+            break
+    else:
+        live, arg = (scores / float(max_len) ** alpha).max(1)
+        better = ~done & (live > best)
+        best_seq[better] = seqs.view(B, K, max_len)[rows, arg][better]
+        best_len[better] = max_len
+    return [best_seq[b, :best_len[b]].tolist() for b in range(B)]
+
+
+@pytest.mark.parametrize("beam_size, alpha", [(1, 0.0), (3, 0.0), (5, 1.0)])
+def test_static_cache_search_equals_the_recomputing_one_at_full_vocabulary(tiny_gpt2, beam_size, alpha):
+    """GPT-2's 50257 tokens, every PEFT module, several images: the preallocated cache written in
+    place, the reordering of its rows and the branch-free step give the captions of a search that
+    recomputes everything (the step the CUDA graph replays is this same code)."""
+    torch.manual_seed(1)
+    decoder = build(tiny_gpt2, **PEFT_CASES["all_combined"])
+    perturb_new_parameters(decoder, std=0.2)
+    with torch.no_grad():
+        decoder.wte.weight[EOT_ID] *= 14.0  # <|endoftext|> likelier: some captions end, others run to max_len
+        feats = torch.randn(6, 7, 48)
+        ours = decoder.beam_search(feats, beam_size, 10, EOT_ID, alpha)
+        assert ours == recomputing_beam_search(decoder, feats, beam_size, 10, EOT_ID, alpha)
+        assert decoder.beam_search(feats, beam_size, 10, EOT_ID, alpha, cuda_graph=True) == ours  # CPU: eager
+    assert len({len(c) for c in ours}) > 1, [len(c) for c in ours]
+
+
 def reference_beam_candidates(decoder, feat, beam_size, max_len, eot):
     """Plain, uncached: every step each live beam offers all its continuations and each ended beam
     itself unchanged; the best beam_size stay. One image; its final beams, best first."""
@@ -356,7 +426,7 @@ def test_cross_attention_weights(tiny_gpt2):
     decoder = build(tiny_gpt2)
     idx = torch.randint(0, EOT_ID, (2, 5))
     with torch.no_grad():
-        _, _, att = decoder(idx, decoder.memory(torch.randn(2, 7, 48)))
+        _, att = decoder(idx, decoder.memory(torch.randn(2, 7, 48)))
     assert att.shape == (2, 2, 5, 7)  # [N, H, T, S]
     torch.testing.assert_close(att.sum(-1), torch.ones(2, 2, 5))
 

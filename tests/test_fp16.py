@@ -33,7 +33,7 @@ from conftest import TINY_VIT, TINY_VIT_KWARGS
 
 import p2_train
 from captioner import Captioner, make_config, mark_trainable
-from decoder import Decoder, DecoderConfig, SelfAttention, sample_next
+from decoder import Decoder, DecoderConfig, KVCache, SelfAttention, sample_next
 from tokenizer import EOT_ID
 
 LOGIT_ATOL, LOGIT_RTOL = 0.02, 0.01
@@ -390,14 +390,14 @@ def test_causal_mask_and_cache_in_fp16(prefix):
     x = 4.0 * torch.randn(3, 10, 128)
     kv = (0.5 * torch.randn(2, 4, 128)) if prefix else None  # [2, P, C]: keys, values
     with torch.no_grad():
-        y32, _ = attn32(x, None, kv)
-        y16, _ = attn16(x.half(), None, None if kv is None else kv.half())
+        pos = torch.arange(x.size(1))
+        y32 = attn32(x, pos, None, kv)
+        y16 = attn16(x.half(), pos, None, None if kv is None else kv.half())
         assert_close_logits(y16, y32, "whole sequence")
-        past, steps = None, []
+        cache, steps = KVCache(1, x.size(1) + 2), []
         for t in range(x.size(1)):  # one token at a time through the cache
-            y, past = attn16(x[:, t:t + 1].half(), past, None if kv is None else kv.half())
-            steps.append(y)
-        assert past[0].dtype == torch.float16 and past[0].size(2) == x.size(1)
+            steps.append(attn16(x[:, t:t + 1].half(), pos[t:t + 1], (cache, 0), None if kv is None else kv.half()))
+        assert cache.layers[0].dtype == torch.float16
         assert_close_logits(torch.cat(steps, 1), y32, "step by step")
 
 
@@ -426,11 +426,14 @@ class ScriptedLM(Decoder):
     def memory(self, feats):
         return [None]
 
-    def forward(self, idx, memory, past=None):
-        prefixes = idx if past is None else torch.cat([past[0][0], idx], 1)  # [N, t + 1], the start token first
+    def forward(self, idx, memory, cache, start):
+        T, end = idx.size(1), int(start) + idx.size(1)
+        tokens = idx.float()[:, None, :, None]  # the cache's layout [N, H, T, D] with H = D = 1
+        keys, _ = cache.write(0, tokens, tokens, torch.arange(T) + int(start))
+        prefixes = keys[:, 0, :end, 0].long()  # [N, t + 1], the start token first
         rows = [self.table.get(tuple(p[1:].tolist()), self.table["default"]) for p in prefixes]
         logits = torch.tensor(rows, dtype=torch.float32).to(torch.float16)  # [N, V]
-        return logits[:, None], [(prefixes, prefixes)], None
+        return logits[:, None], None
 
 
 def test_beam_scores_from_fp16_logits_at_the_limits():

@@ -14,7 +14,7 @@ def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
                             timeout=900, check=False)
     report = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     sections = report["sections"]
-    assert list(sections) == ["smoke", "p2_inference", "p1", "p2_train"]
+    assert list(sections) == ["smoke", "p2_inference", "p1", "p2_train", "load"]
     for name, section in sections.items():
         assert section["ok"] and section["error"] is None and section["problems"] == [], (name, section)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -22,7 +22,11 @@ def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
 
     smoke = sections["smoke"]["result"]
     assert smoke["xe_steps"] == 4 and smoke["scst_steps"] == 1 and smoke["captions"] == 10
-    assert sections["p2_inference"]["result"]["n_images"] == 4
+    p2 = sections["p2_inference"]["result"]
+    assert p2["n_images"] == 4 and p2["graph_equals_eager"] is True and p2["process_seconds"] > 0
+    assert set(p2["profile"]["seconds"]) == {"load", "read", "encode", "decode", "write"}
+    assert sections["p1"]["result"]["process_seconds"] > 0
+    assert set(sections["load"]["result"]["results"]) == {"fp32", "fp16"}
     assert sections["p1"]["result"]["n_images"] == 8
     train = sections["p2_train"]["result"]["results"]
     assert {(r["peft"], r["feature_cache"]) for r in train} == {
@@ -40,15 +44,20 @@ def test_targets_are_judged_from_the_measurements_and_out_of_memory_misses():
     import gpu_check
 
     sections = {
-        "p1": {"ok": True, "result": {"seconds": 12.0}},
-        "p2_inference": {"ok": True, "result": {"seconds": 10.5}},
+        "p1": {"ok": True, "result": {"seconds": 7.5, "process_seconds": 9.0}},
+        "p2_inference": {"ok": True, "result": {"seconds": 5.5, "process_seconds": None}},
         "p2_train": {"ok": False, "result": {"results": [
             {"peft": "none", "feature_cache": True, "xe": {"peak_reserved_gib": 9.5}},
             {"peft": "lora", "feature_cache": False, "out_of_memory": "CUDA out of memory"}]}},
+        "load": {"ok": True, "result": {"results": {"fp32": {"build_over_read": 1.2},
+                                                    "fp16": {"build_over_read": 1.7}}}},
     }
     found = gpu_check.targets(sections)
-    assert found["p1_s"] == {"target": 20.0, "measured": 12.0, "met": True}
-    assert found["p2_inference_s"]["met"] is False  # 10.5 s > 10 s
+    assert found["p1_s"] == {"target": 8.0, "measured": 7.5, "met": True}
+    assert found["p1_process_s"]["met"] is False  # 9 s > 8 s
+    assert found["p2_inference_s"]["met"] is False  # 5.5 s > 5 s
+    assert "p2_process_s" not in found  # not measured: no verdict
+    assert found["encoder_build_over_read"] == {"target": 1.5, "measured": 1.7, "met": False}  # the worse file
     assert found["train_peak_gib"]["measured"] == 9.5 and found["train_peak_gib"]["met"] is False
     sections["p2_train"]["result"]["results"].pop()
     assert gpu_check.targets(sections)["train_peak_gib"]["met"] is True

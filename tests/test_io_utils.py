@@ -131,9 +131,11 @@ def test_pick_device(monkeypatch):
 def test_loader_workers(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert io_utils.loader_workers(torch.device("cpu")) == 0
-    assert io_utils.loader_workers(torch.device("cuda")) == 4
+    assert io_utils.loader_workers(torch.device("cuda")) == 12
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert io_utils.loader_workers(torch.device("cuda")) == 7
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert io_utils.loader_workers(torch.device("cuda", 0)) == 2
+    assert io_utils.loader_workers(torch.device("cuda", 0)) == 1
 
 
 # ---------------------------------------------------------------- libraries raise, entry points exit

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import clip
 import numpy as np
 import pytest
 import torch
@@ -408,6 +409,39 @@ def test_bad_batch_size(monkeypatch):
     monkeypatch.setenv("HW3_P1_BATCH", "0")
     with pytest.raises(io_utils.InputError, match="HW3_P1_BATCH"):
         zs.batch_size()
+
+
+def test_image_batch_from_the_override_the_cpu_default_or_free_gpu_memory(tiny_clip_file, monkeypatch):
+    monkeypatch.delenv("HW3_P1_BATCH", raising=False)
+    model, preprocess = zs.load_clip(tiny_clip_file, torch.device("cpu"))
+    models = [(model, preprocess)]
+    # the tiny CLIP: 32 px, 8 px patches -> 17 tokens, width 64, one head; two views
+    assert zs.image_bytes(model) == 2 * (3 * 32 * 32 * 6 + (7 * 17 * 64 + 2 * 17 ** 2) * 2)
+    assert zs.image_batch(models, torch.device("cpu")) == zs.DEFAULT_BATCH
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(io_utils, "free_cuda_memory", lambda device: 40 * zs.image_bytes(model))
+    assert zs.image_batch(models, cuda) == int(40 * zs.MEMORY_SHARE)
+    monkeypatch.setattr(io_utils, "free_cuda_memory", lambda device: 10 ** 15)
+    assert zs.image_batch(models, cuda) == zs.MAX_CUDA_BATCH
+    monkeypatch.setenv("HW3_P1_BATCH", "5")
+    assert zs.image_batch(models, cuda) == 5
+
+
+def test_clip_is_built_without_random_initialisation(tiny_clip_file, monkeypatch):
+    """load_clip skips CLIP's random initialisation (weights.skip_init): no layer initialises
+    itself and no initialiser runs, and every tensor equals the file's."""
+    calls = []
+    for owner, name in ((torch.nn.Linear, "reset_parameters"), (torch.nn.init, "normal_")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    model, _ = zs.load_clip(tiny_clip_file, torch.device("cpu"))
+    assert calls == []
+    torch.nn.Linear(2, 2)
+    assert calls == ["reset_parameters"]  # the counting works, and initialisation is back
+    reference, _ = clip.load(tiny_clip_file, device="cpu", jit=False)  # built the ordinary way
+    state = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
 
 
 # ---------------------------------------------------------------- report helper

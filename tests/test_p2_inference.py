@@ -320,7 +320,7 @@ class ScriptedModel:
     def __init__(self, beam, greedy):
         self.beam, self.greedy, self.calls = beam, greedy, []
 
-    def generate(self, feats, beam_size=None, max_len=None, length_penalty=None):
+    def generate(self, feats, beam_size=None, max_len=None, length_penalty=None, cuda_graph=False):
         self.calls.append((len(feats), beam_size, max_len))
         return [list(ids) for ids in (self.greedy if beam_size == 1 else self.beam)][:len(feats)]
 
@@ -346,6 +346,56 @@ def test_captions_are_cut_to_clip_context():
     assert long.startswith(cut + " ") and clip_length(cut) <= 77 < clip_length(cut + " " + following)
     clip.tokenize(cut)
     assert 2 < clip_length(fit_clip_context("!?" * 100)) <= 77  # one long "word"
+
+
+# ---------------------------------------------------------------- speed: batch, profile, graph switch
+
+def test_decoding_batch_comes_from_the_override_the_cpu_default_or_free_gpu_memory(env, monkeypatch, checkpoint,
+                                                                                  tiny_vit_file, decoder_weights):
+    model = load_checkpoint(checkpoint, decoder_weights, tiny_vit_file)
+    gen = model.generation()
+    per_image = model.decoding_bytes(gen, element_bytes=2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert p2_inference.decoding_batch(model, gen, cpu, 1000) == p2_inference.DEFAULT_BATCH
+    monkeypatch.setattr(io_utils, "free_cuda_memory", lambda device: 100 * per_image)
+    assert p2_inference.decoding_batch(model, gen, cuda, 1000) == int(100 * p2_inference.MEMORY_SHARE)
+    assert p2_inference.decoding_batch(model, gen, cuda, 7) == 7  # never more than there are images
+    monkeypatch.setattr(io_utils, "free_cuda_memory", lambda device: per_image // 10)
+    assert p2_inference.decoding_batch(model, gen, cuda, 1000) == 1  # at least one
+    monkeypatch.setenv("HW3_P2_BATCH", "3")
+    assert p2_inference.decoding_batch(model, gen, cuda, 1000) == 3
+
+
+def test_decoding_bytes_covers_what_a_search_holds(checkpoint, tiny_vit_file, decoder_weights):
+    """The estimate is at least the image tokens, the per-block image keys/values and the filled
+    key/value cache that a real search holds per image, and exceeds them by no more than a step's
+    logits and one block's reordering copy."""
+    from decoder import BeamSearch
+    from tokenizer import EOT_ID
+
+    model = load_checkpoint(checkpoint, decoder_weights, tiny_vit_file)
+    gen = dict(beam_size=3, max_len=6, length_penalty=0.0)
+    feats = model.encode(torch.randn(4, 3, 32, 32))
+    search = BeamSearch(model.decoder, feats, gen["beam_size"], gen["max_len"], EOT_ID, 0.0)
+    search.run()
+    held = feats.nbytes + sum(t.nbytes for m in search.memory if m for t in m)
+    held += sum(kv.nbytes for kv in search.cache.layers)
+    held += feats.size(0) * feats.size(1) * model.decoder.cfg.n_embd * 4  # visual_proj's output
+    per_image = held / feats.size(0)
+    estimate = model.decoding_bytes(gen, element_bytes=4)
+    slack = gen["beam_size"] * model.decoder.cfg.vocab_size * 16 + search.cache.layers[0].nbytes / feats.size(0)
+    assert per_image <= estimate <= per_image + slack
+
+
+def test_profile_names_every_phase_and_the_graph_switch_is_checked(env, tmp_path, monkeypatch, decoder_weights):
+    folder = save_images(tmp_path / "images", {"x.jpg": "RGB", "y.png": "RGBA"})
+    monkeypatch.setenv("HW3_P2_PROFILE", str(tmp_path / "profile.json"))
+    p2_inference.main([str(folder), str(tmp_path / "pred.json"), decoder_weights])
+    profile = json.loads((tmp_path / "profile.json").read_text(encoding="utf-8"))
+    assert set(profile["seconds"]) == {"load", "read", "encode", "decode", "write"}
+    assert profile["images"] == 2 and profile["cuda_graph"] is False and profile["batch"] == 32
+    monkeypatch.setenv("HW3_P2_CUDA_GRAPH", "yes")
+    assert "HW3_P2_CUDA_GRAPH='yes' is not 0 or 1" in run_main([folder, tmp_path / "p2.json", decoder_weights])
 
 
 def fit_one_step_at_a_time(text, context=CLIP_CONTEXT):

@@ -138,15 +138,19 @@ def test_tracked_files(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "hw3_data" / "p1_data").mkdir(parents=True)
     (tmp_path / "hw3_data" / "p1_data" / "0_450.png").write_bytes(b"x")
-    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")  # at the root, as in the course's template: fine
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "encoder.json").write_text("{}")
+    (tmp_path / "decoder_model.bin").write_bytes(b"x")
     (tmp_path / "ok.py").write_text("x = 1\n")
     with open(tmp_path / "notes.txt", "wb") as f:
         f.truncate(selfcheck.MAX_FILE_BYTES + 1)
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     assert selfcheck.check_tracked_files(str(tmp_path)).status == "FAIL"
     failed(selfcheck.check_tracked_files(str(tmp_path)), "hw3_data/p1_data/0_450.png: the dataset",
-           "vocab.bpe: weights", "notes.txt: 50.0 MB")
-    assert "ok.py" not in selfcheck.check_tracked_files(str(tmp_path)).message
+           "cache/encoder.json: a second copy", "decoder_model.bin: weights", "notes.txt: 50.0 MB")
+    message = selfcheck.check_tracked_files(str(tmp_path)).message
+    assert "ok.py" not in message and "\nvocab.bpe" not in message and not message.startswith("vocab.bpe")
 
 
 # ---------------------------------------------------------------- the checkpoint
