@@ -311,8 +311,17 @@ def _read_json_dict(path: str) -> dict:
     return data
 
 
+ENVIRONMENT = """Environment:
+  HW3_P2_CKPT             the checkpoint without --checkpoint (default: the cache's)
+  HW3_P2_ENCODER_WEIGHTS  the encoder's weights without --encoder-weights (default: the
+                          file the checkpoint records, else the cache's)
+  HW3_DATA, HW3_OUT       p2_visualize.ipynb only (notebook_inputs): the course data and the
+                          results folder (default: hw3_data and outputs, else the demo's)"""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=ENVIRONMENT,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", nargs="+", default=[], metavar="IMG",
                    help="images to draw (e.g. p3_data/images/*.jpg; default: none)")
     p.add_argument("--per-image", metavar="FILE",
