@@ -16,10 +16,10 @@ Environment (the graders' command line is fixed, so options live here):
   HW3_P2_ENCODER_WEIGHTS  a local file with the encoder's weights (default: the
                           file the checkpoint was trained with, if it is still
                           there unchanged, else `<cache>/timm/<encoder>.pth`)
-  HW3_P2_BEAM             beam size, 1..20 (default: the checkpoint's)
+  HW3_P2_BEAM             beam size 1..20 (default: the checkpoint's)
   HW3_P2_MAX_LEN          most tokens per caption, up to the decoder's context
                           less 2 (default: the checkpoint's)
-  HW3_P2_LENGTH_PENALTY   length penalty, 0..5 (default: the checkpoint's)
+  HW3_P2_LENGTH_PENALTY   length penalty 0..5 (default: the checkpoint's)
   HW3_P2_BATCH            images decoded together (default: on CUDA as many as
                           half the free GPU memory holds, `decoding_bytes`;
                           on the CPU 32)

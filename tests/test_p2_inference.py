@@ -210,11 +210,15 @@ def test_decoder_weights_of_another_layout_are_an_error(env, tmp_path):
     assert not out.exists()
 
 
-def test_missing_encoder_weights_are_an_error(env, tmp_path, monkeypatch, decoder_weights):
+def test_missing_encoder_weights_are_an_error(env, tmp_path, monkeypatch, checkpoint, decoder_weights):
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     monkeypatch.setenv("HW3_P2_ENCODER_WEIGHTS", str(tmp_path / "absent.pth"))
     assert "absent.pth' does not exist" in run_main([folder, tmp_path / "pred.json", decoder_weights])
-    monkeypatch.delenv("HW3_P2_ENCODER_WEIGHTS")  # the empty cache, offline: no silent download
+    monkeypatch.delenv("HW3_P2_ENCODER_WEIGHTS")  # no file recorded, the empty cache, offline: no silent download
+    unrecorded = torch.load(checkpoint)
+    del unrecorded["config"]["encoder"]["weights_file"]
+    torch.save(unrecorded, tmp_path / "unrecorded.pt")
+    monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "unrecorded.pt"))
     assert "hw3_download.sh" in run_main([folder, tmp_path / "pred.json", decoder_weights])
     assert not (tmp_path / "pred.json").exists()
 
@@ -288,7 +292,9 @@ def test_max_len_beyond_the_decoders_context_fails_before_captioning(env, tmp_pa
 
 @pytest.mark.parametrize("case", ["trailing slash", "under a file", "read-only place"])
 def test_output_path_that_cannot_be_written_fails_before_loading(env, tmp_path, monkeypatch, decoder_weights, case):
-    monkeypatch.setattr(p2_inference, "load_checkpoint", lambda *args: pytest.fail("loaded before the path check"))
+    import captioner  # p2_inference imports it after parsing its arguments
+
+    monkeypatch.setattr(captioner, "load_checkpoint", lambda *args: pytest.fail("loaded before the path check"))
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     (tmp_path / "file.txt").write_text("x")
     out = {"trailing slash": str(tmp_path / "newdir") + os.sep, "under a file": str(tmp_path / "file.txt" / "p.json"),
