@@ -23,7 +23,7 @@ EVAL_ARGS ?=
 REPORT_ARGS ?=
 CHECK_ARGS ?=
 
-# The course data (HW3_SPEC.md section 5) and GPT-2's vocabulary (the files hw3_download.sh fetches).
+# The course data (Google Drive, fetched with gdown) and GPT-2's vocabulary (the files hw3_download.sh fetches).
 DATA_GDRIVE_ID := 11rP6KmR5Qwjhx0rfag0b5TZGBTRuPtQR
 GPT2_URL := https://openaipublic.blob.core.windows.net/gpt-2/models/124M
 
@@ -60,8 +60,8 @@ TRAIN_JSON := $(P2)/train.json
 VAL_JSON := $(P2)/val.json
 VAL_IMAGES := $(P2)/images/val
 P3_IMAGES := $(addprefix $(DATA)/p3_data/images/,bike.jpg girl.jpg sheep.jpg ski.jpg umbrella.jpg)
-# the top-5 charts: the first three validation images by name (deterministic), listed when the recipe runs
-P1_TOP5_IMAGES = $$(find $(P1)/val -name '*.png' | LC_ALL=C sort | head -n 3)
+# the top-5 charts: three validation images of three different classes, the same three every run (p1_report.py)
+P1_TOP5_IMAGES = --pick-from $(P1)/val
 ATT := $(OUT)
 BEST := $(OUT)/p2_ckpt_best.txt
 

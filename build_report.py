@@ -11,12 +11,16 @@ the notes file, one `## ` section per question (NOTES_SECTIONS); a section
 still empty prints as "(to be written after the results are in)".
 `--synthetic` says on page 1 that the numbers come from synthetic data and
 tiny random models (the offline demo). Laid out by fpdf2, A4 portrait.
+What is still missing (a result file, a value, a notes section, the student's
+name) is also recorded in the PDF itself with the command or edit that fills
+it (report_record.py), where selfcheck.py reads it back: a report with a gap is
+not ready to hand in.
 
 The results folder (--results DIR), file by file:
 
   p1_prompts.json               p1_report.py accuracy --out-dir DIR
   p1_top5.json, p1_top5_<stem>.png
-                                p1_report.py top5 --out-dir DIR IMG1 IMG2 IMG3
+                                p1_report.py top5 --out-dir DIR --pick-from VAL_DIR (or IMG1 IMG2 IMG3)
   p2_metrics_<run>.json         p2_evaluate.py ... --metrics-out DIR/p2_metrics_<run>.json
   p2_metrics_baseline.json      optional: the same for the language-model-only captions (the
                                 untrained model); a row of the runs table when present
@@ -54,10 +58,19 @@ from fpdf.fonts import FontFace  # noqa: E402
 from matplotlib import font_manager, ft2font  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from io_utils import InputError, atomic_output, check_output_path, reports_input_errors, warn  # noqa: E402
+import report_record  # noqa: E402
+from io_utils import (  # noqa: E402
+    InputError,
+    atomic_output,
+    check_output_path,
+    quiet_known_warnings,
+    reports_input_errors,
+    warn,
+)
 
 NOT_MEASURED = "not measured"
 TO_BE_WRITTEN = "(to be written after the results are in)"
+STUDENT_PLACEHOLDER = "name / ID"  # report_notes.md's '## Student' as shipped
 SYNTHETIC_NOTICE = ("Synthetic data: every number and figure in this report comes from synthetic data and tiny "
                     "randomly initialised models (the offline demo, make demo), not from the course data. It shows "
                     "that the whole workflow runs, not how well the homework's models do.")
@@ -71,7 +84,8 @@ ATTENTION_IMAGES = ("bike", "girl", "sheep", "ski", "umbrella")  # p3_data/image
 # How each result file is made; {dir} is the results folder, {att} the attention folder, {run} a run name.
 P1_ACCURACY_CMD = ("python3 p1_report.py accuracy --val-dir hw3_data/p1_data/val "
                    "--id2label hw3_data/p1_data/id2label.json --out-dir {dir}")
-P1_TOP5_CMD = "python3 p1_report.py top5 --id2label hw3_data/p1_data/id2label.json --out-dir {dir} IMG1 IMG2 IMG3"
+P1_TOP5_CMD = ("python3 p1_report.py top5 --id2label hw3_data/p1_data/id2label.json --out-dir {dir} "
+               "--pick-from hw3_data/p1_data/val")
 P2_EVAL_CMD = ("HW3_P2_CKPT=CKPT python3 p2_inference.py hw3_data/p2_data/images/val PRED.json "
                "hw3_data/p2_data/decoder_model.bin; then python3 p2_evaluate.py --pred_file PRED.json --images_root "
                "hw3_data/p2_data/images/val --annotation_file hw3_data/p2_data/val.json "
@@ -132,6 +146,7 @@ class Report(FPDF):
     def __init__(self, footer: str, tmp: str):
         super().__init__(format="A4")
         self.footer_text, self.tmp, self.checked, self.fallbacks = footer, tmp, set(), []
+        self.placeholders = 0  # texts laid out as NOT_MEASURED (page 1's explanation of the term aside)
         for style, suffix in (("", ""), ("B", "-Bold"), ("I", "-Oblique"), ("BI", "-BoldOblique")):
             self.add_font("sans", style, os.path.join(FONT_DIR, f"DejaVuSans{suffix}.ttf"))
         self.add_font("mono", "", os.path.join(FONT_DIR, "DejaVuSansMono.ttf"))
@@ -144,7 +159,9 @@ class Report(FPDF):
         self.para(f"{self.footer_text} | page {self.page_no()}", SMALL - 1, color=100, align="C")
 
     def normalize_text(self, text: str) -> str:
-        """fpdf2 hands every string through here before laying it out: where a missing glyph gets a font."""
+        """fpdf2 hands every string through here before laying it out: where a missing glyph gets a font,
+        and where a placeholder is counted."""
+        self.placeholders += text.replace(f"printed as '{NOT_MEASURED}'", "").count(NOT_MEASURED)
         font = self.current_font
         for char in {c for c in text if (font.fontkey, c) not in self.checked}:
             self.checked.add((font.fontkey, char))
@@ -358,6 +375,7 @@ class Sources:
     def __init__(self, results: str, attention_dir: str, notes: dict, runs: dict, synthetic: bool):
         self.results, self.attention_dir, self.notes, self.runs = results, attention_dir, notes, runs
         self.synthetic, self.looked = synthetic, []  # looked: (what, path or None, command)
+        self.gaps = []  # (what, how to fill it): values missing from files that are there
 
     def command(self, template: str, **fields) -> str:
         return template.format(dir=self.results, att=self.attention_dir, **fields)
@@ -368,6 +386,18 @@ class Sources:
         self.looked.append((name, path if data is not None else None, self.command(template, **fields)))
         return data
 
+    def gap(self, what: str, template: str, **fields) -> None:
+        self.gaps.append((what, self.command(template, **fields)))
+
+    def metrics(self, run: str) -> dict:
+        """p2_metrics_<run>.json (or {}); a score it holds as null is a gap."""
+        name = f"p2_metrics_{run}.json"
+        metrics = self.read(name, P2_EVAL_CMD, read_metrics, run=run)
+        for key, label in (("cider", "CIDEr"), ("clipscore", "CLIPScore")):
+            if metrics is not None and metrics.get(key) is None:
+                self.gap(f"{label} of run {run} ({name} holds null)", P2_EVAL_CMD, run=run)
+        return metrics or {}
+
     def figure(self, what: str, recorded, pattern: str, template: str, folder: str | None = None):
         png = find_png(folder or self.results, recorded, pattern)
         self.looked.append((what, png, self.command(template)))
@@ -375,7 +405,7 @@ class Sources:
 
 
 def student_line(notes: dict) -> str:
-    return " ".join((notes.get("student") or "name / ID").split())
+    return " ".join((notes.get("student") or STUDENT_PLACEHOLDER).split())
 
 
 def model_label(spec: str) -> str:
@@ -444,8 +474,11 @@ def problem1(doc: Report, src: Sources) -> None:
         doc.para(f"({shown} images here; the report asks for three.)", SMALL, "I")
 
 
+NO_PEFT = "no PEFT module; the cross-attention and its projection train"
+
+
 def peft_description(decoder: dict) -> str:
-    """The PEFT hyper-parameters a decoder config enables (any mix of the three)."""
+    """The PEFT hyper-parameters a decoder config enables (any mix of the three); "" for none."""
     parts = []
     if decoder.get("adapter_dim"):
         layers = decoder.get("adapter_layers")
@@ -458,7 +491,7 @@ def peft_description(decoder: dict) -> str:
         parts.append(f"LoRA rank {decoder['lora_rank']}, alpha {fmt_number(decoder.get('lora_alpha'))}, "
                      f"dropout {fmt_number(decoder.get('lora_dropout', 0.0))}, on "
                      + ", ".join(decoder.get("lora_targets") or []))
-    return "; ".join(parts) or "none (cross-attention and its projection only)"
+    return "; ".join(parts)
 
 
 def setting_rows(run: dict) -> list:
@@ -476,7 +509,7 @@ def setting_rows(run: dict) -> list:
         ["text decoder", f"GPT-2, {n_layer} blocks, width {decoder.get('n_embd')}"],
         ["cross-attention", f"every block (0-{n_layer - 1})" if cross is None and n_layer
          else "blocks " + ", ".join(map(str, cross or []))],
-        ["PEFT", f"{config.get('peft')}: {peft_description(decoder)}"],
+        ["PEFT", f"{config.get('peft')}: {peft_description(decoder) or NO_PEFT}"],
         ["trainable parameters", f"{fmt_count(run['trainable'])}, the checkpoint's saved tensors"],
         ["decoding", "not recorded" if not gen else ("greedy" if beam == 1 else f"beam search, beam {beam}")
          + f", at most {gen.get('max_len')} tokens, length penalty {fmt_number(gen.get('length_penalty'))}"],
@@ -486,11 +519,14 @@ def setting_rows(run: dict) -> list:
 def problem2_metrics(doc: Report, src: Sources) -> None:
     doc.heading("Problem 2: image captioning with parameter-efficient fine-tuning", 1)
     doc.heading("1. Best setting and its validation scores")
-    m = src.read("p2_metrics_best.json", P2_EVAL_CMD, read_metrics, run="best") or {}
+    m = src.metrics("best")
     doc.para(f"CIDEr {fmt_score(m.get('cider'))} | CLIPScore {fmt_score(m.get('clipscore'))}"
              + (f" on {m['n_images']} validation images" if "n_images" in m else ""), style="B")
     best = src.runs.get("best")
     src.looked.append(("p2_ckpt_best.txt", best and best["path"], src.command(P2_CKPT_CMD, run="best")))
+    for name, run in src.runs.items():
+        if run.get("missing"):
+            src.gap(f"checkpoint of run {name}: {run['path']} does not exist", P2_CKPT_CMD, run=name)
     if best:
         doc.grid(["setting", "value"], setting_rows(best), (1, 3))
     else:
@@ -500,14 +536,15 @@ def problem2_metrics(doc: Report, src: Sources) -> None:
     doc.heading("2. PEFT attempts (and no PEFT for reference)")
     rows = []
     for name in PEFT_RUNS:
-        m = src.read(f"p2_metrics_{name}.json", P2_EVAL_CMD, read_metrics, run=name) or {}
+        m = src.metrics(name)
         run = src.runs.get(name) or {}
         src.looked.append((f"p2_ckpt_{name}.txt", run.get("path"), src.command(P2_CKPT_CMD, run=name)))
-        hyper, count = ((peft_description(run["config"]["decoder"]), fmt_count(run["trainable"])) if "config" in run
-                        else (NOT_MEASURED, NOT_MEASURED))
+        hyper, count = ((peft_description(run["config"]["decoder"]) or NO_PEFT, fmt_count(run["trainable"]))
+                        if "config" in run else (NOT_MEASURED, NOT_MEASURED))
         rows.append([name, fmt_score(m.get("cider")), fmt_score(m.get("clipscore")), count, hyper])
-    baseline = read_metrics(os.path.join(src.results, "p2_metrics_baseline.json"))
-    if baseline is not None:
+    baseline = None  # optional: listed with the result files when it is there
+    if os.path.isfile(os.path.join(src.results, "p2_metrics_baseline.json")):
+        baseline = src.metrics("baseline")
         rows.append(["language model only", fmt_score(baseline.get("cider")), fmt_score(baseline.get("clipscore")),
                      "0", "untrained: the language model alone"])
     doc.grid(["run", "CIDEr", "CLIPScore", "trainable params", "PEFT hyper-parameters"], rows, (2, 1.6, 1.6, 2.4, 4.5))
@@ -540,6 +577,8 @@ def problem2_attention(doc: Report, src: Sources) -> None:
         entry = attention.get(stem) or {}
         png = src.figure(f"attention_{stem}.png", entry.get("png"), f"attention_{glob.escape(stem)}.png",
                          P2_ATTENTION_CMD, src.attention_dir)
+        if png and "caption" not in entry:
+            src.gap(f"caption of {stem}.jpg (attention.json has none)", P2_ATTENTION_CMD)
         doc.figure(png, 105, f"caption: {entry.get('caption', NOT_MEASURED)}", f"{stem}.jpg",
                    (f"attention_{stem}.png", src.command(P2_ATTENTION_CMD)))
 
@@ -551,12 +590,11 @@ def problem2_attention(doc: Report, src: Sources) -> None:
         entry = attention.get(which) or (per_image[index] if per_image else None)
         if entry:
             text = f"image {entry['key']}: \u201c{entry['caption']}\u201d | CLIPScore {fmt_score(entry['clip_score'])}"
-            pattern = f"attention_{which}_{glob.escape(entry['key'])}.png"
-        else:
-            text, pattern = f"CLIPScore {NOT_MEASURED}", f"attention_{which}_*.png"
-        png = src.figure(f"attention_{which}_<key>.png", (entry or {}).get("png"), pattern, P2_EXTREMES_CMD,
-                         src.attention_dir)
-        doc.figure(png, 105, text, title, (f"attention_{which}_<key>.png", src.command(P2_EXTREMES_CMD)))
+            name, pattern = f"attention_{which}_{entry['key']}.png", f"attention_{which}_{glob.escape(entry['key'])}.png"
+        else:  # which image is not known yet
+            text, name, pattern = f"CLIPScore {NOT_MEASURED}", f"attention_{which}_<key>.png", f"attention_{which}_*.png"
+        png = src.figure(name, (entry or {}).get("png"), pattern, P2_EXTREMES_CMD, src.attention_dir)
+        doc.figure(png, 105, text, title, (name, src.command(P2_EXTREMES_CMD)))
 
     doc.heading("5. Analysis")
     doc.notes(src.notes, "p2_attention")
@@ -578,6 +616,26 @@ def checklist(doc: Report, src: Sources) -> None:
         doc.ln(1.5)
 
 
+def report_gaps(src: Sources, notes_path: str, out: str, placeholders: int) -> list:
+    """[what, how to fill it] for everything the report still lacks: result files, values, notes."""
+    rebuild = f"then rebuild the report: python3 build_report.py --notes {notes_path} --out {out}"
+    gaps = []
+    for key, heading in NOTES_SECTIONS.items():
+        text = src.notes.get(key)
+        if key == "student" and student_line(src.notes) == STUDENT_PLACEHOLDER:
+            gaps.append([f"Student: {student_line(src.notes)}",
+                         f"write your name and student ID under '## {heading}' in {notes_path}, {rebuild}"])
+        elif key != "student" and (not text or text == TO_BE_WRITTEN):
+            gaps.append([f"'## {heading}': {'missing' if text is None else TO_BE_WRITTEN}",
+                         f"write the answer under '## {heading}' in {notes_path}, {rebuild}"])
+    gaps += [[f"{NOT_MEASURED}: {what} missing", command] for what, path, command in src.looked if not path]
+    gaps += [[f"{NOT_MEASURED}: {what}", command] for what, command in src.gaps]
+    unique = list({tuple(g): g for g in gaps}.values())
+    if placeholders and not any(what.startswith(NOT_MEASURED) for what, _ in unique):
+        unique.append([f"values printed as '{NOT_MEASURED}'", "see the report's last page"])
+    return unique
+
+
 def build(results: str, notes_path: str, out: str, checkpoints: dict, attention_dir: str | None = None,
           synthetic: bool = False) -> int:
     """Write the report to `out` (atomically); returns the page count."""
@@ -593,6 +651,9 @@ def build(results: str, notes_path: str, out: str, checkpoints: dict, attention_
         for section in (problem2_metrics, problem2_attention, checklist):
             doc.add_page()
             section(doc, src)
+    gaps = report_gaps(src, notes_path, out, doc.placeholders)
+    doc.set_creator(report_record.CREATOR)
+    doc.set_keywords(report_record.keywords(gaps))
     with atomic_output(out) as tmp:
         doc.output(tmp)
     return doc.pages_count
@@ -607,15 +668,20 @@ def parse_checkpoint(value: str):
 
 @reports_input_errors
 def main(argv=None) -> None:
+    quiet_known_warnings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("The results folder"):])
     p.add_argument("--results", default="outputs", help="folder of the result files (default %(default)s)")
     p.add_argument("--attention-dir", help="p2_attention.py's --out-dir (default: the results folder)")
-    p.add_argument("--notes", default="report_notes.md", help="free-text answers, one '## ' section per question")
-    p.add_argument("--out", default="hw3_report.pdf", help="the PDF (the course names it hw3_<studentID>.pdf)")
+    p.add_argument("--notes", default="report_notes.md",
+                   help="free-text answers, one '## ' section per question (default %(default)s)")
+    p.add_argument("--out", default="hw3_report.pdf",
+                   help="the PDF to write (default %(default)s; the course names it hw3_<studentID>.pdf)")
     p.add_argument("--checkpoint", action="append", type=parse_checkpoint, default=[], metavar="RUN=PATH",
-                   help=f"checkpoint of a run ({', '.join(RUNS)}); overrides DIR/p2_ckpt_<run>.txt")
-    p.add_argument("--best-checkpoint", metavar="PATH", help="same as --checkpoint best=PATH")
+                   help=f"checkpoint of a run ({', '.join(RUNS)}), repeatable; overrides DIR/p2_ckpt_<run>.txt "
+                        "(default: the paths in those files)")
+    p.add_argument("--best-checkpoint", metavar="PATH",
+                   help="same as --checkpoint best=PATH (default: the path in DIR/p2_ckpt_best.txt)")
     p.add_argument("--synthetic", action="store_true",
                    help="say on page 1 that the results come from synthetic data and tiny random models (the demo)")
     args = p.parse_args(argv)

@@ -117,7 +117,8 @@ class Captioner(nn.Module):
         super().__init__()
         config = copy.deepcopy(config)
         self.encoder = ImageEncoder(config["encoder"]["name"], weights=encoder_weights, pretrained=pretrained_encoder,
-                                    model_kwargs=config["encoder"].get("model_kwargs"), device=device)
+                                    model_kwargs=config["encoder"].get("model_kwargs"), device=device,
+                                    recorded=config["encoder"].get("weights_file"))
         gpt2 = load_gpt2_state(decoder_weights, check_values=False) if decoder_weights else None  # load_gpt2_into checks
         shape = infer_gpt2_shape(gpt2) if gpt2 is not None else {}
         decoder = config["decoder"]
@@ -227,6 +228,9 @@ def trainable_state(model: Captioner) -> dict:
 def export_config(model: Captioner) -> dict:
     config = copy.deepcopy(model.config)
     config["decoder"]["prefix_hidden"] = 0  # trainable_state folds the prefix MLP away
+    source = model.encoder.weights_record()
+    if source is not None:  # trained from a named file: inference finds it again (encoder.find_weights)
+        config["encoder"]["weights_file"] = source
     return config
 
 

@@ -6,7 +6,8 @@ Used by p2_evaluate.py (the course's command line) and by p2_train.py
 (validation), so it lives here, under both. Unlike the course's script it
 cuts a caption longer than CLIP's 77-token context at a word boundary (with a warning) and
 takes images of any extension. fp16 on CUDA (as `clip.load` gives it), fp32 on
-the CPU.
+the CPU. Where the cache keeps an OpenAI CLIP model (`clip_weights_path`) is
+decided here too, for Problem 1's models as well.
 """
 from __future__ import annotations
 
@@ -26,12 +27,28 @@ def check_clip_model(model_name_or_file: str) -> None:
                          f"{clip.available_models()}, or a path to a checkpoint file")
 
 
+def clip_weights_path(name: str) -> str:
+    """Where `clip.load` keeps OpenAI model `name` in the cache (`ViT-L/14@336px` -> clip/ViT-L-14-336px.pt)."""
+    return cache_dir("clip", name.replace("/", "-").replace("@", "-") + ".pt")
+
+
 def load_clip(model_name_or_file: str, device):
-    """`clip.load` of an OpenAI model name (downloaded into the cache) or a local file."""
+    """(model, preprocess): `clip.load` of a local file, or of an OpenAI model name from the cache,
+    downloaded into it when missing; InputError saying what to do when that download fails."""
     import clip
 
     check_clip_model(model_name_or_file)
-    return clip.load(model_name_or_file, device=device, jit=False, download_root=cache_dir("clip"))
+    path = clip_weights_path(model_name_or_file)
+    if os.path.isfile(model_name_or_file) or os.path.isfile(path):
+        return clip.load(model_name_or_file, device=device, jit=False, download_root=os.path.dirname(path))
+    print(f"note: CLIP {model_name_or_file} is not in {path}; downloading it", file=sys.stderr)
+    try:
+        return clip.load(model_name_or_file, device=device, jit=False, download_root=os.path.dirname(path))
+    except (OSError, RuntimeError) as error:  # urllib's URLError (offline) is an OSError; a bad checksum a RuntimeError
+        raise InputError(f"CLIP {model_name_or_file!r} is not in {path} and could not be downloaded ({error}). "
+                         f"On a machine with the network, `python3 hw3_cache.py clip {model_name_or_file}` puts it "
+                         "there (as `bash hw3_download.sh` does for Problem 1's models); or pass --clip-model FILE, "
+                         "a local CLIP checkpoint") from None
 
 
 def clip_text_tokens(texts: list[str], context_length: int):
@@ -66,11 +83,12 @@ class _Images:
 
 
 def clip_scores(preds: dict, images_root: str, model_name_or_file: str = "ViT-B/32",
-                device="auto", batch_size: int = 64, workers: int | None = None) -> dict[str, float]:
+                device="auto", batch_size: int = 64, workers: int | None = None, loaded=None) -> dict[str, float]:
     """CLIPScore of each prediction: 2.5 * max(cos(image embedding, caption embedding), 0).
 
     preds: key -> caption; the image of key k is `<images_root>/<k>.<ext>`
-    (io_utils.find_images); device: "auto", "cpu", "cuda" or a torch.device.
+    (io_utils.find_images); device: "auto", "cpu", "cuda" or a torch.device;
+    loaded: `load_clip(model_name_or_file, device)`'s result when the caller loaded it already.
     Returns {key: score}; the course's CLIPScore is the mean of the values.
     """
     import torch
@@ -81,7 +99,7 @@ def clip_scores(preds: dict, images_root: str, model_name_or_file: str = "ViT-B/
     keys = sorted(preds)
     paths = find_images(images_root, keys)
     device = pick_device(device)
-    model, preprocess = load_clip(model_name_or_file, device)
+    model, preprocess = loaded or load_clip(model_name_or_file, device)
     model.eval()
     tokens = clip_text_tokens([preds[k] for k in keys], model.context_length)  # (N, 77)
     if workers is None:

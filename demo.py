@@ -137,16 +137,21 @@ def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, 
 
 
 def main(argv=None) -> None:
+    io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--train", type=int, default=200, help="captioning training images")
-    parser.add_argument("--val", type=int, default=40, help="captioning validation images")
-    parser.add_argument("--p1-per-class", type=int, default=6, help="Problem 1 images per class")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--lm-steps", type=int, default=150, help="steps teaching the tiny GPT-2 the captions")
+    parser.add_argument("out_dir", help="folder to write into (created; the Makefile's demo/)")
+    parser.add_argument("--train", type=int, default=200, help="captioning training images (default %(default)s)")
+    parser.add_argument("--val", type=int, default=40, help="captioning validation images (default %(default)s)")
+    parser.add_argument("--p1-per-class", type=int, default=6,
+                        help="Problem 1 images per class (default %(default)s)")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default %(default)s)")
+    parser.add_argument("--lm-steps", type=int, default=150,
+                        help="optimiser steps teaching the tiny GPT-2 the captions (default %(default)s)")
     parser.add_argument("--lm-width", type=int, default=64,
-                        help="the tiny GPT-2's width (a multiple of 64; the 50257-way output dominates training)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="the tiny GPT-2's width in channels, a multiple of 64 (default %(default)s; "
+                             "the 50257-way output dominates training)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the images, captions and models (default %(default)s)")
     args = parser.parse_args(argv)
     build(args.out_dir, args.train, args.val, args.p1_per_class, args.size, args.lm_steps, args.lm_width, args.seed)
 

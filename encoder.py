@@ -5,9 +5,13 @@ build a GELU tower that does not match OpenAI's weights (trained with
 QuickGELU), so the default is the `*_clip_quickgelu_*` name with the
 `.openai` tag (without a tag timm picks another pretraining).
 
-Weights come from, in order: an explicit file, the repository cache that
-`hw3_download.sh` fills (`cache/timm/<name>.pth`), or timm's own download
-(announced on stderr, refused under HF_HUB_OFFLINE=1). Loading is checked:
+Weights come from, in order (`find_weights`): an explicit file; the file a
+checkpoint was trained with, when it is still there unchanged (a checkpoint
+trained from a named file records its path and SHA-256: `weights_record`);
+the repository cache that `hw3_download.sh` fills (`cache/timm/<name>.pth`);
+or timm's own download (announced on stderr, refused under HF_HUB_OFFLINE=1
+and for a checkpoint trained from a file, whose weights the hub may not have:
+those fail at once, saying how to supply the file). Loading is checked:
 every encoder tensor must be found in the file; only the classifier head,
 which the captioner drops, may be left over. With weights, the ViT is built
 without its random initialisation (`weights.skip_init`) and the file's tensors
@@ -17,6 +21,8 @@ The encoder brings its own preprocessing (timm's data config) and width.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import sys
 
@@ -52,6 +58,57 @@ def download_weights(name: str) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, computed once per version of it (path, size, modification time)."""
+    stat = os.stat(path)
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def is_recorded_file(recorded) -> bool:
+    """Whether `weights_record`'s record names a file that is here, unchanged (size, then SHA-256)."""
+    if not isinstance(recorded, dict) or not all(isinstance(recorded.get(k), str) for k in ("path", "sha256")):
+        return False
+    path = recorded["path"]
+    return (os.path.isfile(path) and recorded.get("bytes") in (None, os.path.getsize(path))
+            and file_sha256(path) == recorded["sha256"])
+
+
+def find_weights(name: str, weights: str | None = None, recorded: dict | None = None):
+    """The file to load `name`'s pretrained weights from, or None where timm is to download them.
+
+    `weights` when given; else the file a checkpoint was trained with (`recorded`), if it is still
+    there unchanged; else the repository cache. Never None for a checkpoint trained from a file
+    (the hub need not have those weights) or under HF_HUB_OFFLINE=1: FileNotFoundError, at once,
+    saying how to supply the file.
+    """
+    if weights:
+        return weights
+    if is_recorded_file(recorded):
+        return recorded["path"]
+    cached = cached_weights_path(name)
+    if os.path.isfile(cached):
+        return cached
+    fix = (f"pass the weights file (hw3_2.sh and p2_inference.py: HW3_P2_ENCODER_WEIGHTS=FILE), or run "
+           f"`bash hw3_download.sh`, which fetches {name!r} into the cache")
+    if isinstance(recorded, dict) and recorded.get("path"):
+        state = "has changed since" if os.path.isfile(recorded["path"]) else "is no longer there"
+        raise FileNotFoundError(f"encoder weights for {name!r}: the checkpoint was trained with {recorded['path']} "
+                                f"(SHA-256 {str(recorded.get('sha256'))[:12]}...), which {state}, and {cached} "
+                                f"does not exist; {fix}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"encoder weights for {name!r} not in {cached} and HF_HUB_OFFLINE=1 (no hub); {fix}")
+    return None
+
+
 def read_state_dict(path: str, check: bool = True) -> dict:
     """Tensors from a .pth/.bin/.safetensors file, unwrapping {'state_dict': ...} style containers;
     ValueError naming any tensor that holds NaN or inf (unless `check` is False: the caller checks
@@ -79,15 +136,19 @@ class ImageEncoder(nn.Module):
 
     `pretrained=False` builds random weights (parameter counts, benchmarks).
     `model_kwargs` go to timm.create_model (tests build small ViTs with them).
+    `recorded`: the checkpoint's record of the file it was trained with (`find_weights`).
     """
 
     def __init__(self, name: str = DEFAULT_ENCODER, weights: str | None = None, pretrained: bool = True,
-                 model_kwargs: dict | None = None, device=None):
+                 model_kwargs: dict | None = None, device=None, recorded: dict | None = None):
         super().__init__()
         import timm
 
         self.name = name
         self.model_kwargs = dict(model_kwargs or {})
+        # where the weights come from, decided (a missing file reported) before the ViT is built
+        found = find_weights(name, weights, recorded) if pretrained and timm.is_model(name) else None
+        self.named_file = found if found is not None and found != cached_weights_path(name) else None
         try:
             self.vit = _create_vit(name, self.model_kwargs, initialise=not pretrained)
         except RuntimeError as error:  # timm's "Unknown model"
@@ -97,12 +158,7 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"encoder {name!r} is not a ViT (no patch_embed / num_prefix_tokens)")
         self.weights = None
         if pretrained:
-            self.weights = weights or cached_weights_path(name)
-            if weights is None and not os.path.isfile(self.weights):
-                if os.environ.get("HF_HUB_OFFLINE") == "1":
-                    raise FileNotFoundError(f"encoder weights for {name!r} not in {self.weights} and "
-                                            "HF_HUB_OFFLINE=1; run `bash hw3_download.sh` first")
-                download_weights(name)
+            self.weights = found or download_weights(name)
             self._load(self.weights, device)
         self.requires_grad_(False)
         self.vit.eval()
@@ -138,6 +194,14 @@ class ImageEncoder(nn.Module):
     def grid(self) -> tuple:
         """Patch grid (rows, columns)."""
         return tuple(self.vit.patch_embed.grid_size)
+
+    def weights_record(self):
+        """{path, bytes, sha256} of the file the weights came from when it was named rather than the
+        cache's (None otherwise): a checkpoint keeps it, so that inference finds the same file again."""
+        if self.named_file is None:
+            return None
+        path = os.path.abspath(self.named_file)
+        return {"path": path, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
     def describe(self) -> dict:
         """What determines the features: keys the feature cache."""

@@ -18,7 +18,7 @@ leaves a file that looks complete (and bash may not `rm` or `mv`).
     python3 hw3_cache.py part checkpoint|encoder.json|vocab.bpe   # print the .part path, create its folder
     python3 hw3_cache.py install checkpoint|gpt2                  # check the .part file(s), move into place
     python3 hw3_cache.py has gpt2                                 # exit 0 if the GPT-2 vocabulary is usable
-    python3 hw3_cache.py clip                                     # CLIP weights for Problem 1
+    python3 hw3_cache.py clip [NAME ...]                          # CLIP weights (default: Problem 1's)
     python3 hw3_cache.py encoder                                  # timm weights for Problem 2
 """
 from __future__ import annotations
@@ -88,13 +88,14 @@ def has_gpt2() -> bool:
     return True
 
 
-def fetch_clip() -> list:
-    """Every CLIP model Problem 1 uses, into `<cache>/clip` (clip.load skips a file it already has)."""
+def fetch_clip(names=None) -> list:
+    """CLIP models `names` (default: every one Problem 1 uses) into `<cache>/clip` (clip.load skips a
+    file it already has)."""
     import torch
 
     import p1_zeroshot
 
-    specs = p1_zeroshot.model_specs(p1_zeroshot.DEFAULT_MODELS)
+    specs = p1_zeroshot.model_specs(",".join(names) if names else p1_zeroshot.DEFAULT_MODELS)
     for spec in specs:
         p1_zeroshot.load_clip(spec, torch.device("cpu"))
         print(f"CLIP {spec} is in {io_utils.cache_dir('clip')}", file=sys.stderr)
@@ -131,12 +132,25 @@ def fetch_encoder() -> str:
 
 @io_utils.reports_input_errors
 def main(argv=None) -> None:
+    io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["part", "install", "has", "clip", "encoder"])
-    parser.add_argument("name", nargs="?", help="part: checkpoint|encoder.json|vocab.bpe; install: checkpoint|gpt2")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{part,install,has,clip,encoder}")
+    for name, line, what in (
+            ("part", "print where wget/gdown write NAME before it is checked (its folder is created)",
+             "checkpoint, encoder.json or vocab.bpe"),
+            ("install", "check the downloaded NAME and move it into the cache", "checkpoint or gpt2"),
+            ("has", "exit 0 when NAME is usable where inference looks for it, else 1", "gpt2"),
+            ("clip", "download CLIP weights into the cache", None),
+            ("encoder", "download the timm encoder the checkpoint names (else the default) into the cache", None)):
+        sub = commands.add_parser(name, help=line, description=line)
+        if what:
+            sub.add_argument("name", metavar="NAME", help=what)
+        if name == "clip":
+            sub.add_argument("names", nargs="*", metavar="NAME", help="CLIP model names (default: Problem 1's, "
+                             "HW3_P1_CLIP's default; ViT-B/32 is p2_evaluate.py's)")
     args = parser.parse_args(argv)
     if args.command == "part":
-        print(part(args.name or ""))
+        print(part(args.name))
     elif args.command == "install":
         installers = {"checkpoint": install_checkpoint, "gpt2": install_gpt2}
         if args.name not in installers:
@@ -147,7 +161,7 @@ def main(argv=None) -> None:
             raise io_utils.InputError(f"has what? {args.name!r}; expected gpt2")
         sys.exit(0 if has_gpt2() else 1)
     elif args.command == "clip":
-        fetch_clip()
+        fetch_clip(args.names)
     else:
         fetch_encoder()
 

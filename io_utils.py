@@ -82,6 +82,25 @@ def warn(message: str) -> None:
     print("warning: " + message, file=sys.stderr)
 
 
+# Warnings that third-party packages print on every run and that say nothing about this
+# repository's work, as (category, module raising it, message), all three matched:
+KNOWN_NOISE = (
+    # torch 2.x deprecates torch.jit; timm calls torch.jit.script on import, clip.load tries torch.jit.load
+    (FutureWarning, r"torch\.jit(\.|$)", r"`torch\.jit\.\w+` is deprecated"),
+    # openai/CLIP imports pkg_resources, which setuptools deprecates
+    (UserWarning, r"clip(\.|$)", r"pkg_resources is deprecated"),
+)
+
+
+def quiet_known_warnings() -> None:
+    """Hide KNOWN_NOISE; every entry point calls this before it imports torch, timm or clip.
+    Any other warning, ours included, still shows."""
+    import warnings
+
+    for category, module, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def is_utf8(name: str) -> bool:
     """Whether a name from os.listdir is valid UTF-8 (undecodable bytes arrive as surrogates)."""
     try:

@@ -2,6 +2,7 @@
 
     python3 p1_report.py accuracy --val-dir DIR --id2label JSON --out-dir OUT [--clip SPEC ...]
     python3 p1_report.py top5 --id2label JSON --out-dir OUT [--clip SPEC ...] IMG [IMG ...]
+    python3 p1_report.py top5 --id2label JSON --out-dir OUT [--clip SPEC ...] --pick-from DIR
 
 `accuracy` scores the report's three prompts, each alone, and our 18-template
 ensemble on validation images named `{label}_{id}.png`; every image is
@@ -9,6 +10,9 @@ encoded once per model and shared by all prompt sets. It writes
 OUT/p1_prompts.md and OUT/p1_prompts.json.
 `top5` draws, per image, the five most probable classes of our default
 classifier beside the image: OUT/p1_top5_<stem>.png, numbers in OUT/p1_top5.json.
+With --pick-from DIR it draws three images of DIR of three different classes
+(`pick_images`: classes spread evenly over the label ids found in the names,
+the first image of each by name), the same three on every run.
 
 Models: --clip (repeatable, or comma-separated), else $HW3_P1_CLIP, else the
 graders' default; everything else is p1_zeroshot's code path.
@@ -18,8 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-import torch
+import sys
 
 import io_utils
 import p1_zeroshot as zs
@@ -64,11 +67,29 @@ class Classifier:
         return zs.ensemble_probs(image_embs, text, self.scales), per_model
 
 
+def pick_images(folder: str, n: int = 3) -> list:
+    """Paths of n images of `folder` named `{label}_{id}.ext`, each of another class: the labels found,
+    in numeric order, taken at even steps (the first, about a third in, about two thirds in for n = 3),
+    and of each the first file by name. InputError when fewer than n classes are named."""
+    by_label = {}
+    for name in io_utils.list_files(folder):  # sorted by name
+        label = label_from_name(name)
+        if label is not None:
+            by_label.setdefault(label, name)
+    labels = sorted(by_label)
+    if len(labels) < n:
+        raise io_utils.InputError(f"--pick-from {folder!r}: {len(labels)} class(es) among the file names "
+                                  f"({{label}}_{{id}}.png), {n} needed; name the images instead")
+    return [os.path.join(folder, by_label[labels[i * len(labels) // n]]) for i in range(n)]
+
+
 def _specs(values):
     return zs.model_specs(",".join(values) if values else None)
 
 
 def accuracy(args) -> dict:
+    import torch
+
     id2label = zs.read_id2label(args.id2label)
     names = io_utils.list_files(args.val_dir)
     labels = {name: label_from_name(name) for name in names}
@@ -133,6 +154,9 @@ def top5(args) -> dict:
 
     id2label = zs.read_id2label(args.id2label)
     specs = _specs(args.clip)
+    if args.pick_from:
+        args.images = pick_images(args.pick_from)
+        print("top-5 images: " + " ".join(args.images), file=sys.stderr)
     for path in args.images:
         if not os.path.isfile(path):
             raise SystemExit(f"error: image {path!r} does not exist")
@@ -184,19 +208,30 @@ def top5(args) -> dict:
 
 @io_utils.reports_input_errors
 def main(argv=None):
+    io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("accuracy", "top5"):
-        sub = commands.add_parser(name)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{accuracy,top5}")
+    subcommands = {"accuracy": "accuracy of the report's three prompts and the 18-template ensemble "
+                               "(OUT/p1_prompts.md, .json)",
+                   "top5": "top-5 class probabilities of a few images, as bar charts (OUT/p1_top5_<stem>.png, "
+                           "OUT/p1_top5.json)"}
+    for name, line in subcommands.items():
+        sub = commands.add_parser(name, help=line, description=line)
         sub.add_argument("--id2label", required=True, help="the id2label JSON")
         sub.add_argument("--out-dir", required=True, help="folder for the outputs (created)")
         sub.add_argument("--clip", action="append", metavar="SPEC",
-                         help="CLIP model name or checkpoint file (repeat for an ensemble)")
+                         help="CLIP model name or checkpoint file, repeatable for an ensemble (default: "
+                              f"$HW3_P1_CLIP, else {zs.DEFAULT_MODELS}, as hw3_1.sh)")
         if name == "accuracy":
             sub.add_argument("--val-dir", required=True, help="images named {label}_{id}.png")
         else:
-            sub.add_argument("images", nargs="+", metavar="IMG")
+            sub.add_argument("images", nargs="*", metavar="IMG", help="images to chart (default: none; "
+                             "give them or --pick-from)")
+            sub.add_argument("--pick-from", metavar="DIR", help="chart three images of DIR of three different "
+                             "classes, named {label}_{id}.png (the same three every run; default: the IMGs)")
     args = parser.parse_args(argv)
+    if args.command == "top5" and bool(args.images) == bool(args.pick_from):
+        parser.error("top5: give the images (IMG ...) or --pick-from DIR, not both")
     try:  # before CLIP loads: the outputs are written last
         io_utils.check_output_path(os.path.join(args.out_dir, "p1_top5.json"))
     except io_utils.InputError as error:

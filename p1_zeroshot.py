@@ -44,18 +44,13 @@ import json
 import os
 import re
 import sys
-import warnings
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 import io_utils
-from weights import skip_init
+from clipscore import clip_weights_path
 
-with warnings.catch_warnings():
-    # openai/CLIP imports pkg_resources, which setuptools now warns about.
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-    import clip
+if TYPE_CHECKING:  # torch and CLIP load in the functions that use them: `--help` answers at once
+    import torch
 
 DEFAULT_MODELS = "ViT-L/14,ViT-L/14@336px"
 DEFAULT_BATCH = 64
@@ -164,6 +159,8 @@ def _warn_same_prompt_names(path: str, id2label: dict) -> None:
 def check_prompt_lengths(id2label: dict, templates) -> None:
     """Raise InputError naming the first class whose prompts exceed CLIP's 77-token context
     (clip.tokenize would raise only after the models have loaded)."""
+    import clip
+
     for class_id, name in id2label.items():
         try:
             clip.tokenize([t.format(clean_classname(name)) for t in templates])
@@ -195,6 +192,8 @@ def model_specs(value: str | None = None) -> list[str]:
 
 
 def _check_spec(spec: str) -> None:
+    import clip
+
     if spec not in clip.available_models() and not os.path.isfile(spec):
         raise io_utils.InputError(f"CLIP model {spec!r} not found; available models = "
                                   f"{clip.available_models()}; or give a path to a checkpoint file")
@@ -230,17 +229,14 @@ def image_batch(models, device) -> int:
 
 # ---------------------------------------------------------------- models
 
-def _weights_file(name: str) -> str:
-    """File name clip.load downloads for `name` (`ViT-L/14@336px` -> `ViT-L-14-336px.pt`)."""
-    return name.replace("/", "-").replace("@", "-") + ".pt"
-
-
 def _clip_load(spec: str, device: torch.device, root: str):
+    import clip
+
+    from weights import skip_init
+
     # clip.load builds the model and then loads every tensor strictly (clip.model.build_model):
     # its random initialisation (ViT-L/14: 428M parameters) would only be overwritten
-    with warnings.catch_warnings(), skip_init():
-        # clip.load first tries torch.jit.load, which torch 2.x marks deprecated.
-        warnings.filterwarnings("ignore", message="`torch.jit.load` is deprecated")
+    with skip_init():
         return clip.load(spec, device=device, jit=False, download_root=root)
 
 
@@ -251,10 +247,12 @@ def load_clip(spec: str, device: torch.device):
     A name missing from the cache is downloaded, with a notice, since the run
     then takes longer and needs the network.
     """
+    import clip
+
     _check_spec(spec)
     root = io_utils.cache_dir("clip")
     if spec in clip.available_models():
-        cached = os.path.isfile(os.path.join(root, _weights_file(spec)))
+        cached = os.path.isfile(clip_weights_path(spec))
         if not cached:
             print(f"note: CLIP {spec} weights are not in {root}; downloading them now "
                   "(`bash hw3_download.sh` pre-fetches them)", file=sys.stderr)
@@ -289,6 +287,10 @@ def text_embeddings(model, classnames, templates, device) -> torch.Tensor:
     """[K, D] class embeddings, fp32 on `device`: each class's prompts
     (templates filled with the cleaned name) encoded and L2-normalised,
     averaged over the templates, normalised again."""
+    import clip
+    import torch
+    import torch.nn.functional as F
+
     prompts = [t.format(clean_classname(c)) for c in classnames for t in templates]  # K*T
     tokens = clip.tokenize(prompts).to(device)  # [K*T, 77]
     with torch.no_grad():
@@ -304,6 +306,9 @@ def _encode_with_flip(model, images: torch.Tensor) -> torch.Tensor:
     """[B, 3, R, R] -> [B, D]: mean of the normalised embeddings of the
     image and its mirror image, normalised. The mirror is taken on the
     preprocessed square tensor, which equals preprocessing the mirrored image."""
+    import torch
+    import torch.nn.functional as F
+
     both = torch.cat([images, images.flip(-1)]).to(model.dtype)  # [2B, 3, R, R]
     features = F.normalize(model.encode_image(both).float(), dim=-1)  # [2B, D]
     plain, mirrored = features.chunk(2)  # [B, D] each
@@ -317,6 +322,8 @@ def image_embeddings(models, paths, device, batch_size):
     tensor per model]), rows in the order of kept_paths; a file Pillow cannot
     read is skipped with a warning naming it. N may be 0 (tensors [0, 0]).
     """
+    import torch
+
     kept, outputs = [], [[] for _ in models]
     transforms = [preprocess for _, preprocess in models]
     with torch.no_grad():
@@ -330,6 +337,8 @@ def image_embeddings(models, paths, device, batch_size):
 def ensemble_probs(image_embs, text_embs, logit_scales) -> torch.Tensor:
     """[N, K] class probabilities: per model softmax(scale * img @ text.T),
     averaged over the models (each model's own temperature)."""
+    import torch
+
     probs = [
         torch.softmax(scale * img.float().cpu() @ txt.float().cpu().t(), dim=-1)  # [N, K]
         for img, txt, scale in zip(image_embs, text_embs, logit_scales)
@@ -350,8 +359,10 @@ def predictions_csv(names, labels) -> str:
 
 @io_utils.reports_input_errors
 def main(argv=None) -> None:
+    io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__[__doc__.index("Environment ("):__doc__.index("\n\nShapes")])
     parser.add_argument("img_dir", help="folder of images (any names, any Pillow-readable format)")
     parser.add_argument("id2label", help='JSON object {"0": "class name", ...}')
     parser.add_argument("out_csv", help="output CSV (its folder is created)")

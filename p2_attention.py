@@ -63,12 +63,11 @@ import os
 import sys
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 import io_utils
-from captioner import MAX_BEAM, autocast, caption_text, load_checkpoint
 from tokenizer import EOT, BPETokenizer
+
+# torch and the model load in the functions that use them: `--help` answers at once.
 
 COLUMNS = 5
 # Figure geometry in pixels at DPI, fixed so that every figure of n panels has the same size.
@@ -112,7 +111,6 @@ def model_view(image, transform):
     return image
 
 
-@torch.no_grad()
 def word_maps(model, tokenizer, image, device, beam_size: int | None = None):
     """Caption `image` (PIL, RGB) and return (caption, panels).
 
@@ -120,9 +118,13 @@ def word_maps(model, tokenizer, image, device, beam_size: int | None = None):
     (word, float32 [rows, cols]) per caption word, then ("<|endoftext|>", map
     of the step that produced the end token). See the module docstring.
     """
+    import torch
+
+    from captioner import autocast, caption_text
+
     device = torch.device(device)
     x = model.encoder.transform(image).unsqueeze(0).to(device)  # [1, 3, H, W]
-    with autocast(device):
+    with torch.no_grad(), autocast(device):
         feats = model.encode(x)  # [1, S, W]
         ids = [int(t) for t in model.generate(feats, beam_size=beam_size)[0]]
         att = model.cross_attention(feats, ids)  # [N + 2, rows, cols]
@@ -149,6 +151,9 @@ def figure_size(n_panels: int, columns: int = COLUMNS) -> tuple:
 
 def heat_map(att: np.ndarray, height: int, width: int) -> np.ndarray:
     """[rows, cols] attention -> [height, width] in [0, 1]: bilinear upsampling, then min-max."""
+    import torch
+    import torch.nn.functional as F
+
     grid = torch.from_numpy(np.ascontiguousarray(att, dtype=np.float32))[None, None]  # [1, 1, rows, cols]
     up = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
     span = up.max() - up.min()
@@ -244,9 +249,56 @@ def extreme_figures(per_image: str, images_root: str, out_dir: str, model, token
 
 def load_model(checkpoint: str, decoder_weights: str, encoder_weights: str | None = None, device=None):
     """(model on device, tokenizer, device) from a P2 checkpoint."""
+    import torch
+
+    from captioner import load_checkpoint
+
     device = torch.device(device) if device is not None else io_utils.pick_device()
     model = load_checkpoint(checkpoint, decoder_weights, encoder_weights).to(device)
     return model, BPETokenizer(), device
+
+
+# Where the notebook looks, in order: the course workflow's folders (the Makefile's DATA and OUT),
+# then the demo's, whose weights cache is its own: (data, results, cache) relative to the repository.
+LAYOUTS = (("hw3_data", "outputs", None),
+           (os.path.join("demo", "hw3_data"), os.path.join("demo", "outputs"), os.path.join("demo", "cache")))
+
+
+def notebook_inputs(root: str = io_utils.REPO_ROOT) -> dict:
+    """What p2_visualize.ipynb draws, found by itself: the data and results folders from $HW3_DATA
+    and $HW3_OUT when set, else the first layout of LAYOUTS (under `root`) that holds the decoder
+    weights; the checkpoint from $HW3_P2_CKPT, else the run the workflow chose (OUT/p2_ckpt_best.txt),
+    else the cache's. Returns {checkpoint, decoder_weights, encoder_weights, images (the p3_data
+    images), per_image (None before p2_evaluate.py wrote it), images_root, out_dir, cache (the
+    demo's weights cache, else None)}; InputError naming what is missing and how to point at it.
+    """
+    if os.environ.get("HW3_DATA") or os.environ.get("HW3_OUT"):
+        layouts = [(os.environ.get("HW3_DATA") or LAYOUTS[0][0], os.environ.get("HW3_OUT") or LAYOUTS[0][1], None)]
+    else:
+        layouts = LAYOUTS
+    found = [(os.path.join(root, d), os.path.join(root, o), c and os.path.join(root, c)) for d, o, c in layouts
+             if os.path.isfile(os.path.join(root, d, "p2_data", "decoder_model.bin"))]
+    if not found:
+        looked = " and ".join(os.path.join(root, d, "p2_data", "decoder_model.bin") for d, _, _ in layouts)
+        raise io_utils.InputError(f"no course data here: {looked} do not exist. Run `make data` (or `make demo`), "
+                                  "or set HW3_DATA to the folder holding p2_data/ and p3_data/ and HW3_OUT to "
+                                  "the results folder (build_report.py's --results)")
+    data, out, cache = found[0]
+    checkpoint = io_utils.p2_checkpoint(root)
+    best = os.path.join(out, "p2_ckpt_best.txt")
+    if checkpoint == io_utils.cache_dir(io_utils.P2_CHECKPOINT_NAME, repo=root) and os.path.isfile(best):
+        with open(best, encoding="utf-8") as f:  # $HW3_P2_CKPT unset: the workflow's choice
+            checkpoint = os.path.join(root, f.read().strip())
+    if not os.path.isfile(checkpoint):
+        raise io_utils.InputError(f"no checkpoint at {checkpoint!r}: set HW3_P2_CKPT, or run the workflow "
+                                  f"(`make report`), which names its choice in {best}")
+    p3 = os.path.join(data, "p3_data", "images")
+    images = sorted(os.path.join(p3, n) for n in os.listdir(p3)) if os.path.isdir(p3) else []
+    per_image = os.path.join(out, "p2_per_image.json")
+    return dict(checkpoint=checkpoint, decoder_weights=os.path.join(data, "p2_data", "decoder_model.bin"),
+                encoder_weights=os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None, images=images,
+                per_image=per_image if os.path.isfile(per_image) else None,
+                images_root=os.path.join(data, "p2_data", "images", "val"), out_dir=out, cache=cache)
 
 
 def _read_json_dict(path: str) -> dict:
@@ -259,18 +311,34 @@ def _read_json_dict(path: str) -> dict:
     return data
 
 
+ENVIRONMENT = """Environment:
+  HW3_P2_CKPT             the checkpoint without --checkpoint (default: the cache's)
+  HW3_P2_ENCODER_WEIGHTS  the encoder's weights without --encoder-weights (default: the
+                          file the checkpoint records, else the cache's)
+  HW3_DATA, HW3_OUT       p2_visualize.ipynb only (notebook_inputs): the course data and the
+                          results folder (default: hw3_data and outputs, else the demo's)"""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", nargs="+", default=[], metavar="IMG", help="images to draw (e.g. p3_data/images/*.jpg)")
-    p.add_argument("--per-image", metavar="FILE", help="p2_evaluate.py --per-image output: draw its top-1 and last-1")
-    p.add_argument("--images-root", metavar="DIR", help="the folder of the --per-image keys' images")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=ENVIRONMENT,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", nargs="+", default=[], metavar="IMG",
+                   help="images to draw (e.g. p3_data/images/*.jpg; default: none)")
+    p.add_argument("--per-image", metavar="FILE",
+                   help="p2_evaluate.py --per-image output: draw its top-1 and last-1 (default: none)")
+    p.add_argument("--images-root", metavar="DIR",
+                   help="the folder of the --per-image keys' images (required with --per-image)")
     p.add_argument("--out-dir", required=True, help="folder for attention_*.png and attention.json")
     p.add_argument("--checkpoint", help="P2 checkpoint (default $HW3_P2_CKPT, else the cache)")
     p.add_argument("--decoder-weights", required=True, help="the course's decoder_model.bin (GPT-2)")
     p.add_argument("--encoder-weights", default=os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None,
-                   help="local encoder weights (default $HW3_P2_ENCODER_WEIGHTS, else the cache)")
-    p.add_argument("--beam-size", type=int, help="override the checkpoint's beam size (1 = greedy)")
+                   help="local encoder weights file ($HW3_P2_ENCODER_WEIGHTS when set; default: as p2_inference.py "
+                        "finds them, the file the checkpoint was trained with, else the cache)")
+    p.add_argument("--beam-size", type=int,
+                   help="beam size, 1 = greedy (default: the checkpoint's decoding settings)")
     args = p.parse_args(argv)
+    from captioner import MAX_BEAM
+
     if not args.images and not args.per_image:
         p.error("nothing to draw: give --images and/or --per-image")
     if bool(args.per_image) != bool(args.images_root):
@@ -280,54 +348,71 @@ def parse_args(argv=None):
     return args
 
 
-@io_utils.reports_input_errors
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    # Every cheap check before the model loads.
+def image_stems(paths: list, per_image: str | None = None) -> dict:
+    """{stem: path} of the images to draw, each checked before any model loads: it exists, it decodes,
+    and no two share a record in attention.json (nor one the top1/last1 records of --per-image)."""
     stems = {}
-    for path in args.images:
+    for path in paths:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: image {path!r} does not exist")
+            raise io_utils.InputError(f"image {path!r} does not exist")
         try:
             io_utils.open_rgb(path)  # a broken image would otherwise fail after the model loads
         # Pillow's plugins raise more than OSError on corrupt data (see io_utils.ReadableImages).
         except Exception as error:  # noqa: BLE001
-            raise SystemExit(f"error: image {path!r} cannot be decoded: {error}") from None
+            raise io_utils.InputError(f"image {path!r} cannot be decoded: {error}") from None
         stem = io_utils.strip_extension(os.path.basename(path))
-        if stem in stems or (args.per_image and stem in EXTREMES):
-            raise SystemExit(f"error: {path!r} and {stems.get(stem, args.per_image)!r} would both be "
-                             f"recorded as {stem!r} in attention.json")
+        if stem in stems or (per_image and stem in EXTREMES):
+            raise io_utils.InputError(f"{path!r} and {stems.get(stem, per_image)!r} would both be "
+                                      f"recorded as {stem!r} in attention.json")
         stems[stem] = path
-    if args.per_image:
-        read_per_image(args.per_image)
-    json_path = os.path.join(args.out_dir, "attention.json")
+    if per_image:
+        read_per_image(per_image)
+    return stems
+
+
+def draw_figures(model, tokenizer, device, out_dir: str, stems: dict, per_image: str | None = None,
+                 images_root: str | None = None, beam_size: int | None = None) -> dict:
+    """Draw `stems` ({stem: image path}) and, with `per_image`, its top-1 and last-1 images into
+    `out_dir`, and record them in out_dir/attention.json (where build_report.py looks), keeping the
+    entries an earlier run wrote for other images. Returns this run's records, by stem / rank."""
+    json_path = os.path.join(out_dir, "attention.json")
+    results, drawn = _read_json_dict(json_path), {}
+    for stem, path in stems.items():
+        record = figure_for(path, os.path.join(out_dir, f"attention_{stem}.png"), model, tokenizer, device,
+                            beam_size)
+        drawn[stem] = {**record, "png": os.path.basename(record["png"])}
+        print(f"{stem}: {record['caption']}", file=sys.stderr)
+    if per_image:
+        for rank, record in extreme_figures(per_image, images_root, out_dir, model, tokenizer, device,
+                                            beam_size).items():
+            drawn[rank] = {**record, "png": os.path.basename(record["png"])}
+            print(f"{rank}: {record['key']} (CLIPScore {record['clip_score']:.4f}): {record['caption']}",
+                  file=sys.stderr)
+    results.update(drawn)
+    io_utils.atomic_write_text(json_path, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(drawn)} figures and {json_path}", file=sys.stderr)
+    return drawn
+
+
+@io_utils.reports_input_errors
+def main(argv=None) -> None:
+    io_utils.quiet_known_warnings()
+    args = parse_args(argv)
+    # Every cheap check before the model loads.
+    stems = image_stems(args.images, args.per_image)
     try:
-        io_utils.check_output_path(json_path)
+        io_utils.check_output_path(os.path.join(args.out_dir, "attention.json"))
     except io_utils.InputError as error:
         raise io_utils.InputError(f"--out-dir: {error}") from None
     if not os.path.isfile(args.decoder_weights):
-        raise SystemExit(f"error: decoder weights {args.decoder_weights!r} do not exist (the course's decoder_model.bin)")
+        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
+                                  "decoder_model.bin)")
     if args.checkpoint is None:
         args.checkpoint = io_utils.existing_p2_checkpoint()
-    results = _read_json_dict(json_path)
+    _read_json_dict(os.path.join(args.out_dir, "attention.json"))  # an earlier record that is no JSON object
 
     model, tokenizer, device = load_model(args.checkpoint, args.decoder_weights, args.encoder_weights)
-    for stem, path in stems.items():
-        record = figure_for(path, os.path.join(args.out_dir, f"attention_{stem}.png"), model, tokenizer, device,
-                            args.beam_size)
-        results[stem] = {**record, "png": os.path.basename(record["png"])}
-        print(f"{stem}: {record['caption']}", file=sys.stderr)
-    if args.per_image:
-        extremes = extreme_figures(args.per_image, args.images_root, args.out_dir, model, tokenizer, device,
-                                   args.beam_size)
-        for rank, record in extremes.items():
-            results[rank] = {**record, "png": os.path.basename(record["png"])}
-            print(f"{rank}: {record['key']} (CLIPScore {record['clip_score']:.4f}): {record['caption']}",
-                  file=sys.stderr)
-    io_utils.atomic_write_text(json_path, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {len(stems) + (2 if args.per_image else 0)} figures and {json_path} ({device.type})",
-          file=sys.stderr)
-
+    draw_figures(model, tokenizer, device, args.out_dir, stems, args.per_image, args.images_root, args.beam_size)
 
 if __name__ == "__main__":
     main()

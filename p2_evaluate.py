@@ -32,17 +32,20 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from collections import Counter
 
 from PIL import Image
 
-from clipscore import check_clip_model, clip_scores
+from clipscore import check_clip_model, clip_scores, load_clip
 from io_utils import (
     InputError,
     atomic_write_text,
     check_output_path,
     find_images,
     load_references,
+    pick_device,
+    quiet_known_warnings,
     read_json,
     strip_extension,
     to_rgb,
@@ -239,17 +242,19 @@ def cider_pycoco(preds: dict, refs: dict):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pred_file", required=True, help="JSON {image name without extension: caption}")
-    p.add_argument("--images_root", help="folder of the images (needed for CLIPScore)")
+    p.add_argument("--images_root", help="folder of the images (required unless --no-clipscore)")
     p.add_argument("--annotation_file", required=True, help="course annotation JSON (images, annotations)")
     p.add_argument("--clip-model", default="ViT-B/32", help="CLIP model name or checkpoint file (default ViT-B/32)")
     p.add_argument("--per-image", metavar="FILE",
-                   help="write a JSON list of {key, caption, clip_score[, cider]} sorted by CLIPScore, best first")
+                   help="write a JSON list of {key, caption, clip_score[, cider]} sorted by CLIPScore, best first "
+                        "(default: not written)")
     p.add_argument("--metrics-out", metavar="FILE",
                    help="write the scores as JSON {cider, clipscore, n_images, pred_file, annotation_file} "
-                        "(null for a skipped metric); build_report.py reads it")
-    p.add_argument("--batch-size", type=int, default=64)
+                        "(null for a skipped metric); build_report.py reads it (default: not written)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per CLIP batch (default %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="image loading processes (default 4 on CUDA, 0 on CPU)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where CLIP runs (default %(default)s: CUDA when torch sees a GPU)")
     p.add_argument("--no-cider", action="store_true", help="skip CIDEr (and Java)")
     p.add_argument("--no-clipscore", action="store_true", help="skip CLIPScore (and CLIP)")
     args = p.parse_args(argv)
@@ -264,10 +269,21 @@ def parse_args(argv=None):
     return args
 
 
+# How a metric fails on this machine or these inputs (Java, the PTB tokenizer's subprocess, an image
+# that will not decode, CUDA out of memory): reported after the other metric is printed and saved.
+METRIC_FAILURES = (ValueError, OSError, RuntimeError, subprocess.SubprocessError)
+
+
+def _failure(error: Exception) -> str:
+    """A metric's failure in one line: our own errors as they are, anything else with its type."""
+    return str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
+
+
 def main(argv=None) -> None:
+    quiet_known_warnings()
     args = parse_args(argv)
     try:
-        # every check before any slow work
+        # every check before any slow work, CLIP loaded (or downloaded) included
         for path, option in ((args.metrics_out, "--metrics-out"), (args.per_image, "--per-image")):
             if path:
                 check_output_file(path, option)
@@ -276,33 +292,49 @@ def main(argv=None) -> None:
         check_keys(preds, refs)
         if not args.no_cider:
             check_java()
-        image_paths = None
+        image_paths = clip_model = None
         if not args.no_clipscore:
             check_clip_model(args.clip_model)
             image_paths = find_images(args.images_root, preds)
+            device = pick_device(args.device)
+            clip_model = load_clip(args.clip_model, device)
         warn_course_differences(preds, refs, args.annotation_file, image_paths, cider=not args.no_cider)
-        parts, cider, cider_mean, clip_mean = [], None, None, None
-        if not args.no_cider:
-            cider_mean, cider = cider_pycoco(preds, refs)
-            parts.append(f"CIDEr: {cider_mean:.6f}")
-        if not args.no_clipscore:
-            clip = clip_scores(preds, args.images_root, args.clip_model, args.device, args.batch_size, args.workers)
-            clip_mean = sum(clip.values()) / len(clip)
-            parts.append(f"CLIPScore: {clip_mean:.6f}")
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
+    # one metric failing (Java, an image that will not decode) still prints and saves the other
+    parts, failed, cider, cider_mean, clip, clip_mean = [], [], None, None, None, None
+    if not args.no_cider:
+        try:
+            cider_mean, cider = cider_pycoco(preds, refs)
+            parts.append(f"CIDEr: {cider_mean:.6f}")
+        except METRIC_FAILURES as error:
+            failed.append(f"CIDEr failed: {_failure(error)}")
+            parts.append("CIDEr: failed")
+    if not args.no_clipscore:
+        try:
+            clip = clip_scores(preds, args.images_root, args.clip_model, device, args.batch_size, args.workers,
+                               loaded=clip_model)
+            clip_mean = sum(clip.values()) / len(clip)
+            parts.append(f"CLIPScore: {clip_mean:.6f}")
+        except METRIC_FAILURES as error:
+            failed.append(f"CLIPScore failed: {_failure(error)}")
+            parts.append("CLIPScore: failed")
     print(" | ".join(parts))
-    if args.metrics_out:
+    if args.metrics_out and (cider_mean is not None or clip_mean is not None):
         metrics = {"cider": cider_mean, "clipscore": clip_mean, "n_images": len(preds),
                    "pred_file": args.pred_file, "annotation_file": args.annotation_file}
         atomic_write_text(args.metrics_out, json.dumps(metrics, indent=2) + "\n")
-    if args.per_image:
+    if args.per_image and clip is not None:
         rows = [{"key": k, "caption": preds[k], "clip_score": s} for k, s in clip.items()]
         if cider is not None:
             for row in rows:
                 row["cider"] = cider[row["key"]]
         rows.sort(key=lambda r: (-r["clip_score"], r["key"]))
         atomic_write_text(args.per_image, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    if failed:
+        saved = f" (the other metric is saved in {args.metrics_out})" if args.metrics_out and len(failed) < len(parts) \
+            else ""
+        raise SystemExit("error: " + "; ".join(failed) + saved)
 
 
 if __name__ == "__main__":

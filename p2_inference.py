@@ -14,12 +14,12 @@ Environment (the graders' command line is fixed, so options live here):
   HW3_P2_CKPT             the checkpoint (default `<cache>/p2_checkpoint.pt`,
                           filled by `bash hw3_download.sh`)
   HW3_P2_ENCODER_WEIGHTS  a local file with the encoder's weights (default: the
-                          cache, `encoder.cached_weights_path`)
-  HW3_P2_BEAM, HW3_P2_MAX_LEN, HW3_P2_LENGTH_PENALTY
-                          override the checkpoint's decoding settings (beam
-                          size 1..20, max_len up to the decoder's context,
-                          length penalty 0..5: captioner.MAX_BEAM and
-                          MAX_LENGTH_PENALTY)
+                          file the checkpoint was trained with, if it is still
+                          there unchanged, else `<cache>/timm/<encoder>.pth`)
+  HW3_P2_BEAM             beam size 1..20 (default: the checkpoint's)
+  HW3_P2_MAX_LEN          most tokens per caption, up to the decoder's context
+                          less 2 (default: the checkpoint's)
+  HW3_P2_LENGTH_PENALTY   length penalty 0..5 (default: the checkpoint's)
   HW3_P2_BATCH            images decoded together (default: on CUDA as many as
                           half the free GPU memory holds, `decoding_bytes`;
                           on the CPU 32)
@@ -27,8 +27,9 @@ Environment (the graders' command line is fixed, so options live here):
                           replayed as a CUDA graph; 0: plain eager steps
                           (the same captions, slower)
   HW3_P2_PROFILE          a JSON file to write the run's time per phase to
-                          (load, read, encode, decode, text, write; on CUDA each
-                          phase is synchronised, so the profile costs a little)
+                          (load, read, encode, decode, text, write; on CUDA
+                          each phase is synchronised, so the profile costs a
+                          little; default: none written)
   HW3_CACHE               root of the cache (default `<repo>/cache`)
 
 On CUDA the images are read and preprocessed by worker processes while the
@@ -43,13 +44,14 @@ import json
 import os
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 import io_utils
-from captioner import MAX_BEAM, MAX_LENGTH_PENALTY, autocast, caption_text, load_checkpoint
 from clip_context import fit_clip_context
 from tokenizer import BPETokenizer
+
+if TYPE_CHECKING:  # torch and the model load after the arguments are parsed: `--help` answers at once
+    import torch
 
 DEFAULT_BATCH = 32  # images decoded together on the CPU
 READ_BATCH = 64  # images read and encoded together on CUDA
@@ -74,6 +76,8 @@ def caption_batch(model, feats: torch.Tensor, tokenizer, names: list, generation
     words. Each change is a warning naming the file (`names`). `timer` (a PhaseTimer)
     counts the search as "decode" and the rest as "text".
     """
+    from captioner import caption_text
+
     phase = timer or (lambda name: contextlib.nullcontext())
     with phase("decode"):
         captions = model.generate(feats, **generation, cuda_graph=cuda_graph)
@@ -96,6 +100,8 @@ def caption_batch(model, feats: torch.Tensor, tokenizer, names: list, generation
 
 def generation_overrides() -> dict:
     """Decoding settings from the environment; None keeps the checkpoint's."""
+    from captioner import MAX_BEAM, MAX_LENGTH_PENALTY
+
     number = io_utils.env_number
     return {
         "beam_size": number("HW3_P2_BEAM", int, lambda v: 1 <= v <= MAX_BEAM, f"an integer from 1 to {MAX_BEAM}"),
@@ -122,6 +128,8 @@ class PhaseTimer:
     that its GPU work is counted in it and not in the next (a profile); without, phases overlap."""
 
     def __init__(self, device, sync: bool):
+        import torch
+
         self.sync = torch.cuda.synchronize if sync and device.type == "cuda" else (lambda: None)
         self.seconds = {}
 
@@ -155,11 +163,17 @@ def image_keys(folder: str, names: list) -> dict:
 
 @io_utils.reports_input_errors
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    io_utils.quiet_known_warnings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__[__doc__.index("Environment ("):])
     parser.add_argument("img_dir", help="folder of images (any names, any Pillow-readable format)")
     parser.add_argument("out_json", help="output JSON (its folder is created)")
     parser.add_argument("decoder_weights", help="the course's decoder_model.bin (GPT-2)")
     args = parser.parse_args(argv)
+    import torch
+
+    from captioner import autocast, load_checkpoint
 
     # Every cheap check first, so a bad argument fails before the models load.
     overrides = generation_overrides()

@@ -80,6 +80,7 @@ from io_utils import (
     check_output_path,
     loader_workers,
     pick_device,
+    quiet_known_warnings,
     torch_load,
     warn,
 )
@@ -707,6 +708,7 @@ def decoding_table(grid: list, best: dict) -> str:
 
 
 def main(argv=None) -> None:
+    quiet_known_warnings()
     args = parse_args(argv)
     try:
         if args.print_params:

@@ -5,18 +5,25 @@
 
 Each check prints one line, PASS / FAIL / WARN / SKIP (with the reason), and
 the exit status is 1 when any check FAILs. The checks: the graders' script
-rules; no hard-coded absolute paths in the Python they run; the report PDF and
-the files tracked by git; the Problem 2 checkpoint (format, parameters < 35M);
+rules; no hard-coded absolute paths in the Python they run; the report PDF (a
+report build_report.py made with a gap left, such as "Student: name / ID" or a
+value "not measured", FAILs with the command that fills each) and the files
+tracked by git; the Problem 2 checkpoint (format, parameters < 35M);
 `bash hw3_1.sh` and `bash hw3_2.sh` on sample images with their outputs checked
 exactly; a test-set time estimate against the limits; Python 3.8 / torch 1.12.
 
-The scripts run with this shell's environment (HW3_P1_CLIP, HW3_P2_CKPT,
-HW3_CACHE, ...), so what is checked is the real setup. Without image folders,
+The scripts run with this shell's environment, so what is checked is the real
+setup (see "Environment" below). Without image folders,
 synthetic ones are generated (synthetic.py), including grayscale, CMYK and a
 file name with spaces and several dots.
 
 torch and the model stack are imported only by the checks that use them, so
 the static checks (`--skip-run`, no checkpoint) never load them.
+
+Environment (read here and by the scripts it runs):
+  HW3_P2_CKPT             the checkpoint checked (default `<cache>/p2_checkpoint.pt`)
+  HW3_P2_ENCODER_WEIGHTS  the encoder's weights file (default: as hw3_2.sh finds them)
+  HW3_P1_CLIP, HW3_CACHE  as hw3_1.sh reads them (default: ViT-L/14 + ViT-L/14@336px, `<repo>/cache`)
 """
 from __future__ import annotations
 
@@ -36,11 +43,13 @@ from typing import NamedTuple
 import numpy as np
 
 import io_utils
+import report_record
 import script_rules
 import synthetic
 from io_utils import REPO_ROOT
 
 MAX_FILE_BYTES = 50 * 1000 * 1000  # the course's "GitHub's maximum capacity (50 MB)"
+MAX_GAPS_SHOWN = 12  # of an unfinished report's gaps
 DEFAULT_SAMPLES = 50
 
 
@@ -122,10 +131,22 @@ def tracked_files(repo: str):
 
 
 def check_report(repo: str) -> Result:
+    """A hw3_*.pdf at the root, named hw3_<studentID>.pdf, tracked, with no gap build_report.py recorded."""
     name = "report PDF"
     pdfs = sorted(f for f in os.listdir(repo) if re.fullmatch(r"hw3_.+\.pdf", f))
     if not pdfs:
         return Result("FAIL", name, "no hw3_<studentID>.pdf at the repository root")
+    problems = []
+    for pdf in pdfs:
+        gaps = report_record.read_gaps(os.path.join(repo, pdf)) or []
+        shown = [f"  {what}: {how}" for what, how in gaps[:MAX_GAPS_SHOWN]]
+        more = [f"  ... and {len(gaps) - MAX_GAPS_SHOWN} more (the report's last page lists them)"] \
+            if len(gaps) > MAX_GAPS_SHOWN else []
+        if gaps:
+            problems.append(f"{pdf} is not ready to hand in: {len(gaps)} gap(s), each with what fills it:")
+            problems += shown + more
+    if problems:
+        return Result("FAIL", name, "\n".join(problems))
     tracked = tracked_files(repo)
     untracked = [f for f in pdfs if tracked is not None and f not in tracked]
     found = ", ".join(pdfs)
@@ -406,17 +427,22 @@ def run_checks(args) -> list:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__[__doc__.index("Environment ("):])
     parser.add_argument("--repo", default=REPO_ROOT, help="repository to check (default: this one)")
     parser.add_argument("--checkpoint", help="P2 checkpoint (default: $HW3_P2_CKPT, else the cache)")
     parser.add_argument("--decoder-weights", help="the course's decoder_model.bin "
                         "(default: hw3_data/p2_data/decoder_model.bin in the repository, if there)")
     parser.add_argument("--p1-images", help="P1 image folder (default: generated)")
-    parser.add_argument("--id2label", help="id2label.json for --p1-images")
+    parser.add_argument("--id2label", help="id2label.json for --p1-images (default: generated with them)")
     parser.add_argument("--p2-images", help="P2 image folder (default: generated)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="generated images per problem")
-    parser.add_argument("--slowdown", type=float, default=1.0, help="multiply measured times by this for "
-                        "the graders' RTX 2080 Ti (18 is conservative from an H100, HW3_SPEC.md section 8)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                        help="images generated per problem when no folder is given (default %(default)s)")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="factor on the measured times to estimate the graders' RTX 2080 Ti (default "
+                             "%(default)s: this GPU's times; 18 is conservative from an H100, whose fp16 "
+                             "tensor throughput is ~18x a 2080 Ti's)")
     parser.add_argument("--skip-run", action="store_true", help="do not run hw3_1.sh and hw3_2.sh")
     args = parser.parse_args(argv)
     if bool(args.p1_images) != bool(args.id2label):
@@ -427,6 +453,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    io_utils.quiet_known_warnings()
     results = run_checks(parse_args(argv))
     for result in results:
         first, *rest = result.message.splitlines() or [""]

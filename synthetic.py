@@ -7,7 +7,7 @@ stand-in to show that the captioner learns. `make_dataset(root)` writes
     root/{train,val}.json             {"annotations": [{"caption", "image_id", "id"}],
                                        "images": [{"file_name", "id"}]}
 
-with the quirks of the real data (HW3_SPEC.md section 5): COCO-style names
+with the quirks of the course's data: COCO-style names
 (`000000060623.jpg`, id = the number) mixed with Flickr30k-style names
 (`2988244398.jpg`, captions like " a red circle on the left ."), lowercase
 captions, and a few grayscale or CMYK JPEGs. Every caption word is decided by
@@ -252,11 +252,11 @@ def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0, n_layer
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Write a synthetic captioning set in the p2_data layout.")
-    parser.add_argument("out_dir")
-    parser.add_argument("--train", type=int, default=500, help="number of training images")
-    parser.add_argument("--val", type=int, default=100, help="number of validation images")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("out_dir", help="folder to write the set into (created)")
+    parser.add_argument("--train", type=int, default=500, help="training images (default %(default)s)")
+    parser.add_argument("--val", type=int, default=100, help="validation images (default %(default)s)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     args = parser.parse_args(argv)
     summary = make_dataset(args.out_dir, args.train, args.val, args.size, args.seed)
     for split in ("train", "val"):

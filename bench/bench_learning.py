@@ -165,10 +165,12 @@ def main():
     parser.add_argument("--scst-samples", type=int, default=5, help="sampled captions per image (5)")
     parser.add_argument("--scst-top-k", type=int, default=5, help="sampling among the k likeliest tokens (5)")
     parser.add_argument("--scst-lr", type=float, default=1e-4, help="SCST learning rate (1e-4)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds, one run per seed and preset (default: %(default)s)")
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS),
+                        help="PEFT presets to train (default: all)")
     parser.add_argument("--work-dir", help="keep data, models and logs here (default: a temporary folder)")
-    parser.add_argument("--out-json", help="write the numbers here, after every run")
+    parser.add_argument("--out-json", help="write the numbers here, after every run (default: printed only)")
     args = parser.parse_args()
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here downloads; a hub miss would retry for ~47 s

@@ -55,7 +55,7 @@ def timed(fn) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="the tiny test ViT instead of ViT-L/14")
-    parser.add_argument("--out-json", help="also write the numbers here")
+    parser.add_argument("--out-json", help="also write the numbers here (default: printed only)")
     args = parser.parse_args()
     name, kwargs = SMALL if args.small else (DEFAULT_ENCODER, {})
 

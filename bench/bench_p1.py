@@ -11,7 +11,7 @@ the CSV. Random weights cost what real ones do; the accuracy is meaningless.
 
 The time includes loading the two checkpoints and CUDA start-up, as the
 graders' run does; `process_seconds` is `bash hw3_1.sh` in a process of its
-own (Python's start and the imports too; --no-process skips it). The 2080 Ti estimate is the H100 time x 18 (HW3_SPEC.md §8,
+own (Python's start and the imports too; --no-process skips it). The 2080 Ti estimate is the H100 time x 18 (their fp16 tensor throughput,
 conservative); it means little on any other device.
 """
 import argparse
@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--small", action="store_true", help="toy-size models, to check that it runs")
     parser.add_argument("--no-process", dest="process", action="store_false",
                         help="skip timing `bash hw3_1.sh` in a process of its own")
-    parser.add_argument("--out-json", help="also write the numbers here")
+    parser.add_argument("--out-json", help="also write the numbers here (default: printed only)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def main():
         "torch": torch.__version__,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
         "estimate_2080ti_s": round(seconds * 18, 1),
-        "estimate_note": "H100 seconds x 18 (HW3_SPEC.md 8); only meaningful when device is an H100",
+        "estimate_note": "H100 seconds x 18 (~989 / ~54 fp16 tensor TFLOPS); only meaningful when device is an H100",
         "limit_s": 600,
     }
     print(json.dumps(result, indent=2))

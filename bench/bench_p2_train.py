@@ -10,12 +10,12 @@ For each preset, with the feature cache (fp16 image tokens from disk, as
 every step):
 
   - peak GPU memory (allocated and reserved) over all steps, one of them with
-    the longest training caption (57 BPE tokens, HW3_SPEC.md 5), under
+    the longest training caption (57 BPE tokens in the course's train.json), under
     `torch.cuda.set_per_process_memory_fraction` set to 11 GB of the card,
     which is what a 2080 Ti offers; the target is at most 10 GiB;
   - the median step time over --steps steps after --warmup, on batches whose
     longest caption is 24 tokens (the p99 length: about the longest of 64);
-  - the 2080 Ti epoch estimate: step time x 18 (HW3_SPEC.md 8) x steps per
+  - the 2080 Ti epoch estimate: step time x 18 (fp16 tensor throughput) x steps per
     epoch (53,046 captions / batch size);
   - with the cache, the SCST step too (p2_train's --scst-batch-size images,
     --scst-samples captions each, made as p2_train's default makes them: the
@@ -59,9 +59,9 @@ from tokenizer import EOT_ID
 DEFAULTS = p2_train.parse_args(["--print-params"])  # every p2_train option at its default
 USABLE_BYTES = 11e9  # a 2080 Ti's memory
 TARGET_GIB = 10.0
-TRAIN_CAPTIONS, TRAIN_IMAGES = 53046, 10604  # HW3_SPEC.md 5
+TRAIN_CAPTIONS, TRAIN_IMAGES = 53046, 10604  # the course's train.json
 LONGEST_TOKENS, P99_TOKENS = 57, 24  # BPE tokens per training caption: max, 99th percentile
-H100_TO_2080TI = 18  # HW3_SPEC.md 8, conservative
+H100_TO_2080TI = 18  # ~989 / ~54 dense fp16 tensor TFLOPS, conservative
 
 
 def build_model(peft: str, small: bool) -> Captioner:
@@ -231,15 +231,16 @@ def table(results: list) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peft", nargs="+", choices=sorted(PEFT_PRESETS), default=list(PEFT_PRESETS))
-    parser.add_argument("--batch-size", type=int, help=f"captions per step (p2_train's {DEFAULTS.batch_size}; "
-                                                       "4 with --small)")
-    parser.add_argument("--steps", type=int, help="timed steps per setting (20; 2 with --small)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (5; 1 with --small; at least 1)")
-    parser.add_argument("--scst-steps", type=int, help="timed SCST steps (5; 1 with --small; 0: none)")
+    parser.add_argument("--peft", nargs="+", choices=sorted(PEFT_PRESETS), default=list(PEFT_PRESETS),
+                        help="PEFT presets to time (default: all)")
+    parser.add_argument("--batch-size", type=int, help=f"captions per step (default p2_train's "
+                                                       f"{DEFAULTS.batch_size}; 4 with --small)")
+    parser.add_argument("--steps", type=int, help="timed steps per setting (default 20; 2 with --small)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; 1 with --small; at least 1)")
+    parser.add_argument("--scst-steps", type=int, help="timed SCST steps (default 5; 1 with --small; 0: none)")
     parser.add_argument("--small", action="store_true", help="toy-size models on the CPU, to check that it runs")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cpu with --small, else auto")
-    parser.add_argument("--out-json", help="also write the numbers here")
+    parser.add_argument("--out-json", help="also write the numbers here (default: printed only)")
     args = parser.parse_args()
     small = args.small
     args.batch_size = args.batch_size or (4 if small else DEFAULTS.batch_size)
@@ -266,7 +267,7 @@ def main():
         "model": ("small test models" if small else
                   "timm ViT-L/14 CLIP quickgelu tower + GPT-2 small (random weights), cross-attention in every block"),
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-        "target_gib": TARGET_GIB, "estimate_note": f"H100 seconds x {H100_TO_2080TI} (HW3_SPEC.md 8); "
+        "target_gib": TARGET_GIB, "estimate_note": f"H100 seconds x {H100_TO_2080TI} (fp16 tensor throughput); "
                                                    "only meaningful when the device is an H100",
         "results": results,
     }

@@ -258,9 +258,10 @@ def main():
     parser.add_argument("--val-every", type=int, default=30, help="validate every N steps (30)")
     parser.add_argument("--n-test", type=int, default=0,
                         help="held-out images (another synthetic seed) to score the chosen weights on (0: none)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds, one run per seed, preset and config (default: %(default)s)")
     parser.add_argument("--presets", nargs="+", choices=list(bench_learning.PRESETS),
-                        default=list(bench_learning.PRESETS))
+                        default=list(bench_learning.PRESETS), help="PEFT presets to train (default: all)")
     parser.add_argument("--work-dir", required=True, help="data, cross-entropy runs and SCST runs (kept, reused)")
     parser.add_argument("--out-json", required=True, help="the results, written after every run (kept, extended)")
     args = parser.parse_args()

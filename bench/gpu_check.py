@@ -294,7 +294,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.log")
     parser.add_argument("--small", action="store_true", help="toy sizes on the CPU (checks that it runs)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="the parts to run, in this order (default: all)")
     parser.add_argument("--budget-s", type=float, default=470.0,
                         help="the whole run's time; a section gets the smaller of its cap and what is left (470)")
     args = parser.parse_args(argv)

@@ -360,3 +360,108 @@ def test_the_model_modules_leave_caption_policy_to_inference():
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not {m for m in imported if m.split(".")[0] in ("clip", "clip_context")}, name
     assert not hasattr(captioner.Captioner, "captions")
+
+
+# -- where the encoder's weights come from -------------------------------------
+
+
+@pytest.fixture
+def trained_from_a_file(tmp_path, monkeypatch, tiny_vit_file, tiny_gpt2):
+    """A checkpoint trained with explicit encoder weights (a copy of the tiny ViT), an empty cache,
+    no override, and a hub that fails the test if anyone asks it."""
+    import shutil
+
+    import encoder
+
+    weights = tmp_path / "elsewhere" / "my_vit.pth"
+    weights.parent.mkdir()
+    shutil.copyfile(tiny_vit_file, weights)
+    model = tiny_model(str(weights), tiny_gpt2)
+    perturb(model)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(model, path)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even with the hub allowed, it is never asked
+    monkeypatch.setattr(encoder, "download_weights", lambda name: pytest.fail(f"went to the hub for {name}"))
+    return dict(path=path, weights=weights, model=model)
+
+
+def test_a_checkpoint_records_the_encoder_file_it_was_trained_with(trained_from_a_file):
+    import hashlib
+
+    config = torch.load(trained_from_a_file["path"], weights_only=True)["config"]
+    weights = trained_from_a_file["weights"]
+    assert config["encoder"]["weights_file"] == {
+        "path": str(weights.resolve()), "bytes": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert config["encoder"]["name"] == TINY_VIT
+
+
+def test_inference_finds_the_recorded_file_without_the_hub(trained_from_a_file, tiny_gpt2):
+    loaded = load_checkpoint(trained_from_a_file["path"], tiny_gpt2[0])  # no encoder weights named
+    assert loaded.encoder.weights == str(trained_from_a_file["weights"].resolve())
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), trained_from_a_file["model"].encode(x))
+
+
+@pytest.mark.parametrize("change", ["moved", "rewritten"])
+def test_a_recorded_file_gone_or_changed_fails_at_once_saying_how_to_fix_it(trained_from_a_file, tiny_gpt2,
+                                                                            monkeypatch, change):
+    import timm
+
+    weights = trained_from_a_file["weights"]
+    if change == "moved":
+        weights.rename(weights.with_name("moved.pth"))
+    else:
+        state = torch.load(weights)
+        state["cls_token"] += 1
+        torch.save(state, weights)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("built the ViT before finding weights"))
+    with pytest.raises(FileNotFoundError) as error:
+        load_checkpoint(trained_from_a_file["path"], tiny_gpt2[0])
+    message = str(error.value)
+    assert str(weights.resolve()) in message and "HW3_P2_ENCODER_WEIGHTS" in message and "hw3_download.sh" in message
+    assert ("is no longer there" if change == "moved" else "has changed since") in message
+
+
+def test_the_override_and_then_the_cache_stand_in_for_a_missing_recorded_file(trained_from_a_file, tiny_gpt2,
+                                                                               tiny_vit_file, tmp_path):
+    import shutil
+
+    import encoder
+
+    trained_from_a_file["weights"].unlink()
+    loaded = load_checkpoint(trained_from_a_file["path"], tiny_gpt2[0], encoder_weights=tiny_vit_file)
+    assert loaded.encoder.weights == tiny_vit_file
+    cached = encoder.cached_weights_path(TINY_VIT)
+    os.makedirs(os.path.dirname(cached))
+    shutil.copyfile(tiny_vit_file, cached)
+    assert load_checkpoint(trained_from_a_file["path"], tiny_gpt2[0]).encoder.weights == cached
+
+
+def test_a_checkpoint_without_the_record_loads_from_the_cache_as_before(tmp_path, monkeypatch, tiny_vit_file,
+                                                                        tiny_gpt2):
+    """Checkpoints saved before the record existed, and those trained from the cache, hold none."""
+    import shutil
+
+    import encoder
+
+    path = str(tmp_path / "old.pt")
+    save_checkpoint(tiny_model(tiny_vit_file, tiny_gpt2), path)
+    checkpoint = torch.load(path)
+    del checkpoint["config"]["encoder"]["weights_file"]
+    torch.save(checkpoint, path)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1.*HW3_P2_ENCODER_WEIGHTS.*hw3_download.sh"):
+        load_checkpoint(path, tiny_gpt2[0])
+    cached = encoder.cached_weights_path(TINY_VIT)
+    os.makedirs(os.path.dirname(cached))
+    shutil.copyfile(tiny_vit_file, cached)
+    loaded = load_checkpoint(path, tiny_gpt2[0])
+    assert loaded.encoder.weights == cached
+    resaved = str(tmp_path / "resaved.pt")
+    mark_trainable(loaded, verbose=False)
+    save_checkpoint(loaded, resaved)
+    assert "weights_file" not in torch.load(resaved)["config"]["encoder"]  # the cache is no named file

@@ -458,3 +458,68 @@ def test_course_warnings_come_before_scoring(dataset, no_scoring, capsys):
         no_scoring.main([str(a) for a in ("--pred_file", dataset["pred"], "--annotation_file", dataset["ann"],
                                           "--no-clipscore")])
     assert "the predictions of 1 key(s) ['bus'] contain a line break" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# offline, and one metric failing
+# ---------------------------------------------------------------------------
+
+
+def test_clip_that_cannot_be_downloaded_fails_before_any_scoring(dataset, no_scoring, tmp_path, monkeypatch, capsys):
+    """Offline, CLIP ViT-B/32 not in the cache: one clear line naming the fixes, before CIDEr runs
+    (it used to end in a 68-line urllib traceback after CIDEr was computed and never printed)."""
+    import urllib.error
+
+    import clip
+
+    def offline(url, root):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(clip.clip, "_download", offline)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "empty_cache"))
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                       "--annotation_file", dataset["ann"], "--device", "cpu"])
+    assert message.startswith("error: CLIP 'ViT-B/32' is not in ") and "\n" not in message
+    assert "could not be downloaded" in message and "Name or service not known" in message
+    assert "hw3_cache.py clip ViT-B/32" in message and "hw3_download.sh" in message and "--clip-model" in message
+    assert capsys.readouterr().out == ""
+
+
+def test_a_failing_metric_still_prints_and_saves_the_other(dataset, tiny_clip_file, monkeypatch, capsys):
+    import p2_evaluate
+
+    def java_fails(preds, refs):
+        raise subprocess.CalledProcessError(1, ["java", "-cp", "stanford-corenlp-3.4.1.jar"])
+
+    monkeypatch.setattr(p2_evaluate, "cider_pycoco", java_fails)
+    metrics_file = dataset["tmp"] / "metrics.json"
+    per_image = dataset["tmp"] / "per_image.json"
+    with pytest.raises(SystemExit) as stop:
+        p2_evaluate.main([str(a) for a in ("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                           "--annotation_file", dataset["ann"], "--clip-model", tiny_clip_file,
+                                           "--device", "cpu", "--metrics-out", metrics_file,
+                                           "--per-image", per_image)])
+    assert str(stop.value.code).startswith("error: CIDEr failed: CalledProcessError: Command '['java'")
+    printed = capsys.readouterr().out.strip()
+    match = re.fullmatch(r"CIDEr: failed \| CLIPScore: (\d+\.\d{6})", printed)
+    assert match, printed
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["cider"] is None and f"{metrics['clipscore']:.6f}" == match.group(1)
+    assert {row["key"] for row in json.loads(per_image.read_text())} == set(PREDICTIONS)
+
+
+@needs_java
+def test_an_image_that_fails_to_decode_still_prints_and_saves_cider(dataset, tiny_clip_file, capsys):
+    import p2_evaluate
+
+    (dataset["root"] / "bus.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # found by name, cannot decode
+    metrics_file = dataset["tmp"] / "metrics.json"
+    with pytest.raises(SystemExit) as stop:
+        p2_evaluate.main([str(a) for a in ("--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                           "--annotation_file", dataset["ann"], "--clip-model", tiny_clip_file,
+                                           "--device", "cpu", "--metrics-out", metrics_file)])
+    assert "CLIPScore failed: cannot read the image of key 'bus'" in str(stop.value.code)
+    cider = expected_cider({k: v[2] for k, v in IMAGES.items()}, PREDICTIONS)
+    assert capsys.readouterr().out.strip() == f"CIDEr: {cider:.6f} | CLIPScore: failed"
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["clipscore"] is None and metrics["cider"] == pytest.approx(cider, abs=1e-12)

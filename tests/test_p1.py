@@ -509,6 +509,34 @@ def test_report_top5_writes_a_png_per_image(tiny_clip_file, tmp_path):
         assert all(r["prompt"] == "a photo of a " + zs.clean_classname(r["class"]) for r in rows)
 
 
+def test_report_top5_picks_three_classes_the_same_every_run(tiny_clip_file, tmp_path):
+    """--pick-from: three different classes (the first three names, 0_450..0_452, were all one class)."""
+    names = ["0_450.png", "0_451.png", "0_452.png", "11_450.png", "3_452.png", "3_450.png", "4_451.png",
+             "cat.png"]
+    folder = save_images(tmp_path / "val", names)
+    picked = [os.path.basename(p) for p in p1_report.pick_images(str(folder))]
+    assert picked == ["0_450.png", "3_450.png", "4_451.png"]  # labels 0 3 4 11: the 1st, 2nd, 3rd of 4
+    assert len({p1_report.label_from_name(n) for n in picked}) == 3
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    report = p1_report.main(["top5", "--id2label", id2label, "--out-dir", str(tmp_path / "figs"),
+                             "--clip", tiny_clip_file, "--pick-from", str(folder)])
+    assert list(report["images"]) == picked
+    many = save_images(tmp_path / "many", [f"{label}_{i}.png" for label in range(50) for i in (450, 451)])
+    assert [os.path.basename(p) for p in p1_report.pick_images(str(many))] == ["0_450.png", "16_450.png",
+                                                                            "33_450.png"]
+
+
+def test_report_top5_pick_needs_three_named_classes(tmp_path):
+    folder = save_images(tmp_path / "val", ["0_450.png", "0_451.png", "3_450.png", "cat.png"])
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    with pytest.raises(SystemExit, match="2 class\\(es\\) among the file names .*3 needed"):
+        p1_report.main(["top5", "--id2label", id2label, "--out-dir", str(tmp_path / "out"),
+                        "--pick-from", str(folder)])
+    with pytest.raises(SystemExit) as stop:
+        p1_report.main(["top5", "--id2label", "x.json", "--out-dir", str(tmp_path / "out")])
+    assert stop.value.code == 2  # neither images nor --pick-from
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 

@@ -11,6 +11,7 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import io_utils  # noqa: E402
 import p2_attention  # noqa: E402
 import synthetic  # noqa: E402
 from io_utils import open_rgb  # noqa: E402
@@ -210,5 +211,101 @@ def test_notebook_is_thin_valid_and_stores_no_outputs():
         tree = ast.parse(compile(source, f"p2_visualize.ipynb cell {i}", "exec", ast.PyCF_ONLY_AST))
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))], "logic goes in the module"
         used |= set(re.findall(r"p2_attention\.(\w+)", source))
-    assert {"load_model", "figure_for", "extreme_figures"} <= used
+    assert {"notebook_inputs", "load_model", "image_stems", "draw_figures"} <= used
     assert all(hasattr(p2_attention, name) for name in used), sorted(used)
+
+
+def fake_layout(root, data, out, checkpoint="ck.pt", best=True):
+    """The files notebook_inputs looks at, under `root` (contents do not matter here)."""
+    (root / data / "p2_data").mkdir(parents=True)
+    (root / data / "p2_data" / "decoder_model.bin").write_bytes(b"")
+    (root / data / "p3_data" / "images").mkdir(parents=True)
+    (root / data / "p3_data" / "images" / "bike.jpg").write_bytes(b"")
+    (root / out).mkdir(parents=True)
+    (root / checkpoint).write_bytes(b"")
+    if best:
+        (root / out / "p2_ckpt_best.txt").write_text(checkpoint + "\n")
+
+
+def test_the_notebook_finds_the_workflow_then_the_demo(tmp_path, monkeypatch):
+    for name in ("HW3_DATA", "HW3_OUT", "HW3_P2_CKPT", "HW3_CACHE", "HW3_P2_ENCODER_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(io_utils.InputError, match="HW3_DATA.*HW3_OUT"):
+        p2_attention.notebook_inputs(str(tmp_path))
+    fake_layout(tmp_path, "demo/hw3_data", "demo/outputs", "demo/checkpoints_lora.pt")
+    found = p2_attention.notebook_inputs(str(tmp_path))
+    assert found == dict(checkpoint=str(tmp_path / "demo/checkpoints_lora.pt"),
+                         decoder_weights=str(tmp_path / "demo/hw3_data/p2_data/decoder_model.bin"),
+                         encoder_weights=None, images=[str(tmp_path / "demo/hw3_data/p3_data/images/bike.jpg")],
+                         per_image=None, images_root=str(tmp_path / "demo/hw3_data/p2_data/images/val"),
+                         out_dir=str(tmp_path / "demo/outputs"), cache=str(tmp_path / "demo/cache"))
+    (tmp_path / "demo/outputs/p2_per_image.json").write_text("[]")
+    assert p2_attention.notebook_inputs(str(tmp_path))["per_image"] == str(tmp_path / "demo/outputs/p2_per_image.json")
+
+    fake_layout(tmp_path, "hw3_data", "outputs", "checkpoints_adapter.pt")  # the course workflow comes first
+    found = p2_attention.notebook_inputs(str(tmp_path))
+    assert (found["out_dir"], found["checkpoint"], found["cache"]) == (
+        str(tmp_path / "outputs"), str(tmp_path / "checkpoints_adapter.pt"), None)
+    monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "demo/checkpoints_lora.pt"))
+    assert p2_attention.notebook_inputs(str(tmp_path))["checkpoint"] == str(tmp_path / "demo/checkpoints_lora.pt")
+    monkeypatch.setenv("HW3_DATA", str(tmp_path / "demo/hw3_data"))
+    monkeypatch.setenv("HW3_OUT", str(tmp_path / "elsewhere"))
+    found = p2_attention.notebook_inputs(str(tmp_path))
+    assert (found["decoder_weights"], found["out_dir"]) == (
+        str(tmp_path / "demo/hw3_data/p2_data/decoder_model.bin"), str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("HW3_P2_CKPT")
+    with pytest.raises(io_utils.InputError, match="no checkpoint at .*set HW3_P2_CKPT"):
+        p2_attention.notebook_inputs(str(tmp_path))  # no choice recorded in HW3_OUT, none in the cache
+
+
+def run_notebook(monkeypatch, env: dict):
+    """p2_visualize.ipynb executed headless (nbclient, a fresh python3 kernel, which inherits this
+    process's environment) with `env` set (a None value: unset)."""
+    import nbclient
+    import nbformat
+
+    for name, value in {"MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": "", **env}.items():
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    notebook = nbformat.read(os.path.join(REPO, "p2_visualize.ipynb"), as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": REPO}}).execute()
+    return notebook
+
+
+def check_notebook_outputs(notebook, out_dir, keys):
+    """Every figure shown inline and recorded in OUT/attention.json, where build_report.py finds it."""
+    import build_report
+    import report_record
+
+    shown = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+             if "image/png" in o.get("data", {})]
+    assert len(shown) == len(build_report.ATTENTION_IMAGES) + 2
+    records = json.loads((out_dir / "attention.json").read_text(encoding="utf-8"))
+    assert set(build_report.ATTENTION_IMAGES) | {"top1", "last1"} <= set(records)
+    for stem in build_report.ATTENTION_IMAGES:
+        assert records[stem]["caption"] and (out_dir / records[stem]["png"]).is_file()
+    assert {records["top1"]["key"], records["last1"]["key"]} <= set(keys)
+    build_report.build(str(out_dir), os.path.join(REPO, "report_notes.md"), str(out_dir / "r.pdf"), {})
+    attention_gaps = [what for what, _ in report_record.read_gaps(str(out_dir / "r.pdf"))
+                      if what.startswith(build_report.NOT_MEASURED) and ("attention" in what or "caption" in what)]
+    assert attention_gaps == []
+
+
+def test_the_notebook_runs_headless_and_writes_attention_json_where_the_report_looks(
+        trained_checkpoint, captioning_setup, report_images, tmp_path, monkeypatch):
+    """A demo-like layout of the tiny trained model: HW3_DATA / HW3_OUT name it, the checkpoint is the
+    workflow's choice (OUT/p2_ckpt_best.txt), the encoder file the one it records (no override)."""
+    data, out = tmp_path / "hw3_data", tmp_path / "outputs"
+    (data / "p2_data" / "images").mkdir(parents=True)
+    os.symlink(captioning_setup["decoder_weights"], data / "p2_data" / "decoder_model.bin")
+    os.symlink(os.path.join(captioning_setup["data_root"], "images", "val"), data / "p2_data" / "images" / "val")
+    os.makedirs(data / "p3_data")
+    os.symlink(os.path.dirname(report_images[0]), data / "p3_data" / "images")
+    out.mkdir()
+    (out / "p2_ckpt_best.txt").write_text(trained_checkpoint + "\n")
+    keys = sorted(os.path.splitext(n)[0] for n in os.listdir(data / "p2_data" / "images" / "val"))[:3]
+    (out / "p2_per_image.json").write_text(json.dumps(
+        [{"key": k, "caption": "a test caption", "clip_score": s} for k, s in zip(keys, (0.9, 0.5, 0.1))]))
+    env = {"HW3_DATA": str(data), "HW3_OUT": str(out), "HW3_CACHE": str(tmp_path / "empty_cache"),
+           "HW3_P2_CKPT": None, "HW3_P2_ENCODER_WEIGHTS": None}
+    check_notebook_outputs(run_notebook(monkeypatch, env), out, keys)

@@ -122,6 +122,38 @@ def test_e2e_warns_about_skipped_files(e2e):
     assert "wrote 8 captions" in result.stderr
 
 
+def test_the_encoder_file_the_checkpoint_was_trained_with_is_found_and_its_absence_fails_at_once(
+        checkpoint, tiny_vit_file, decoder_weights, tmp_path):
+    """p2_train.py --encoder-weights FILE: hw3_2.sh finds FILE with no override and an empty cache; when
+    FILE is gone it fails in one line naming the fix (it used to retry the hub five times, 54 s)."""
+    import time
+
+    record = torch.load(checkpoint)["config"]["encoder"]["weights_file"]
+    assert record["path"] == os.path.abspath(tiny_vit_file)
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    env = {k: v for k, v in os.environ.items() if k not in OVERRIDES + ("HW3_P2_ENCODER_WEIGHTS", "HF_HUB_OFFLINE")}
+    env.update(HW3_P2_CKPT=checkpoint, HW3_CACHE=str(tmp_path / "empty_cache"), CUDA_VISIBLE_DEVICES="")
+
+    def hw3_2(out):
+        return subprocess.run(["bash", "hw3_2.sh", str(folder), str(out), decoder_weights], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    result = hw3_2(tmp_path / "pred.json")
+    assert result.returncode == 0, result.stderr
+
+    moved = torch.load(checkpoint)
+    moved["config"]["encoder"]["weights_file"]["path"] = str(tmp_path / "gone" / "vit.pth")
+    torch.save(moved, tmp_path / "moved.pt")
+    env.update(HW3_P2_CKPT=str(tmp_path / "moved.pt"))
+    start = time.perf_counter()
+    result = hw3_2(tmp_path / "pred2.json")
+    assert result.returncode == 1 and time.perf_counter() - start < 30
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert "vit.pth" in lines[0] and "HW3_P2_ENCODER_WEIGHTS=FILE" in lines[0] and "hw3_download.sh" in lines[0]
+    assert not (tmp_path / "pred2.json").exists()
+
+
 def test_e2e_equals_direct_computation(e2e, checkpoint, tiny_vit_file, decoder_weights):
     folder, out, _ = e2e
     preds = json.loads(out.read_text(encoding="utf-8"))
@@ -178,11 +210,15 @@ def test_decoder_weights_of_another_layout_are_an_error(env, tmp_path):
     assert not out.exists()
 
 
-def test_missing_encoder_weights_are_an_error(env, tmp_path, monkeypatch, decoder_weights):
+def test_missing_encoder_weights_are_an_error(env, tmp_path, monkeypatch, checkpoint, decoder_weights):
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     monkeypatch.setenv("HW3_P2_ENCODER_WEIGHTS", str(tmp_path / "absent.pth"))
     assert "absent.pth' does not exist" in run_main([folder, tmp_path / "pred.json", decoder_weights])
-    monkeypatch.delenv("HW3_P2_ENCODER_WEIGHTS")  # the empty cache, offline: no silent download
+    monkeypatch.delenv("HW3_P2_ENCODER_WEIGHTS")  # no file recorded, the empty cache, offline: no silent download
+    unrecorded = torch.load(checkpoint)
+    del unrecorded["config"]["encoder"]["weights_file"]
+    torch.save(unrecorded, tmp_path / "unrecorded.pt")
+    monkeypatch.setenv("HW3_P2_CKPT", str(tmp_path / "unrecorded.pt"))
     assert "hw3_download.sh" in run_main([folder, tmp_path / "pred.json", decoder_weights])
     assert not (tmp_path / "pred.json").exists()
 
@@ -256,7 +292,9 @@ def test_max_len_beyond_the_decoders_context_fails_before_captioning(env, tmp_pa
 
 @pytest.mark.parametrize("case", ["trailing slash", "under a file", "read-only place"])
 def test_output_path_that_cannot_be_written_fails_before_loading(env, tmp_path, monkeypatch, decoder_weights, case):
-    monkeypatch.setattr(p2_inference, "load_checkpoint", lambda *args: pytest.fail("loaded before the path check"))
+    import captioner  # p2_inference imports it after parsing its arguments
+
+    monkeypatch.setattr(captioner, "load_checkpoint", lambda *args: pytest.fail("loaded before the path check"))
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     (tmp_path / "file.txt").write_text("x")
     out = {"trailing slash": str(tmp_path / "newdir") + os.sep, "under a file": str(tmp_path / "file.txt" / "p.json"),
@@ -364,3 +402,41 @@ def test_profile_names_every_phase_and_the_graph_switch_is_checked(env, tmp_path
     assert profile["images"] == 2 and profile["cuda_graph"] is False and profile["batch"] == 32
     monkeypatch.setenv("HW3_P2_CUDA_GRAPH", "yes")
     assert "HW3_P2_CUDA_GRAPH='yes' is not 0 or 1" in run_main([folder, tmp_path / "p2.json", decoder_weights])
+
+
+def fit_one_step_at_a_time(text, context=CLIP_CONTEXT):
+    """The definition, and the old code: drop the last word, or the last character of a single word,
+    until the rest fits (each step re-tokenises the caption: quadratic in its length, or worse)."""
+    while clip_length(text) > context:
+        text = text.rsplit(" ", 1)[0] if " " in text else text[:-1]
+    return text
+
+
+def test_cutting_to_clip_context_agrees_with_dropping_one_step_at_a_time():
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz") + ["é", "猫", "!", "?", "7", "'s", "&amp;", "\n", "  "]
+    texts = ["", " ", " leading space", "trailing space ", "a  double  space", "x" * 150, "&amp;" * 60,
+             "a photo " + "猫" * 60, "word " * 80, " " + "q" * 200, "\u00c5ngstr\u00f6m " * 30]
+    for _ in range(60):
+        words = ["".join(rng.choice(alphabet, size=rng.integers(1, 12))) for _ in range(rng.integers(1, 40))]
+        texts.append(" ".join(words))
+        texts.append("".join(words))  # one long word
+    for text in texts:
+        assert fit_clip_context(text) == fit_one_step_at_a_time(text), repr(text)
+    assert fit_clip_context("a b c", 4) == fit_one_step_at_a_time("a b c", 4) == "a b"
+
+
+def test_cutting_a_long_caption_takes_time_linear_in_it():
+    """A 20,000-character single-word caption took 207 s in p2_evaluate.py (the old loop re-tokenised
+    it once per character dropped); 100,000 characters would have taken hours."""
+    import time
+
+    rng = np.random.default_rng(1)
+    fit_clip_context("warm up the tokenizer")
+    for text in ("".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=20_000)),
+                 "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=100_000)),
+                 " ".join(f"word{i}" for i in range(20_000)), "a" * 100_000 + " b"):
+        start = time.perf_counter()
+        cut = fit_clip_context(text)
+        assert time.perf_counter() - start < 5, len(text)
+        assert text.startswith(cut) and 60 < clip_length(cut) <= CLIP_CONTEXT

@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pdfium = pytest.importorskip("pypdfium2")
 
 import build_report  # noqa: E402
+import report_record  # noqa: E402
 from captioner import make_config  # noqa: E402
 from io_utils import InputError  # noqa: E402
 
@@ -216,7 +217,9 @@ def test_top1_last1_from_the_per_image_list_without_attention_json(full, tmp_pat
     build_report.build(str(res), str(full["notes"]), str(out), {})
     text = pdf_text(out)
     assert "best_one" in text and "0.9876" in text and "worst_one" in text and "0.1234" in text
-    assert "attention_top1_<key>.png: not measured" in text
+    assert "attention_top1_best_one.png: not measured" in text  # the real key, in the figure's box
+    assert "MISSING attention_top1_best_one.png" in text and "MISSING attention_last1_worst_one.png" in text
+    assert "<key>" not in text.replace("attention_<stem>.png", "")
 
 
 def test_notes_sections_are_parsed_and_a_wrong_heading_refused(tmp_path):
@@ -286,6 +289,7 @@ def test_the_synthetic_notice_is_on_page_one_only_when_asked(full, empty_pdf):
 def test_the_language_model_only_row_is_there_with_its_file_and_omitted_without(full, empty_pdf):
     cider, clip = FULL_METRICS["baseline"]
     assert f"language model only {cider:.4f} {clip:.4f}" in pdf_text(full["pdf"])
+    assert "found p2_metrics_baseline.json" in pdf_pages(full["pdf"])[-1]  # in the list of files read
     text = pdf_text(empty_pdf)
     assert "language model only" not in text and "p2_metrics_baseline.json" not in text
 
@@ -307,3 +311,68 @@ def test_a_character_no_font_has_is_named_and_the_report_still_built(tmp_path, m
     build_report.build(str(tmp_path), str(notes), str(tmp_path / "r.pdf"), {})
     assert "U+738B" in capfd.readouterr().err
     assert "R00000000" in pdf_text(tmp_path / "r.pdf")
+
+
+# ---------------------------------------------------------------- gaps: what selfcheck.py reads back
+
+
+def complete_notes(path):
+    path.write_text("".join(f"## {heading}\n\nAn answer for {heading}.\n\n"
+                            for heading in build_report.NOTES_SECTIONS.values()).replace(
+        "An answer for Student.", "Test Student / R00000000"), encoding="utf-8")
+    return path
+
+
+def test_a_complete_report_records_no_gap_and_passes_the_selfcheck(full, tmp_path):
+    import selfcheck
+
+    out = tmp_path / "hw3_r12345678.pdf"
+    build_report.build(str(full["results"]), str(complete_notes(tmp_path / "notes.md")), str(out),
+                       {"best": str(full["root"] / "lora.pt")})
+    assert report_record.read_gaps(str(out)) == []
+    assert selfcheck.check_report(str(tmp_path)) == ("PASS", "report PDF", "found hw3_r12345678.pdf")
+
+
+def test_a_report_with_placeholders_fails_the_selfcheck_with_what_fills_each(empty_pdf, tmp_path):
+    """The default build_report.py run (no results, the shipped notes): 'Student: name / ID' and
+    'not measured' everywhere; it used to be a WARN ("not tracked by git")."""
+    import shutil
+
+    import selfcheck
+
+    shutil.copyfile(empty_pdf, tmp_path / "hw3_r12345678.pdf")
+    gaps = dict(report_record.read_gaps(str(tmp_path / "hw3_r12345678.pdf")))
+    notes = os.path.join(REPO, "report_notes.md")
+    assert gaps["Student: name / ID"].startswith(f"write your name and student ID under '## Student' in {notes}")
+    assert "python3 build_report.py" in gaps["Student: name / ID"]
+    assert gaps["'## P2 PEFT comparison': " + build_report.TO_BE_WRITTEN].startswith("write the answer under")
+    assert gaps["not measured: p1_prompts.json missing"].startswith("python3 p1_report.py accuracy")
+    assert gaps["not measured: attention_bike.png missing"].startswith("python3 p2_attention.py")
+    result = selfcheck.check_report(str(tmp_path))
+    assert result.status == "FAIL" and "hw3_r12345678.pdf is not ready to hand in" in result.message
+    assert "  Student: name / ID: write your name" in result.message
+
+
+def test_a_null_score_and_a_missing_caption_are_gaps_too(full, tmp_path):
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(full["results"], res)
+    write_json(res / "p2_metrics_adapter.json", {"cider": 0.9, "clipscore": None})  # --no-clipscore
+    attention = json.loads((res / "attention.json").read_text(encoding="utf-8"))
+    del attention["sheep"]["caption"]
+    write_json(res / "attention.json", attention)
+    out = tmp_path / "r.pdf"
+    build_report.build(str(res), str(complete_notes(tmp_path / "notes.md")), str(out), {})
+    gaps = dict(report_record.read_gaps(str(out)))
+    assert gaps.pop("not measured: CLIPScore of run adapter (p2_metrics_adapter.json holds null)").endswith(
+        f"--metrics-out {res}/p2_metrics_adapter.json")
+    assert gaps.pop("not measured: caption of sheep.jpg (attention.json has none)").startswith("python3 p2_attention.py")
+    assert set(gaps) == {"not measured: p2_ckpt_best.txt missing"}  # no --checkpoint best=... this time
+
+
+def test_no_peft_reads_as_such(full):
+    text = pdf_text(full["pdf"])
+    assert "none: none" not in text and "none (cross-attention" not in text
+    assert f"none {FULL_METRICS['none'][0]:.4f} {FULL_METRICS['none'][1]:.4f} " in text
+    assert "PEFT none: " + build_report.NO_PEFT in text

@@ -231,3 +231,31 @@ def test_nothing_reaches_outside_the_clone():
             if outside.search(f.read()):
                 hits.append(name)
     assert hits == []
+
+
+# Markdown files the repository's text may name without holding them, and why.
+NAMED_ELSEWHERE = {
+    "p1_prompts.md": "an output: p1_report.py accuracy writes it",
+    "data/prompts.md": "openai/CLIP's list of prompt templates, cited as that repository's",
+    "notes.md": "a test's temporary notes file",
+}
+
+
+def test_comments_and_messages_cite_files_that_exist():
+    """A comment, docstring, message or document that names a .md file names one in the clone
+    (or an output, or another repository's file, said as such); a fact from a file outside the
+    repository is stated, not cited."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    missing = []
+    for name in tracked:
+        if name.endswith((".json", ".bpe", ".pdf")) or not os.path.isfile(os.path.join(REPO, name)):
+            continue
+        with open(os.path.join(REPO, name), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        for cited in set(re.findall(r"[\w./<>-]*[\w>]\.md\b", text)):
+            base = re.sub(r"^(OUT|OUT_DIR|DIR|\.\.)?/", "", cited)
+            if base in NAMED_ELSEWHERE or os.path.basename(base) in NAMED_ELSEWHERE:
+                continue
+            if not any(os.path.isfile(os.path.join(root, base)) for root in (REPO, os.path.dirname(os.path.join(REPO, name)))):
+                missing.append(f"{name}: {cited}")
+    assert missing == [], "cites files the repository does not have; state the fact instead"

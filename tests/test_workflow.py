@@ -32,7 +32,8 @@ def test_dry_run_of_report_prints_the_real_data_commands(tmp_path):
     data = f"{tmp_path}/hw3_data"
     expected = [
         f"bash hw3_1.sh {data}/p1_data/val {data}/p1_data/id2label.json {tmp_path}/out/p1_pred.csv",
-        "p1_report.py accuracy", "p1_report.py top5",
+        "p1_report.py accuracy", f"p1_report.py top5 --id2label {data}/p1_data/id2label.json --out-dir "
+        f"{tmp_path}/out --pick-from {data}/p1_data/val",  # three classes, chosen in Python
         *[f"--peft {run} --out {tmp_path}/ck/{run}.pt" for run in RUNS],
         *[f"HW3_P2_CKPT={tmp_path}/ck/{run}.pt bash hw3_2.sh {data}/p2_data/images/val "
           f"{tmp_path}/out/p2_pred_{run}.json {data}/p2_data/decoder_model.bin" for run in RUNS],
@@ -199,3 +200,18 @@ def test_demo_best_run_beats_the_language_model_only_captions():
     assert best["cider"] > baseline["cider"] + 0.2, (best, baseline)
     baseline_preds = json.load(open(os.path.join(results, "p2_pred_baseline.json"), encoding="utf-8"))
     assert len(set(baseline_preds.values())) == 1, "the language model alone writes one sentence for every image"
+
+
+def test_demo_notebook_runs_headless_on_the_demo_outputs(tmp_path, monkeypatch):
+    """p2_visualize.ipynb on what `make demo` left (CI runs this after it): the demo's data and checkpoint,
+    its results copied so that the notebook's attention.json lands beside them, not in demo/outputs."""
+    from test_p2_attention import check_notebook_outputs, run_notebook
+
+    demo_pdf()
+    out = tmp_path / "outputs"
+    shutil.copytree(os.path.join(REPO, "demo", "outputs"), out)
+    (out / "attention.json").unlink()
+    keys = [row["key"] for row in json.loads((out / "p2_per_image.json").read_text(encoding="utf-8"))]
+    env = {"HW3_DATA": os.path.join(REPO, "demo", "hw3_data"), "HW3_OUT": str(out),
+           "HW3_CACHE": os.path.join(REPO, "demo", "cache"), "HW3_P2_CKPT": None, "HW3_P2_ENCODER_WEIGHTS": None}
+    check_notebook_outputs(run_notebook(monkeypatch, env), out, keys)
