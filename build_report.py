@@ -59,14 +59,8 @@ from matplotlib import font_manager, ft2font  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import report_record  # noqa: E402
-from io_utils import (  # noqa: E402
-    InputError,
-    atomic_output,
-    check_output_path,
-    quiet_known_warnings,
-    reports_input_errors,
-    warn,
-)
+from file_io import atomic_output, check_output_path
+from io_utils import InputError, quiet_known_warnings, reports_input_errors, warn
 
 NOT_MEASURED = "not measured"
 TO_BE_WRITTEN = "(to be written after the results are in)"

@@ -31,9 +31,9 @@ from decoder import (
     parameter_group,
 )
 from encoder import DEFAULT_ENCODER, ImageEncoder
-from io_utils import atomic_torch_save, check_finite, torch_load
+from file_io import atomic_torch_save
 from tokenizer import EOT_ID
-from weights import assign_state, skip_init
+from weights import assign_state, check_finite, skip_init, torch_load
 
 MAX_TRAINABLE = 35_000_000  # the course's limit, counted from the saved checkpoint
 CHECKPOINT_FORMAT = 1

@@ -15,7 +15,8 @@ import os
 import sys
 
 from clip_context import fit_clip_context
-from io_utils import InputError, cache_dir, find_images, loader_workers, open_rgb, pick_device, warn
+from image_io import find_images, open_rgb
+from io_utils import InputError, cache_dir, loader_workers, pick_device, warn
 
 
 def check_clip_model(model_name_or_file: str) -> None:
@@ -87,7 +88,7 @@ def clip_scores(preds: dict, images_root: str, model_name_or_file: str = "ViT-B/
     """CLIPScore of each prediction: 2.5 * max(cos(image embedding, caption embedding), 0).
 
     preds: key -> caption; the image of key k is `<images_root>/<k>.<ext>`
-    (io_utils.find_images); device: "auto", "cpu", "cuda" or a torch.device;
+    (image_io.find_images); device: "auto", "cpu", "cuda" or a torch.device;
     loaded: `load_clip(model_name_or_file, device)`'s result when the caller loaded it already.
     Returns {key: score}; the course's CLIPScore is the mean of the values.
     """

@@ -51,8 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from io_utils import check_finite, torch_load
-from weights import assign_state
+from weights import assign_state, check_finite, torch_load
 
 # GPT-2 stores these four as Conv1D, weight (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

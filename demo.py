@@ -36,6 +36,7 @@ import sys
 
 import numpy as np
 
+import file_io
 import io_utils
 import synthetic
 
@@ -133,7 +134,7 @@ def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, 
     # written last: the Makefile's sign that the whole set is there
     settings = dict(train=n_train, val=n_val, p1_per_class=p1_per_class, size=size, lm_steps=lm_steps,
                     lm_width=lm_width, seed=seed, encoder=DEMO_ENCODER, encoder_kwargs=DEMO_ENCODER_KWARGS)
-    io_utils.atomic_write_text(os.path.join(data, "demo.json"), json.dumps(settings, indent=1) + "\n")
+    file_io.atomic_write_text(os.path.join(data, "demo.json"), json.dumps(settings, indent=1) + "\n")
 
 
 def main(argv=None) -> None:

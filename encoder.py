@@ -29,8 +29,9 @@ import sys
 import torch
 import torch.nn as nn
 
-from io_utils import atomic_torch_save, cache_dir, check_finite, torch_load
-from weights import assign_state, skip_init
+from file_io import atomic_torch_save
+from io_utils import cache_dir
+from weights import assign_state, check_finite, skip_init, torch_load
 
 DEFAULT_ENCODER = "vit_large_patch14_clip_quickgelu_224.openai"
 

@@ -24,6 +24,8 @@ import json
 import os
 import sys
 
+import image_io
+import file_io
 import io_utils
 import p1_zeroshot as zs
 
@@ -72,7 +74,7 @@ def pick_images(folder: str, n: int = 3) -> list:
     in numeric order, taken at even steps (the first, about a third in, about two thirds in for n = 3),
     and of each the first file by name. InputError when fewer than n classes are named."""
     by_label = {}
-    for name in io_utils.list_files(folder):  # sorted by name
+    for name in image_io.list_files(folder):  # sorted by name
         label = label_from_name(name)
         if label is not None:
             by_label.setdefault(label, name)
@@ -91,7 +93,7 @@ def accuracy(args) -> dict:
     import torch
 
     id2label = zs.read_id2label(args.id2label)
-    names = io_utils.list_files(args.val_dir)
+    names = image_io.list_files(args.val_dir)
     labels = {name: label_from_name(name) for name in names}
     misnamed = [n for n, label in labels.items() if label is None or label not in id2label]
     if misnamed:
@@ -122,8 +124,8 @@ def accuracy(args) -> dict:
         results.append(row)
 
     report = {"models": specs, "n_images": len(kept), "results": results}
-    io_utils.atomic_write_text(os.path.join(args.out_dir, "p1_prompts.json"), json.dumps(report, indent=2) + "\n")
-    io_utils.atomic_write_text(os.path.join(args.out_dir, "p1_prompts.md"), _markdown(report))
+    file_io.atomic_write_text(os.path.join(args.out_dir, "p1_prompts.json"), json.dumps(report, indent=2) + "\n")
+    file_io.atomic_write_text(os.path.join(args.out_dir, "p1_prompts.md"), _markdown(report))
     print(_markdown(report))
     return report
 
@@ -183,7 +185,7 @@ def top5(args) -> dict:
 
         figure, (ax_image, ax_bars) = plt.subplots(
             1, 2, figsize=(9, 3), gridspec_kw={"width_ratios": [1, 2.2]}, constrained_layout=True)
-        ax_image.imshow(io_utils.open_rgb(path))
+        ax_image.imshow(image_io.open_rgb(path))
         ax_image.set_title(name, fontsize=9)
         ax_image.axis("off")
         ranks = list(range(k))[::-1]  # most probable on top
@@ -197,12 +199,12 @@ def top5(args) -> dict:
             ax_bars.text(min(r["probability"] + 0.01, 0.9), rank, f"{r['probability']:.1%}", va="center", fontsize=8)
         models = " + ".join(os.path.basename(s) for s in specs)
         ax_bars.set_title(f"top-{k}: CLIP {models}, {len(zs.TEMPLATES)} templates, flip TTA", fontsize=9)
-        with io_utils.atomic_output(os.path.join(args.out_dir, f"p1_top5_{stem}.png")) as tmp:
+        with file_io.atomic_output(os.path.join(args.out_dir, f"p1_top5_{stem}.png")) as tmp:
             figure.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
         plt.close(figure)
 
     report = {"models": specs, "templates": len(zs.TEMPLATES), "images": numbers}
-    io_utils.atomic_write_text(os.path.join(args.out_dir, "p1_top5.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    file_io.atomic_write_text(os.path.join(args.out_dir, "p1_top5.json"), json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 
@@ -233,7 +235,7 @@ def main(argv=None):
     if args.command == "top5" and bool(args.images) == bool(args.pick_from):
         parser.error("top5: give the images (IMG ...) or --pick-from DIR, not both")
     try:  # before CLIP loads: the outputs are written last
-        io_utils.check_output_path(os.path.join(args.out_dir, "p1_top5.json"))
+        file_io.check_output_path(os.path.join(args.out_dir, "p1_top5.json"))
     except io_utils.InputError as error:
         raise io_utils.InputError(f"--out-dir: {error}") from None
     return accuracy(args) if args.command == "accuracy" else top5(args)

@@ -46,6 +46,8 @@ import re
 import sys
 from typing import TYPE_CHECKING
 
+import image_io
+import file_io
 import io_utils
 from clipscore import clip_weights_path
 
@@ -327,7 +329,7 @@ def image_embeddings(models, paths, device, batch_size):
     kept, outputs = [], [[] for _ in models]
     transforms = [preprocess for _, preprocess in models]
     with torch.no_grad():
-        for indices, batches in io_utils.readable_batches(paths, transforms, batch_size, device, "CLIP"):
+        for indices, batches in image_io.readable_batches(paths, transforms, batch_size, device, "CLIP"):
             kept.extend(paths[i] for i in indices)
             for (model, _), images, out in zip(models, batches, outputs):
                 out.append(_encode_with_flip(model, images.to(device, non_blocking=True)).cpu())
@@ -373,8 +375,8 @@ def main(argv=None) -> None:
     check_prompt_lengths(id2label, TEMPLATES)
     specs = model_specs()
     batch_size()  # a bad $HW3_P1_BATCH fails here, before the models load
-    io_utils.check_output_path(args.out_csv)
-    names = io_utils.list_files(args.img_dir)
+    file_io.check_output_path(args.out_csv)
+    names = image_io.list_files(args.img_dir)
 
     device = io_utils.pick_device()
     class_ids = list(id2label)
@@ -388,7 +390,7 @@ def main(argv=None) -> None:
 
     probs = ensemble_probs(image_embs, text_embs, [logit_scale(m) for m, _ in models])  # [N, K]
     labels = [class_ids[k] for k in probs.argmax(dim=1).tolist()]
-    io_utils.atomic_write_text(args.out_csv, predictions_csv([os.path.basename(p) for p in kept], labels))
+    file_io.atomic_write_text(args.out_csv, predictions_csv([os.path.basename(p) for p in kept], labels))
     print(f"wrote {len(kept)} predictions to {args.out_csv} "
           f"({len(names) - len(kept)} files skipped; models {', '.join(specs)}; {device.type})",
           file=sys.stderr)

@@ -64,6 +64,8 @@ import sys
 
 import numpy as np
 
+import image_io
+import file_io
 import io_utils
 from tokenizer import EOT, BPETokenizer
 
@@ -185,14 +187,14 @@ def draw_figure(image, caption: str, panels: list, path: str, columns: int = COL
             ax.imshow(heat_map(att, *pixels.shape[:2]), cmap="jet", alpha=ALPHA, vmin=0.0, vmax=1.0)
         ax.set_title(title, fontsize=12)
         ax.axis("off")
-    with io_utils.atomic_output(path) as tmp:
+    with file_io.atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     return path
 
 
 def figure_for(path_to_image: str, out_png: str, model, tokenizer, device, beam_size: int | None = None) -> dict:
     """Caption one image file and draw its figure; returns {"caption", "tokens", "png"}."""
-    image = model_view(io_utils.open_rgb(path_to_image), model.encoder.transform)
+    image = model_view(image_io.open_rgb(path_to_image), model.encoder.transform)
     caption, panels = word_maps(model, tokenizer, image, device, beam_size)
     draw_figure(image, caption, panels, out_png)
     return {"caption": caption, "tokens": [title for title, _ in panels], "png": out_png}
@@ -230,7 +232,7 @@ def extreme_figures(per_image: str, images_root: str, out_dir: str, model, token
     """
     rows = sorted(read_per_image(per_image), key=lambda r: (-r["clip_score"], r["key"]))
     chosen = {"top1": rows[0], "last1": rows[-1]}
-    paths = io_utils.find_images(images_root, sorted({row["key"] for row in chosen.values()}))
+    paths = image_io.find_images(images_root, sorted({row["key"] for row in chosen.values()}))
     records = {}
     for rank, row in chosen.items():
         png = os.path.join(out_dir, f"attention_{rank}_{row['key']}.png")
@@ -305,7 +307,7 @@ def _read_json_dict(path: str) -> dict:
     """The JSON object at path, or {} when there is none yet."""
     if not os.path.isfile(path):
         return {}
-    data = io_utils.read_json(path, "the earlier figures' record (move it away)")
+    data = file_io.read_json(path, "the earlier figures' record (move it away)")
     if not isinstance(data, dict):
         raise io_utils.InputError(f"{path!r} exists but is not a JSON object; move it away")
     return data
@@ -356,8 +358,8 @@ def image_stems(paths: list, per_image: str | None = None) -> dict:
         if not os.path.isfile(path):
             raise io_utils.InputError(f"image {path!r} does not exist")
         try:
-            io_utils.open_rgb(path)  # a broken image would otherwise fail after the model loads
-        # Pillow's plugins raise more than OSError on corrupt data (see io_utils.ReadableImages).
+            image_io.open_rgb(path)  # a broken image would otherwise fail after the model loads
+        # Pillow's plugins raise more than OSError on corrupt data (see image_io.ReadableImages).
         except Exception as error:  # noqa: BLE001
             raise io_utils.InputError(f"image {path!r} cannot be decoded: {error}") from None
         stem = io_utils.strip_extension(os.path.basename(path))
@@ -389,7 +391,7 @@ def draw_figures(model, tokenizer, device, out_dir: str, stems: dict, per_image:
             print(f"{rank}: {record['key']} (CLIPScore {record['clip_score']:.4f}): {record['caption']}",
                   file=sys.stderr)
     results.update(drawn)
-    io_utils.atomic_write_text(json_path, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    file_io.atomic_write_text(json_path, json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
     print(f"wrote {len(drawn)} figures and {json_path}", file=sys.stderr)
     return drawn
 
@@ -401,7 +403,7 @@ def main(argv=None) -> None:
     # Every cheap check before the model loads.
     stems = image_stems(args.images, args.per_image)
     try:
-        io_utils.check_output_path(os.path.join(args.out_dir, "attention.json"))
+        file_io.check_output_path(os.path.join(args.out_dir, "attention.json"))
     except io_utils.InputError as error:
         raise io_utils.InputError(f"--out-dir: {error}") from None
     if not os.path.isfile(args.decoder_weights):

@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from captioner import autocast
-from io_utils import InputError, atomic_output, atomic_write_text, find_images, load_references, open_rgb
+from file_io import atomic_output, atomic_write_text, load_references
+from image_io import find_images, open_rgb
+from io_utils import InputError
 from tokenizer import EOT_ID
 
 IGNORE_INDEX = -100

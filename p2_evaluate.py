@@ -38,19 +38,9 @@ from collections import Counter
 from PIL import Image
 
 from clipscore import check_clip_model, clip_scores, load_clip
-from io_utils import (
-    InputError,
-    atomic_write_text,
-    check_output_path,
-    find_images,
-    load_references,
-    pick_device,
-    quiet_known_warnings,
-    read_json,
-    strip_extension,
-    to_rgb,
-    warn,
-)
+from file_io import atomic_write_text, check_output_path, load_references, read_json
+from image_io import find_images, to_rgb
+from io_utils import InputError, pick_device, quiet_known_warnings, strip_extension, warn
 
 # Characters Java's PTB tokenizer takes as line breaks besides "\n" (which
 # pycocoevalcap already replaces): left in a caption they shift every later
@@ -147,7 +137,7 @@ def course_keys(annotation_file: str) -> dict:
 
 
 def converts_differently(path: str) -> bool:
-    """Whether Pillow's `convert("RGB")` (the course's) gives other pixels than io_utils.to_rgb (ours),
+    """Whether Pillow's `convert("RGB")` (the course's) gives other pixels than image_io.to_rgb (ours),
     i.e. the image has transparency or more than 8 bits per channel; True when it fails."""
     try:
         with Image.open(path) as image:

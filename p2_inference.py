@@ -46,6 +46,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+import image_io
+import file_io
 import io_utils
 from clip_context import fit_clip_context
 from tokenizer import BPETokenizer
@@ -146,14 +148,14 @@ class PhaseTimer:
 def image_keys(folder: str, names: list) -> dict:
     """File name -> output key; InputError naming both files when two images share a key.
 
-    Only files that decode count (io_utils.is_image), as in captioning: a
+    Only files that decode count (image_io.is_image), as in captioning: a
     truncated `a.png` beside a good `a.jpg` is skipped later, not a collision.
     """
     groups = {}
     for name in names:
         groups.setdefault(io_utils.strip_extension(name), []).append(name)
     for key, group in groups.items():
-        images = [n for n in group if io_utils.is_image(os.path.join(folder, n))] if len(group) > 1 else group
+        images = [n for n in group if image_io.is_image(os.path.join(folder, n))] if len(group) > 1 else group
         if len(images) > 1:
             raise io_utils.InputError(f"images {' and '.join(map(repr, images))} in {folder!r} would both be "
                                       f"captioned as {key!r}; the output holds one caption per name without "
@@ -184,10 +186,10 @@ def main(argv=None) -> None:
     if not os.path.isfile(args.decoder_weights):
         raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
                                   "decoder_model.bin)")
-    io_utils.check_output_path(args.out_json)
+    file_io.check_output_path(args.out_json)
     if profile_path:
-        io_utils.check_output_path(profile_path)
-    names = io_utils.list_files(args.img_dir)
+        file_io.check_output_path(profile_path)
+    names = image_io.list_files(args.img_dir)
     keys = image_keys(args.img_dir, names)
     tokenizer = BPETokenizer()
 
@@ -221,7 +223,7 @@ def main(argv=None) -> None:
         del pending_names[:count]
 
     paths = [os.path.join(args.img_dir, n) for n in names]
-    batches = iter(io_utils.readable_batches(paths, [model.encoder.transform], read_size, device, "captions",
+    batches = iter(image_io.readable_batches(paths, [model.encoder.transform], read_size, device, "captions",
                                              pin_memory=False if use_graph else None))
     with torch.no_grad(), autocast(device):
         while True:
@@ -241,7 +243,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no readable image in {args.img_dir!r} ({len(names)} files, none an image)")
 
     with timer("write"):
-        io_utils.atomic_write_text(args.out_json,
+        file_io.atomic_write_text(args.out_json,
                                    json.dumps(results, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
     print(f"wrote {len(results)} captions to {args.out_json} ({len(names) - len(results)} files skipped; "
           f"{device.type}, {batch_size} images per decoding batch"
@@ -253,7 +255,7 @@ def main(argv=None) -> None:
                    "generation": generation}
         if device.type == "cuda":
             profile["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
-        io_utils.atomic_write_text(profile_path, json.dumps(profile, indent=2) + "\n")
+        file_io.atomic_write_text(profile_path, json.dumps(profile, indent=2) + "\n")
 
 
 if __name__ == "__main__":

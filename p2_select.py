@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 
+import file_io
 import io_utils
 from io_utils import InputError
 
@@ -36,7 +37,7 @@ RUNS = ("none", "adapter", "prefix", "lora")
 def read_run(results: str, run: str) -> dict:
     """{run, cider, metrics, checkpoint, per_image} of one run; InputError naming a bad file."""
     metrics_path = os.path.join(results, f"p2_metrics_{run}.json")
-    metrics = io_utils.read_json(metrics_path, f"run {run!r}'s metrics")
+    metrics = file_io.read_json(metrics_path, f"run {run!r}'s metrics")
     cider = metrics.get("cider") if isinstance(metrics, dict) else None
     if isinstance(cider, bool) or not isinstance(cider, (int, float)) or not math.isfinite(cider):
         raise InputError(f"{metrics_path}: 'cider' is {cider!r}, expected a finite number "
@@ -67,15 +68,15 @@ def choose(results: str, runs) -> dict:
 
 def record(best: dict, results: str, install: str) -> None:
     """Write the best run where the report, hw3_2.sh and selfcheck.py look for it."""
-    per_image = io_utils.read_json(best["per_image"], f"run {best['run']!r}'s per-image scores")
-    io_utils.atomic_write_text(os.path.join(results, "p2_per_image.json"), json.dumps(per_image, indent=1) + "\n")
-    io_utils.atomic_write_text(os.path.join(results, "p2_metrics_best.json"),
+    per_image = file_io.read_json(best["per_image"], f"run {best['run']!r}'s per-image scores")
+    file_io.atomic_write_text(os.path.join(results, "p2_per_image.json"), json.dumps(per_image, indent=1) + "\n")
+    file_io.atomic_write_text(os.path.join(results, "p2_metrics_best.json"),
                                json.dumps({**best["metrics"], "run": best["run"]}, indent=1) + "\n")
     if os.path.abspath(install) != os.path.abspath(best["checkpoint"]):
-        with io_utils.atomic_output(install) as tmp:
+        with file_io.atomic_output(install) as tmp:
             shutil.copyfile(best["checkpoint"], tmp)
     # last: its presence says the whole choice was recorded
-    io_utils.atomic_write_text(os.path.join(results, "p2_ckpt_best.txt"), best["checkpoint"] + "\n")
+    file_io.atomic_write_text(os.path.join(results, "p2_ckpt_best.txt"), best["checkpoint"] + "\n")
 
 
 @io_utils.reports_input_errors

@@ -73,17 +73,9 @@ from cider import CiderD, tokenize
 from decoder import LORA_TARGETS
 from encoder import DEFAULT_ENCODER
 from clipscore import clip_scores
-from io_utils import (
-    InputError,
-    atomic_torch_save,
-    atomic_write_text,
-    check_output_path,
-    loader_workers,
-    pick_device,
-    quiet_known_warnings,
-    torch_load,
-    warn,
-)
+from file_io import atomic_torch_save, atomic_write_text, check_output_path
+from io_utils import InputError, loader_workers, pick_device, quiet_known_warnings, warn
+from weights import torch_load
 from p2_data import (
     IGNORE_INDEX,
     CaptionSamples,

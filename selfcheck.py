@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+import image_io
 import io_utils
 import report_record
 import script_rules
@@ -240,9 +241,9 @@ def check_checkpoint(path: str, decoder_weights: str | None) -> list:
 
 def image_files(folder: str) -> list:
     """Names of the files in `folder` that the scripts must answer for: the ones that decode
-    fully, named in UTF-8 (io_utils.list_files skips the others with a warning)."""
+    fully, named in UTF-8 (image_io.list_files skips the others with a warning)."""
     return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
-                  and io_utils.is_utf8(n) and io_utils.is_image(os.path.join(folder, n)))
+                  and io_utils.is_utf8(n) and image_io.is_image(os.path.join(folder, n)))
 
 
 def make_p1_samples(folder: str, n: int) -> list:

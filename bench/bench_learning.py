@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import p2_train
 import synthetic
 from encoder import ImageEncoder
-from io_utils import atomic_write_text
+from file_io import atomic_write_text
 from p2_data import FeatureCache, Split, normalize_caption
 from tokenizer import BPETokenizer
 

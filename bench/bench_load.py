@@ -4,7 +4,7 @@ Saves a randomly initialised full-size encoder (timm ViT-L/14 CLIP tower, the ca
 as the cache holds it (`encoder.download_weights` saves timm's fp32 tensors) and in fp16, then times,
 on the CPU, alternately and REPEATS times each:
 
-  read    io_utils.torch_load(file): the bytes into tensors;
+  read    weights.torch_load(file): the bytes into tensors;
   build   encoder.ImageEncoder(name, weights=file): the model built and its weights in place,
           reading included (`weights.skip_init` + `weights.assign_state`);
   before  the same build as it was before issue 23: timm's random initialisation, then
@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from encoder import DEFAULT_ENCODER, ImageEncoder
-from io_utils import atomic_write_text, torch_load
+from file_io import atomic_write_text
+from weights import torch_load
 
 SMALL = ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2})
 REPEATS = 3

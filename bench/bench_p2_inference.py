@@ -58,7 +58,7 @@ from captioner import (
     save_checkpoint,
 )
 from decoder import gpt2_course_state
-from io_utils import open_rgb
+from image_io import open_rgb
 from tokenizer import EOT, EOT_ID, BPETokenizer
 
 # A ViT and GPT-2 small enough for the CPU (the test suite's sizes).

@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_learning
 import p2_train
 import synthetic
-from io_utils import atomic_write_text, torch_load
+from file_io import atomic_write_text
+from weights import torch_load
 
 # what the finished cross-entropy run hands to the SCST phase (the rest of the progress is the phase's own)
 CARRIED = ("step", "validated_step", "best_cider", "best_step", "xe_best_cider", "xe_best_step")

@@ -97,7 +97,7 @@ def make_model(peft: str, setup: dict, seed: int = 0) -> Captioner:
 
 def val_images(setup: dict, model: Captioner, n: int) -> torch.Tensor:
     """The first n validation images of the synthetic set, preprocessed: [n, 3, 32, 32]."""
-    from io_utils import open_rgb
+    from image_io import open_rgb
 
     paths = sorted(glob.glob(os.path.join(setup["data_root"], "images", "val", "*")))[:n]
     return torch.stack([model.encoder.transform(open_rgb(p)) for p in paths])
@@ -356,7 +356,7 @@ def test_attention_maps_under_fp16_autocast_match_fp32(models, captioning_setup)
     """p2_attention.word_maps: the same caption and words, maps within PROB_ATOL, finite, summing to
     at most 1 over the patches (the class token takes the rest)."""
     import p2_attention
-    from io_utils import open_rgb
+    from image_io import open_rgb
     from tokenizer import BPETokenizer
 
     model, tokenizer = models["adapter"], BPETokenizer()

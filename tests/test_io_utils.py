@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import image_io
+import file_io
 import io_utils
 from io_utils import InputError
 
@@ -41,8 +43,8 @@ def test_a_new_output_gets_the_mode_a_plain_open_gives(tmp_path, umask, mask):
     plain = tmp_path / "plain.json"
     with open(plain, "w") as f:
         f.write("{}")
-    io_utils.atomic_write_text(str(tmp_path / "atomic.json"), "{}")
-    io_utils.atomic_torch_save({"w": torch.zeros(2)}, str(tmp_path / "atomic.pt"))
+    file_io.atomic_write_text(str(tmp_path / "atomic.json"), "{}")
+    file_io.atomic_torch_save({"w": torch.zeros(2)}, str(tmp_path / "atomic.pt"))
     assert mode(tmp_path / "atomic.json") == mode(plain) == 0o666 & ~mask
     assert mode(tmp_path / "atomic.pt") == 0o666 & ~mask
 
@@ -53,7 +55,7 @@ def test_an_existing_output_keeps_its_mode(tmp_path, umask, existing):
     target = tmp_path / "pred.csv"
     target.write_text("old\n")
     os.chmod(target, existing)
-    io_utils.atomic_write_text(str(target), "new\n")
+    file_io.atomic_write_text(str(target), "new\n")
     assert target.read_text() == "new\n"
     assert mode(target) == existing
 
@@ -63,7 +65,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target.parent.mkdir()
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError, match="disk full"):
-        with io_utils.atomic_output(str(target)) as tmp:
+        with file_io.atomic_output(str(target)) as tmp:
             assert os.path.dirname(tmp) == str(target.parent)
             with open(tmp, "wb") as f:
                 f.write(b"half")
@@ -73,12 +75,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_atomic_output_creates_the_folder_and_refuses_a_folder(tmp_path):
-    with io_utils.atomic_output(str(tmp_path / "a" / "b" / "x.txt")) as tmp:
+    with file_io.atomic_output(str(tmp_path / "a" / "b" / "x.txt")) as tmp:
         with open(tmp, "w") as f:
             f.write("x")
     assert (tmp_path / "a" / "b" / "x.txt").read_text() == "x"
     with pytest.raises(InputError, match="is a folder"):
-        io_utils.atomic_write_text(str(tmp_path / "a"), "x")
+        file_io.atomic_write_text(str(tmp_path / "a"), "x")
 
 
 def test_a_writer_killed_during_a_save_leaves_a_temporary_the_next_write_removes(tmp_path):
@@ -87,8 +89,8 @@ def test_a_writer_killed_during_a_save_leaves_a_temporary_the_next_write_removes
     writer = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {REPO!r})
-        import io_utils
-        with io_utils.atomic_output({str(target)!r}) as tmp:
+        import file_io
+        with file_io.atomic_output({str(target)!r}) as tmp:
             with open(tmp, "w") as f:
                 f.write("half")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -104,7 +106,7 @@ def test_a_writer_killed_during_a_save_leaves_a_temporary_the_next_write_removes
     live.write_text("in progress")
     other.write_text("not ours")
 
-    io_utils.atomic_write_text(str(target), "new\n")
+    file_io.atomic_write_text(str(target), "new\n")
     assert target.read_text() == "new\n"
     assert sorted(os.listdir(tmp_path)) == sorted(["pred.json", live.name, other.name])
 
@@ -142,9 +144,9 @@ def test_loader_workers(monkeypatch):
 
 def test_library_errors_are_input_errors_not_exits(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="does not exist"):
-        io_utils.list_files(str(tmp_path / "absent"))
+        image_io.list_files(str(tmp_path / "absent"))
     with pytest.raises(InputError, match="contains no files"):
-        io_utils.list_files(str(tmp_path))
+        image_io.list_files(str(tmp_path))
     monkeypatch.setenv("HW3_P2_BATCH", "zero")
     with pytest.raises(InputError, match="HW3_P2_BATCH='zero' is not a positive integer"):
         io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer")
@@ -174,7 +176,7 @@ def gray16(values, mode):
 
 
 def gray_levels(image):
-    rgb = np.asarray(io_utils.to_rgb(image))
+    rgb = np.asarray(image_io.to_rgb(image))
     assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
     return rgb[..., 0]
 
@@ -194,7 +196,7 @@ def test_16bit_png_round_trip():
     gray16([[0, 200], [32896, 65535]], "I;16").save(buffer, format="PNG")
     with Image.open(io.BytesIO(buffer.getvalue())) as image:
         image.load()
-        assert image.mode in io_utils.GRAY_WHITE
+        assert image.mode in image_io.GRAY_WHITE
         assert gray_levels(image).tolist() == [[0, 1], [128, 255]]
 
 
@@ -204,7 +206,7 @@ def test_list_files_skips_non_utf8_names_and_dangling_links_with_a_warning(tmp_p
         f.write((tmp_path / "good.png").read_bytes())
     os.symlink(tmp_path / "nowhere.png", tmp_path / "gone.png")
     (tmp_path / "folder").mkdir()
-    assert io_utils.list_files(str(tmp_path)) == ["good.png"]
+    assert image_io.list_files(str(tmp_path)) == ["good.png"]
     err = capsys.readouterr().err
     assert "skipping b'caf\\xe9.png': its name is not valid UTF-8" in err
     assert "skipping 'gone.png': a symbolic link to" in err and "nowhere.png" in err
@@ -218,15 +220,15 @@ def test_is_image_means_it_decodes(tmp_path):
     (tmp_path / "a.txt").write_text("text")
     with Image.open(tmp_path / "cut.jpg"):
         pass  # the header alone reads fine
-    assert io_utils.is_image(str(tmp_path / "a.jpg"))
-    assert not io_utils.is_image(str(tmp_path / "cut.jpg"))
-    assert not io_utils.is_image(str(tmp_path / "a.txt"))
+    assert image_io.is_image(str(tmp_path / "a.jpg"))
+    assert not image_io.is_image(str(tmp_path / "cut.jpg"))
+    assert not image_io.is_image(str(tmp_path / "a.txt"))
 
 
 def test_check_output_path_accepts_new_folders_and_existing_files(tmp_path):
-    io_utils.check_output_path(str(tmp_path / "new" / "deeper" / "pred.csv"))
+    file_io.check_output_path(str(tmp_path / "new" / "deeper" / "pred.csv"))
     (tmp_path / "old.csv").write_text("old")
-    io_utils.check_output_path(str(tmp_path / "old.csv"))
+    file_io.check_output_path(str(tmp_path / "old.csv"))
     assert sorted(os.listdir(tmp_path)) == ["old.csv"]  # nothing created
 
 
@@ -245,6 +247,42 @@ def test_check_output_path_refuses(tmp_path, case, expected):
     if case == "read-only place" and not os.path.isdir(READ_ONLY):
         pytest.skip(f"no {READ_ONLY} here")
     with pytest.raises(io_utils.InputError, match=expected) as error:
-        io_utils.check_output_path(path)
+        file_io.check_output_path(path)
     assert repr(path) in str(error.value) or not path
     assert sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink", "dotted"])
+def test_an_output_that_is_an_input_is_refused_however_it_is_spelled(tmp_path, link):
+    weights = tmp_path / "decoder_model.bin"
+    weights.write_bytes(b"weights")
+    out = {"same": weights, "symlink": tmp_path / "link.json", "hardlink": tmp_path / "hard.json",
+           "dotted": tmp_path / "." / "sub" / ".." / "decoder_model.bin"}[link]
+    (tmp_path / "sub").mkdir()
+    if link == "symlink":
+        out.symlink_to(weights)
+    elif link == "hardlink":
+        os.link(weights, out)
+    with pytest.raises(InputError, match=r"OUT_JSON .* is the input DECODER_WEIGHTS .*replace that input"):
+        file_io.check_outputs_spare_inputs({"OUT_JSON": str(out)}, {"DECODER_WEIGHTS": str(weights)})
+    assert weights.read_bytes() == b"weights"
+
+
+def test_an_output_naming_a_file_in_an_input_folder_is_refused_unless_the_folder_would_not_read_it(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"jpeg")
+    (images / "old.json").write_text("{}")
+    with pytest.raises(InputError, match=r"the file 'a\.jpg' in it"):
+        file_io.check_outputs_spare_inputs({"OUT_JSON": str(images / "a.jpg")}, {"IMG_DIR": str(images)})
+    file_io.check_outputs_spare_inputs({"OUT_JSON": str(images / "old.json")}, {"IMG_DIR": str(images)},
+                                       reads_member=lambda p: p.endswith(".jpg"))
+    file_io.check_outputs_spare_inputs({"OUT_JSON": str(images / "new.json")}, {"IMG_DIR": str(images)})
+
+
+def test_two_outputs_on_one_file_are_refused(tmp_path):
+    a = tmp_path / "a.json"
+    a.write_text("{}")
+    os.symlink(a, tmp_path / "b.json")
+    with pytest.raises(InputError, match="same file as output --metrics-out"):
+        file_io.check_outputs_spare_inputs({"--metrics-out": str(a), "--per-image": str(tmp_path / "b.json")}, {})

@@ -65,7 +65,7 @@ def direct_probs(clip_file, paths, classnames, templates):
         for path in paths:
             image = Image.open(path)
             image.load()
-            image = zs.io_utils.to_rgb(image)
+            image = zs.image_io.to_rgb(image)
             views = torch.stack([preprocess(image), preprocess(ImageOps.mirror(image))])
             emb = model.encode_image(views)
             emb = emb / emb.norm(dim=-1, keepdim=True)

@@ -14,7 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import io_utils  # noqa: E402
 import p2_attention  # noqa: E402
 import synthetic  # noqa: E402
-from io_utils import open_rgb  # noqa: E402
+from image_io import open_rgb  # noqa: E402
 from tokenizer import EOT, BPETokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

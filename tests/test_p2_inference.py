@@ -15,7 +15,8 @@ import io_utils
 import p2_inference
 from captioner import load_checkpoint
 from clip_context import CLIP_CONTEXT, clip_length, fit_clip_context
-from io_utils import open_rgb, strip_extension
+from image_io import open_rgb
+from io_utils import strip_extension
 from tokenizer import BPETokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ from conftest import REPO, TINY_VIT, TINY_VIT_KWARGS, train_args
 import p2_train
 from captioner import Captioner, load_checkpoint, make_config, mark_trainable, trainable_state
 from cider import CiderD, tokenize
-from io_utils import load_references
+from file_io import load_references
 
 
 def read_log(checkpoint):

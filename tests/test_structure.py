@@ -68,6 +68,20 @@ def test_io_utils_is_the_bottom_layer():
     assert repository_imports()["io_utils"] == set()
 
 
+def test_images_files_and_weights_stand_on_io_utils_alone():
+    """The three jobs split out of io_utils (issue 22) import only the bottom layer, so any
+    module may use them without a cycle."""
+    graph = repository_imports()
+    assert {name: graph[name] - {"io_utils"} for name in ("image_io", "file_io", "weights")} == \
+        {"image_io": set(), "file_io": set(), "weights": set()}
+
+
+def test_io_utils_holds_one_job():
+    """Image reading, atomic outputs and torch loading live in their own modules, not in io_utils."""
+    moved = {"open_rgb", "list_files", "readable_batches", "atomic_output", "read_json", "torch_load"}
+    assert moved & _top_level_definitions(repository_modules()["io_utils"]) == set()
+
+
 def _modules_loaded_by(statement: str) -> set:
     code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -151,7 +165,8 @@ def _calls(path: str) -> set:
 
 # Each concept and its one home (issue 10).
 HOMES = {"REPO_ROOT": "io_utils", "warn": "io_utils", "pick_device": "io_utils", "loader_workers": "io_utils",
-         "p2_checkpoint": "io_utils", "atomic_output": "io_utils", "fit_clip_context": "clip_context",
+         "p2_checkpoint": "io_utils", "atomic_output": "file_io", "open_rgb": "image_io",
+         "torch_load": "weights", "fit_clip_context": "clip_context",
          "EOT": "tokenizer", "EOT_ID": "tokenizer"}
 
 
@@ -180,11 +195,11 @@ def test_the_end_token_is_spelled_only_in_the_tokenizer():
                          or isinstance(node.value, str) and "<|endoftext|>" in node.value)]
     assert retyped == []
 
-def test_temporary_files_and_the_checkpoint_path_come_from_io_utils():
-    """Writing a temporary and renaming it is io_utils.atomic_output; reading $HW3_P2_CKPT is
+def test_temporary_files_and_the_checkpoint_path_have_one_home():
+    """Writing a temporary and renaming it is file_io.atomic_output; reading $HW3_P2_CKPT is
     io_utils.p2_checkpoint (hw3_cache.py's os.replace installs a checked download, writing nothing)."""
     modules = repository_modules()
-    temporaries = sorted((name, call) for name, path in modules.items() if name != "io_utils"
+    temporaries = sorted((name, call) for name, path in modules.items() if name != "file_io"
                          for call in _calls(path) if call in ("tempfile.mkstemp", "tempfile.NamedTemporaryFile"))
     assert temporaries == []
     checkpoint_env = []

@@ -1,8 +1,8 @@
-"""io_utils.torch_load, the one reader of weight files: a file torch.save did not write says what it is."""
+"""weights.torch_load, the one reader of weight files: a file torch.save did not write says what it is."""
 import pytest
 import torch
 
-from io_utils import torch_load
+from weights import torch_load
 
 
 @pytest.mark.parametrize("content, what", [
