@@ -25,11 +25,41 @@ class InputError(ValueError):
     """A problem with the files, options or environment values given, reported to the user by name."""
 
 
+def _writable_fd(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no way to ask, assume it works
+        return True
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:  # closed
+        return False
+
+
+def ensure_stderr() -> None:
+    """Give a process started with stderr closed (`2>&-`) a stderr that works: os.devnull.
+
+    Python then sets sys.stderr to None (or, started through a wrapper script such as
+    pyenv's shim, finds on descriptor 2 a file the wrapper opened for reading), and
+    progress bars (tqdm) writing there fail the run. A free descriptor 2 would also
+    be taken by the next file opened, which would then receive what C libraries print.
+    Both point at os.devnull instead.
+    """
+    if sys.stderr is not None and _writable_fd(2):
+        return
+    fd = os.open(os.devnull, os.O_WRONLY)
+    if fd != 2:
+        os.dup2(fd, 2)
+        os.close(fd)
+    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (lives as long as the process)
+
+
 def reports_input_errors(main):
     """Decorate an entry point's main: an InputError ends the program with `error: <message>`
-    on stderr (exit status 1), with no traceback."""
+    on stderr (exit status 1), with no traceback. A closed stderr is replaced first (`ensure_stderr`)."""
     @functools.wraps(main)
     def run(*args, **kwargs):
+        ensure_stderr()
         try:
             return main(*args, **kwargs)
         except InputError as error:

@@ -107,7 +107,7 @@ def test_scripts_follow_the_rules(tmp_path):
     (tmp_path / "hw3_download.sh").write_text(filled)
     assert script_rules.check_script(str(tmp_path / "hw3_download.sh")) == []
     with open(os.path.join(REPO, "hw3_2.sh"), encoding="utf-8") as f:
-        assert f.read().splitlines() == ["#!/bin/bash", 'python3 p2_inference.py "$1" "$2" "$3"']
+        assert f.read().splitlines()[-1] == 'HF_HUB_OFFLINE=1 python3 p2_inference.py -- "$1" "$2" "$3"'
 
 
 def test_download_fills_the_places_the_scripts_read(tmp_path, cache, tiny_checkpoint, bpe_dir):

@@ -169,10 +169,12 @@ def test_hw3_1_labels_equal_direct_computation(e2e, tiny_clip_file):
     assert_same_argmax([int(r[1]) for r in rows], probs, class_ids)
 
 
-def test_hw3_1_script_is_one_python3_line():
+def test_hw3_1_script_runs_one_python3_line():
+    """After the argument count, one line: offline, the three paths after `--` (tests/test_grader_scripts.py)."""
     with open(os.path.join(REPO, "hw3_1.sh")) as f:
         lines = f.read().splitlines()
-    assert lines == ["#!/bin/bash", 'python3 p1_zeroshot.py "$1" "$2" "$3"']
+    assert lines[-1] == 'HF_HUB_OFFLINE=1 python3 p1_zeroshot.py -- "$1" "$2" "$3"'
+    assert [line for line in lines if "python3 " in line and not line.startswith("#")] == lines[-1:]
 
 
 def test_unknown_model_exits_nonzero_and_keeps_old_output(tmp_path):
