@@ -145,21 +145,32 @@ def test_unset_checkpoint_url_is_loud_and_fails_after_the_rest(tmp_path, cache, 
 
 # ---------------------------------------------------------------- hw3_cache steps
 
-def test_a_bad_download_is_not_installed(cache, bpe_dir):
+def empty_folders(root):
+    return [folder for folder, dirs, files in os.walk(root) if not dirs and not files]
+
+
+def test_a_bad_download_is_not_installed_and_leaves_nothing(cache):
     part = hw3_cache.part("checkpoint")
     place(part, b"<!DOCTYPE html><html>Google Drive - Virus scan warning</html>")
     with pytest.raises(io_utils.InputError, match="not usable"):
         hw3_cache.install_checkpoint()
     assert not os.path.exists(part) and not os.path.exists(hw3_cache.target("checkpoint"))
+    assert not cache.exists()  # no empty cache folder either
 
-    with open(os.path.join(bpe_dir, "vocab.bpe"), "rb") as f:
-        place(hw3_cache.part("vocab.bpe"), f.read())
-    place(hw3_cache.part("encoder.json"), b"")  # wget -O leaves an empty file on a failure
-    with pytest.raises(io_utils.InputError, match="encoder.json, vocab.bpe is not usable"):
-        hw3_cache.install_gpt2()
-    assert not os.path.exists(hw3_cache.target("encoder.json"))  # nothing installed in the cache
+    hw3_cache.main(["part", "checkpoint"])
+    place(part, b"")  # wget -O leaves an empty file when the download fails
+    hw3_cache.main(["discard", "checkpoint"])
+    assert not cache.exists()
     with pytest.raises(io_utils.InputError, match="download failed"):
-        hw3_cache.install_gpt2()  # nothing downloaded at all
+        hw3_cache.install_checkpoint()  # nothing downloaded at all
+    assert not cache.exists()
+
+
+def test_discard_keeps_what_else_the_cache_holds(cache):
+    place(str(cache / "clip" / "ViT-B-32.state_dict.pt"))
+    place(hw3_cache.part("checkpoint"), b"half a file")
+    hw3_cache.discard("checkpoint")
+    assert sorted(os.listdir(cache)) == ["clip"] and empty_folders(cache) == []
 
 
 def test_encoder_step_fetches_what_the_checkpoint_names(cache, monkeypatch, tiny_checkpoint):
@@ -187,5 +198,7 @@ def test_clip_step_fetches_problem_1_models(cache, monkeypatch):
 def test_unknown_names_are_refused(cache):
     with pytest.raises(SystemExit, match="unknown download"):
         hw3_cache.main(["part", "weights.bin"])
-    with pytest.raises(SystemExit, match="install what"):
+    with pytest.raises(SystemExit, match="unknown download 'clip'"):
         hw3_cache.main(["install", "clip"])
+    with pytest.raises(SystemExit, match="unknown download 'encoder.json'"):
+        hw3_cache.main(["discard", "encoder.json"])

@@ -89,8 +89,8 @@ def test_main_exit_status(repo_copy, trained_checkpoint, capsys):
     ("hw3_2.sh", "python3 p2", "rm -f \"$2\"; python3 p2", ["hw3_2.sh:4", "`rm`"]),
     ("hw3_1.sh", "python3 p1", "python p1", ["hw3_1.sh:4", "`python3`, not `python`"]),
     ("hw3_2.sh", "python3 p2", "CUDA_VISIBLE_DEVICES=0 python3 p2", ["hw3_2.sh:4", "CUDA_VISIBLE_DEVICES"]),
-    ("hw3_download.sh", '"https://openaipublic.blob.core.windows.net/gpt-2/models/124M/encoder.json"',
-     "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/encoder.json", ["hw3_download.sh:", "must be quoted"]),
+    ("hw3_download.sh", 'P2_CKPT_URL=""', "P2_CKPT_URL=https://example.com/ckpt?id=1&export=download",
+     ["hw3_download.sh:", "must be quoted"]),
     ("hw3_1.sh", '-- "$1"', '-- $1', ['hw3_1.sh does not pass "$1"']),
     ("hw3_2.sh", '"$3"', "cache/decoder_model.bin", ['hw3_2.sh does not pass "$3"']),
 ])
