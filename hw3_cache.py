@@ -6,7 +6,9 @@ Everything lands in the repository-local cache (`io_utils.cache_dir()`:
 after one `bash hw3_download.sh` both run offline:
 
   p2_checkpoint.pt         io_utils.p2_checkpoint() (when $HW3_P2_CKPT is unset)
-  clip/ViT-L-14*.pt        p1_zeroshot.load_clip (each of p1_zeroshot.DEFAULT_MODELS)
+  clip/ViT-L-14*.state_dict.pt
+                           clip_weights.cached_path (each of p1_zeroshot.DEFAULT_MODELS):
+                           OpenAI's archive, checked and converted to plain weights
   timm/<encoder>.pth       encoder.cached_weights_path (the checkpoint's encoder)
 
 GPT-2's vocabulary is part of the repository (encoder.json, vocab.bpe): nothing to fetch.
@@ -48,24 +50,12 @@ def part(name: str) -> str:
     return path
 
 
-def remove_empty_folders(path: str) -> None:
-    """Remove `path`'s folder and its parents up to the cache root (included) while they are empty."""
-    root = os.path.abspath(io_utils.cache_dir())
-    folder = os.path.dirname(os.path.abspath(path))
-    while folder == root or folder.startswith(root + os.sep):
-        try:
-            os.rmdir(folder)  # only an empty folder
-        except OSError:
-            return
-        folder = os.path.dirname(folder)
-
-
 def discard(name: str) -> None:
     """What a failed download of `name` left: its .part file, and the cache folders that leaves empty."""
     path = target(name) + ".part"
     if os.path.lexists(path):
         os.remove(path)
-    remove_empty_folders(path)
+    io_utils.remove_empty_cache_folders(path)
 
 
 def install_checkpoint() -> None:
@@ -87,16 +77,17 @@ def install_checkpoint() -> None:
 
 
 def fetch_clip(names=None) -> list:
-    """CLIP models `names` (default: every one Problem 1 uses) into `<cache>/clip` (clip.load skips a
-    file it already has)."""
-    import torch
-
+    """CLIP models `names` (default: every one Problem 1 uses) into `<cache>/clip` as plain weights:
+    OpenAI's archive downloaded, checked against its SHA-256 and converted (clip_weights.fetch)."""
+    import clip_weights
     import p1_zeroshot
 
     specs = p1_zeroshot.model_specs(",".join(names) if names else p1_zeroshot.DEFAULT_MODELS)
     for spec in specs:
-        p1_zeroshot.load_clip(spec, torch.device("cpu"))
-        print(f"CLIP {spec} is in {io_utils.cache_dir('clip')}", file=sys.stderr)
+        if spec in clip_weights.openai_models():
+            print(f"CLIP {spec} is in {clip_weights.fetch(spec)}", file=sys.stderr)
+        else:
+            print(f"CLIP {spec} is a local file: nothing to fetch", file=sys.stderr)
     return specs
 
 
@@ -125,7 +116,7 @@ def fetch_encoder() -> str:
         return encoder.download_weights(name)
     # timm's hub download fails in many ways (offline, HTTP, disk); the message says which
     except Exception as error:  # noqa: BLE001
-        remove_empty_folders(path)
+        io_utils.remove_empty_cache_folders(path)
         raise io_utils.InputError(f"could not download encoder weights {name!r}: {error}")
 
 

@@ -73,6 +73,24 @@ def cache_dir(*parts: str, repo: str = REPO_ROOT) -> str:
     return os.path.join(root, *parts)
 
 
+def remove_empty_cache_folders(path: str) -> None:
+    """After a failed download to `path`: remove its folder and the parents up to the cache root
+    (included) while they are empty, so that nothing looks half-fetched."""
+    root = os.path.abspath(cache_dir())
+    folder = os.path.dirname(os.path.abspath(path))
+    while folder == root or folder.startswith(root + os.sep):
+        try:
+            os.rmdir(folder)  # only an empty folder
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
+
+
+def hub_offline() -> bool:
+    """True when $HF_HUB_OFFLINE asks for no network (hw3_1.sh and hw3_2.sh set it): nothing is downloaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def p2_checkpoint(repo: str = REPO_ROOT) -> str:
     """The Problem 2 checkpoint hw3_2.sh reads: $HW3_P2_CKPT, else where hw3_download.sh puts it."""
     return os.environ.get("HW3_P2_CKPT") or cache_dir(P2_CHECKPOINT_NAME, repo=repo)

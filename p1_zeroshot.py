@@ -25,13 +25,15 @@ weights and no data can be fetched where this was written.
 
 Environment (the graders' command line is fixed, so options live here):
   HW3_P1_CLIP   comma-separated CLIP model names (see clip.available_models())
-                or paths to local checkpoint files;
-                default "ViT-L/14,ViT-L/14@336px"
+                or paths to local CLIP weights files (a state_dict of
+                clip.model.CLIP, or OpenAI's archive, read as data: no file
+                runs code); default "ViT-L/14,ViT-L/14@336px"
   HW3_P1_BATCH  images per batch (default: on CUDA as many as half the free
                 GPU memory holds for the largest model, flip included, at
                 most 64; on the CPU 64)
   HW3_CACHE     root of the weight cache; CLIP weights live in $HW3_CACHE/clip
-                (default <repo>/cache/clip, filled by `bash hw3_download.sh`)
+                (default <repo>/cache/clip, filled by `bash hw3_download.sh`;
+                hw3_1.sh runs offline, so a model missing there is an error)
 
 Shapes: N images, K classes, T templates, D embedding width, R input size.
 """
@@ -49,7 +51,6 @@ from typing import TYPE_CHECKING
 import image_io
 import file_io
 import io_utils
-from clipscore import clip_weights_path
 
 if TYPE_CHECKING:  # torch and CLIP load in the functions that use them: `--help` answers at once
     import torch
@@ -194,11 +195,11 @@ def model_specs(value: str | None = None) -> list[str]:
 
 
 def _check_spec(spec: str) -> None:
-    import clip
+    from clip_weights import openai_models
 
-    if spec not in clip.available_models() and not os.path.isfile(spec):
+    if spec not in openai_models() and not os.path.isfile(spec):
         raise io_utils.InputError(f"CLIP model {spec!r} not found; available models = "
-                                  f"{clip.available_models()}; or give a path to a checkpoint file")
+                                  f"{list(openai_models())}; or give a path to a checkpoint file")
 
 
 def batch_size() -> int:
@@ -231,54 +232,15 @@ def image_batch(models, device) -> int:
 
 # ---------------------------------------------------------------- models
 
-def _clip_load(spec: str, device: torch.device, root: str):
-    import clip
-
-    from weights import skip_init
-
-    # clip.load builds the model and then loads every tensor strictly (clip.model.build_model):
-    # its random initialisation (ViT-L/14: 428M parameters) would only be overwritten
-    with skip_init():
-        return clip.load(spec, device=device, jit=False, download_root=root)
-
-
 def load_clip(spec: str, device: torch.device):
-    """(model, preprocess) for a CLIP model name or a local checkpoint file.
-
-    On CUDA clip.load keeps OpenAI's fp16 weights; on the CPU it casts to fp32.
-    A name missing from the cache is downloaded, with a notice, since the run
-    then takes longer and needs the network.
-    """
-    import clip
+    """(model, preprocess) for a CLIP model name (from the cache hw3_download.sh fills) or a local weights
+    file, built from plain weights with no code run from any file (clip_weights.load_clip): fp16 on CUDA,
+    fp32 on the CPU. A name missing from the cache is downloaded, with a notice, unless the run is offline
+    (HF_HUB_OFFLINE, as hw3_1.sh sets it): then the error names hw3_download.sh."""
+    import clip_weights
 
     _check_spec(spec)
-    root = io_utils.cache_dir("clip")
-    if spec in clip.available_models():
-        cached = os.path.isfile(clip_weights_path(spec))
-        if not cached:
-            print(f"note: CLIP {spec} weights are not in {root}; downloading them now "
-                  "(`bash hw3_download.sh` pre-fetches them)", file=sys.stderr)
-        try:
-            model, preprocess = _clip_load(spec, device, root)
-        except OSError as error:
-            raise io_utils.InputError(f"could not get CLIP {spec} weights into {root}: {error}")
-    else:
-        try:
-            model, preprocess = _clip_load(spec, device, root)
-        # torch.load and build_model fail in many ways (pickle, KeyError, shape) on a bad file.
-        except Exception as error:  # noqa: BLE001
-            raise io_utils.InputError(f"{spec!r} is not a CLIP checkpoint: {_clip_load_problem(error)}; expected "
-                                      "OpenAI's CLIP weights (like ViT-L-14.pt, which clip.load downloads) or the "
-                                      "state_dict() of a clip.model.CLIP") from None
-    return model.eval(), preprocess
-
-
-def _clip_load_problem(error: Exception) -> str:
-    """What clip.load's failure says about the file, in words rather than a bare key."""
-    if isinstance(error, KeyError):  # build_model indexes the CLIP tensors it needs by name
-        return f"it has no tensor {error.args[0]!r}"
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+    return clip_weights.load_clip(spec, device)
 
 
 def logit_scale(model) -> float:

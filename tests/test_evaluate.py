@@ -470,19 +470,60 @@ def test_clip_that_cannot_be_downloaded_fails_before_any_scoring(dataset, no_sco
     (it used to end in a 68-line urllib traceback after CIDEr was computed and never printed)."""
     import urllib.error
 
-    import clip
+    import clip_weights
 
-    def offline(url, root):
+    def offline(url, path):
+        open(path, "wb").close()  # as a download that failed at once
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(clip.clip, "_download", offline)
+    monkeypatch.setattr(clip_weights, "_download", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HW3_CACHE", str(tmp_path / "empty_cache"))
     message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
                                        "--annotation_file", dataset["ann"], "--device", "cpu"])
-    assert message.startswith("error: CLIP 'ViT-B/32' is not in ") and "\n" not in message
-    assert "could not be downloaded" in message and "Name or service not known" in message
+    assert message.startswith("error: could not download CLIP ViT-B/32 from ") and "\n" not in message
+    assert "Name or service not known" in message
     assert "hw3_cache.py clip ViT-B/32" in message and "hw3_download.sh" in message and "--clip-model" in message
     assert capsys.readouterr().out == ""
+    assert not (tmp_path / "empty_cache").exists()  # no .part file, no empty folder left
+
+
+@pytest.mark.parametrize("case", ["code", "text", "archive with code"])
+def test_a_clip_model_file_that_is_not_clip_weights_is_one_line_and_runs_nothing(
+        case, dataset, no_scoring, tmp_path, tiny_clip_archive):
+    """--clip-model FILE is read as data: a pickle that would run code, a text file and a TorchScript archive
+    naming a function are each refused in one line before scoring, and nothing they name runs."""
+    import os as os_module
+    import zipfile
+
+    import torch
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.pt"
+    if case == "code":
+        class RunsCode:
+            def __reduce__(self):
+                return os_module.system, (f"touch '{marker}'",)
+        torch.save({"visual.proj": torch.zeros(1), "x": RunsCode()}, path)
+        expected = "it holds objects other than tensors and plain containers: "
+    elif case == "text":
+        path.write_text("ViT-B/32\n", encoding="utf-8")
+        expected = "it is text starting with 'ViT-B/32'"
+    else:  # OpenAI's format, its data.pkl rewritten to call os.system
+        with zipfile.ZipFile(tiny_clip_archive) as source, zipfile.ZipFile(path, "w") as target:
+            for item in source.infolist():
+                data = source.read(item)
+                if item.filename.endswith("/data.pkl"):
+                    data = b"\x80\x02cos\nsystem\nq\x00X" + len(f"touch '{marker}'").to_bytes(4, "little") + \
+                        f"touch '{marker}'".encode() + b"q\x01\x85q\x02Rq\x03."
+                target.writestr(item, data)
+        expected = "it is a TorchScript archive holding os.system"
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                       "--annotation_file", dataset["ann"], "--device", "cpu",
+                                       "--clip-model", str(path)])
+    assert message.startswith(f"error: '{path}' is not a CLIP checkpoint: ") and "\n" not in message, message
+    assert expected in message, message
+    assert not marker.exists()
 
 
 def test_a_failing_metric_still_prints_and_saves_the_other(dataset, tiny_clip_file, monkeypatch, capsys):

@@ -146,3 +146,42 @@ def test_hw3_2_with_dash_paths_and_stderr_closed(clone, untrained_checkpoint, ti
     result = run_script(clone, "hw3_2.sh", ["-imgs", "-out.json", "-w.bin"], env, close_stderr)
     assert result.returncode == 0, result.stderr + result.stdout
     assert sorted(json.loads((clone / "-out.json").read_text(encoding="utf-8"))) == ["0", "1"]
+
+
+# ---------------------------------------------------------------- offline: nothing cached fails at once
+
+def test_hw3_1_without_cached_clip_fails_at_once_naming_the_download_script(clone):
+    import time
+
+    (clone / "imgs").mkdir()
+    noise_png(clone / "imgs" / "0.png", 0)
+    (clone / "id2label.json").write_text(json.dumps({"0": "cat", "1": "dog"}))
+    env = clean_env(HW3_CACHE=str(clone / "empty_cache"))  # the default models, not in the cache
+    start = time.perf_counter()
+    result = run_script(clone, "hw3_1.sh", ["imgs", "id2label.json", "out.csv"], env, close_stderr=False)
+    assert result.returncode == 1 and time.perf_counter() - start < 60
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CLIP ViT-L/14 is not in "), result.stderr
+    assert "bash hw3_download.sh" in lines[0] and not (clone / "out.csv").exists()
+    assert not (clone / "empty_cache").exists()  # nothing fetched, nothing half-made
+
+
+def test_hw3_2_without_a_cached_encoder_fails_at_once_naming_the_download_script(clone, untrained_checkpoint,
+                                                                                tiny_gpt2, tmp_path):
+    """A checkpoint that records no encoder file, nothing in the cache: the hub is not tried (HF_HUB_OFFLINE
+    is set inside hw3_2.sh even when the caller's environment does not set it)."""
+    import time
+
+    import torch
+
+    checkpoint = torch.load(untrained_checkpoint)
+    checkpoint["config"]["encoder"].pop("weights_file", None)
+    torch.save(checkpoint, tmp_path / "no_record.pt")
+    (clone / "imgs").mkdir()
+    noise_png(clone / "imgs" / "0.png", 0)
+    env = clean_env(HW3_P2_CKPT=str(tmp_path / "no_record.pt"), HW3_CACHE=str(clone / "empty_cache"))
+    start = time.perf_counter()
+    result = run_script(clone, "hw3_2.sh", ["imgs", "out.json", tiny_gpt2[0]], env, close_stderr=False)
+    assert result.returncode == 1 and time.perf_counter() - start < 60, result.stderr
+    assert "hw3_download.sh" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (clone / "out.json").exists()

@@ -4,6 +4,7 @@ validation, and the report helper."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -301,26 +302,96 @@ def test_read_id2label_sorts_ids(tmp_path):
     assert list(zs.read_id2label(path)) == [2, 10]
 
 
-def test_download_notice_only_when_not_cached(tiny_clip_file, tmp_path, monkeypatch, capsys):
-    import clip
+def test_download_notice_only_when_not_cached_and_never_offline(tiny_clip_file, tmp_path, monkeypatch, capsys):
+    import clip_weights
 
     monkeypatch.setenv("HW3_CACHE", str(tmp_path))
-    loaded = zs.load_clip(tiny_clip_file, torch.device("cpu"))
-    seen = []
-
-    def fake_load(name, device, jit, download_root):
-        seen.append((name, str(device), jit, download_root))
-        return loaded
-
-    monkeypatch.setattr(clip, "load", fake_load)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    fetched = []
+    monkeypatch.setattr(clip_weights, "fetch", lambda name, purpose="": fetched.append(name) or tiny_clip_file)
     zs.load_clip("ViT-L/14@336px", torch.device("cpu"))
     err = capsys.readouterr().err
     assert "downloading" in err and "bash hw3_download.sh" in err
-    assert seen == [("ViT-L/14@336px", "cpu", False, os.path.join(str(tmp_path), "clip"))]
+    assert fetched == ["ViT-L/14@336px"]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as hw3_1.sh runs: an error naming the fix, no download
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip("ViT-L/14", torch.device("cpu"))
+    assert f"CLIP ViT-L/14 is not in {tmp_path / 'clip'}" in str(error.value)
+    assert "bash hw3_download.sh" in str(error.value) and fetched == ["ViT-L/14@336px"]
+
     (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "ViT-L-14-336px.pt").write_bytes(b"")
-    zs.load_clip("ViT-L/14@336px", torch.device("cpu"))
-    assert "downloading" not in capsys.readouterr().err
+    shutil.copyfile(tiny_clip_file, clip_weights.cached_path("ViT-L/14@336px"))
+    model, _ = zs.load_clip("ViT-L/14@336px", torch.device("cpu"))  # from the cache, offline, no notice
+    assert "downloading" not in capsys.readouterr().err and fetched == ["ViT-L/14@336px"]
+    assert model.visual.input_resolution == 32
+
+
+def test_an_openai_archive_loads_as_data(tiny_clip_file, tiny_clip_archive, monkeypatch):
+    """OpenAI's TorchScript format is read without torch.jit.load (which runs the archive's code) and gives
+    the model its state dict gives."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran")
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    from_archive, _ = zs.load_clip(tiny_clip_archive, torch.device("cpu"))
+    from_state, _ = zs.load_clip(tiny_clip_file, torch.device("cpu"))
+    expected = from_state.state_dict()
+    assert sorted(from_archive.state_dict()) == sorted(expected)
+    for name, tensor in from_archive.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("how", ["os.system", "eval"])
+def test_a_clip_file_that_would_run_code_is_refused_and_runs_nothing(how, tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            if how == "eval":
+                return eval, (f"open({str(tmp_path / 'marker')!r}, 'w')",)
+            return os.system, (f"touch '{tmp_path / 'marker'}'",)
+    torch.save({"visual.proj": torch.zeros(2), "code": RunsCode()}, tmp_path / "model.pt")
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip(str(tmp_path / "model.pt"), torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(f"{str(tmp_path / 'model.pt')!r} is not a CLIP checkpoint: it holds objects other "
+                              "than tensors and plain containers: ") and "\n" not in message
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("content, what", [
+    ("ViT-L/14\n", "it is text starting with 'ViT-L/14'"),
+    ("clip weights are elsewhere", "it is text starting with 'clip weights are elsewhere'"),
+    ("", "it is empty"),
+])
+def test_a_small_text_file_as_clip_says_what_it_is(content, what, tmp_path):
+    (tmp_path / "clip.txt").write_text(content, encoding="utf-8")
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip(str(tmp_path / "clip.txt"), torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(f"{str(tmp_path / 'clip.txt')!r} is not a CLIP checkpoint: {what}; expected ")
+    assert "\n" not in message and "544502645" not in message
+
+
+def test_clip_weights_that_do_not_fit_together_are_one_line(tiny_clip_file, tmp_path):
+    """A tensor of another size than the file's other tensors give: which file, which tensor, both shapes."""
+    state = torch.load(tiny_clip_file)
+    state["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(128, 64)  # CLIP's width 64 has 256 there
+    torch.save(state, tmp_path / "mixed.pt")
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip(str(tmp_path / "mixed.pt"), torch.device("cpu"))
+    message = str(error.value)
+    assert "\n" not in message and message.count("shape") == 1
+    assert str(tmp_path / "mixed.pt") in message and "(128, 64)" in message and "(256, 64)" in message
+    assert "not one CLIP's weights" in message
+    del state["transformer.resblocks.1.mlp.c_fc.weight"]
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(io_utils.InputError, match=r"complete CLIP checkpoint: 1 weight\(s\) missing, e\.g\. "
+                                                  r"\['transformer.resblocks.1.mlp.c_fc.weight'\]"):
+        zs.load_clip(str(tmp_path / "other.pt"), torch.device("cpu"))
+    state = torch.load(tiny_clip_file)
+    state["decoder.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "more.pt")
+    with pytest.raises(io_utils.InputError, match=r"holds 1 tensor\(s\) that a CLIP .* \['decoder.extra.weight'\]"):
+        zs.load_clip(str(tmp_path / "more.pt"), torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- bad inputs
