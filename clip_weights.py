@@ -276,7 +276,7 @@ def read_state(path: str, source: str) -> dict:
         return weights_of(state, source, from_archive=True)
     else:
         try:
-            state = torch_load(path, mmap=True)
+            state = torch_load(path, mmap=True)  # guarded in torch_load
         except NotWeightsFile as error:
             raise InputError(f"{source!r} is not a CLIP checkpoint: {error.reason}; {EXPECTED}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
