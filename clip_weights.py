@@ -350,10 +350,11 @@ def build(state: dict, source: str, device):
     model = _empty_model(state, source)
     convert_weights(model)
     try:
-        assign_state(model, state, source, device=device)
+        assign_state(model, state, source, device=device,
+                     cause="its tensors disagree about the model's size (width, layers and resolution are read "
+                           "from them), so they are not one CLIP's weights")
     except ValueError as error:  # a shape other than the one the file's own sizes give
-        raise InputError(f"{error}: its tensors disagree about the model's size (width, layers and resolution "
-                         "are read from them), so they are not one CLIP's weights") from None
+        raise InputError(str(error)) from None
     model.to(device)
     return (model.float() if device.type == "cpu" else model).eval()
 

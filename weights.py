@@ -71,24 +71,28 @@ def _owner(module: nn.Module, name: str) -> tuple:
     return module, leaf
 
 
-def assign_state(module: nn.Module, state: dict, source: str, device=None) -> list:
+MISFIT = "the file holds another model's weights or another size's (e.g. another encoder, preset, width or depth)"
+
+
+def assign_state(module: nn.Module, state: dict, source: str, device=None, cause: str = MISFIT) -> list:
     """Put `state`'s tensors into `module` in place of its parameters and buffers of the same
     names, each converted to the dtype it replaces (and to `device`, default: where it was).
 
     Raises ValueError in one line for a name the module does not have or a shape other than
-    the module's (naming `source`, the tensor and both shapes). Returns the sorted names of
-    the module's tensors that received nothing.
+    the module's (naming `source`, the first such tensor, both shapes and the likely `cause`),
+    never a list of every mismatch. Returns the sorted names of the module's tensors that
+    received nothing.
     """
     targets = dict(module.named_parameters())
     targets.update(module.named_buffers())
     unknown = sorted(set(state) - set(targets))
     if unknown:
-        raise ValueError(f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[:3]}")
+        raise ValueError(f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[:3]}: {cause}")
     for name, tensor in state.items():
         old = targets[name]
         if tuple(tensor.shape) != tuple(old.shape):
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(old.shape)}")
+                             f"the model expects {tuple(old.shape)}: {cause}")
     with torch.no_grad():
         for name, tensor in state.items():
             old = targets[name]
