@@ -551,3 +551,40 @@ def test_report_out_dir_that_cannot_be_written_fails_before_loading(command, tin
     with pytest.raises(SystemExit, match="--out-dir.*is not a folder"):
         p1_report.main([command, "--id2label", id2label, "--out-dir", str(tmp_path / "a_file" / "out"),
                         "--clip", tiny_clip_file, *extra])
+
+
+# ---------------------------------------------------------------- CSV rows for any legal name
+
+HOSTILE_NAMES = ["carriage\rreturn.png", "line\nfeed.png", "both\r\nends.png", "\rstarts.png", "ends\r",
+                 "comma,name.png", 'say "hi".png', "  leading spaces.png", "trailing spaces.png  ",
+                 "'single'.png", "tab\tname.png", '",\r\n".png', "plain.png"]
+
+
+def test_predictions_csv_reads_back_in_pandas_as_exactly_the_names_given(tmp_path):
+    import pandas
+
+    labels = list(range(len(HOSTILE_NAMES)))
+    out = tmp_path / "pred.csv"
+    zs.file_io.atomic_write_text(str(out), zs.predictions_csv(HOSTILE_NAMES, labels))
+    table = pandas.read_csv(out)
+    assert list(table.columns) == ["filename", "label"]
+    assert sorted(zip(table["filename"], table["label"])) == sorted(zip(HOSTILE_NAMES, labels))
+    assert read_csv(out)[1:] == sorted([name, str(label)] for name, label in zip(HOSTILE_NAMES, labels))
+
+
+def test_hw3_1_rows_of_images_with_line_breaks_in_their_names_read_back_in_pandas(tiny_clip_file, tmp_path,
+                                                                                  monkeypatch):
+    import pandas
+
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    names = [n for n in HOSTILE_NAMES if "/" not in n]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed, name in enumerate(names):
+        noise_image(seed).save(folder / name, format="PNG")
+    out = tmp_path / "pred.csv"
+    zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(out)])
+    table = pandas.read_csv(out)
+    assert sorted(table["filename"]) == sorted(names)
+    assert set(table["label"]) <= {int(k) for k in ID2LABEL}
