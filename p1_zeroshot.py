@@ -385,6 +385,10 @@ def main(argv=None) -> None:
     batch_size()  # a bad $HW3_P1_BATCH fails here, before the models load
     file_io.check_output_path(args.out_csv)
     names = image_io.list_files(args.img_dir)
+    file_io.check_outputs_spare_inputs({"OUT_CSV": args.out_csv}, {
+        "IMG_DIR": args.img_dir, "ID2LABEL": args.id2label,
+        **{f"CLIP model {spec}": spec if os.path.isfile(spec) else clip_weights_path(spec) for spec in specs}},
+        reads_member=image_io.is_image)
 
     device = io_utils.pick_device()
     class_ids = list(id2label)

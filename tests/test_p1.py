@@ -588,3 +588,81 @@ def test_hw3_1_rows_of_images_with_line_breaks_in_their_names_read_back_in_panda
     table = pandas.read_csv(out)
     assert sorted(table["filename"]) == sorted(names)
     assert set(table["label"]) <= {int(k) for k in ID2LABEL}
+
+
+# ---------------------------------------------------------------- outputs: inputs spared, long names, a full disk
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+@pytest.mark.parametrize("victim", ["ID2LABEL", "an image in IMG_DIR", "HW3_P1_CLIP"])
+def test_an_output_that_is_an_input_is_refused_before_any_work(tiny_clip_file, tmp_path, monkeypatch, victim, how):
+    import shutil
+
+    monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    folder = save_images(tmp_path / "images", ["a.png", "b.png"])
+    inputs = {"ID2LABEL": tmp_path / "id2label.json", "an image in IMG_DIR": folder / "b.png",
+              "HW3_P1_CLIP": tmp_path / "clip.pt"}
+    write_json(inputs["ID2LABEL"], ID2LABEL)
+    shutil.copy(tiny_clip_file, inputs["HW3_P1_CLIP"])
+    monkeypatch.setenv("HW3_P1_CLIP", str(inputs["HW3_P1_CLIP"]))
+    before = {path: path.read_bytes() for path in inputs.values()}
+    out = inputs[victim]
+    if how != "same":
+        out = tmp_path / "link.csv"
+        out.symlink_to(inputs[victim]) if how == "symlink" else os.link(inputs[victim], out)
+    with pytest.raises(SystemExit) as error:
+        zs.main([str(folder), str(inputs["ID2LABEL"]), str(out)])
+    assert str(error.value.code).startswith(f"error: OUT_CSV {str(out)!r} is the input ")
+    assert {path: path.read_bytes() for path in inputs.values()} == before
+
+
+def test_an_output_that_is_a_cached_clip_model_is_refused(tmp_path, monkeypatch):
+    from clipscore import clip_weights_path
+
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HW3_P1_CLIP", "ViT-B/32")
+    monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    cached = clip_weights_path("ViT-B/32")
+    os.makedirs(os.path.dirname(cached))
+    with open(cached, "wb") as f:
+        f.write(b"weights")
+    folder = save_images(tmp_path / "images", ["a.png"])
+    with pytest.raises(SystemExit, match="is the input CLIP model ViT-B/32"):
+        zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), cached])
+    assert open(cached, "rb").read() == b"weights"
+
+
+@pytest.mark.parametrize("name", ["p" * 246 + ".csv", "é" * 123 + ".csv"], ids=["ascii", "utf8"])
+def test_hw3_1_writes_an_output_with_a_250_byte_name(tiny_clip_file, tmp_path, monkeypatch, name):
+    assert len(os.fsencode(name)) == 250
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    folder = save_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "out").mkdir()
+    zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(tmp_path / "out" / name)])
+    assert os.listdir(tmp_path / "out") == [name]
+    assert read_csv(tmp_path / "out" / name)[1][0] == "a.png"
+
+
+def test_hw3_1_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(tiny_clip_file, tmp_path, monkeypatch):
+    import errno
+
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    folder = save_images(tmp_path / "images", ["a.png"])
+    out = tmp_path / "pred.csv"
+    out.write_text("old\n")
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(zs.file_io, "open", full, raising=False)
+    with pytest.raises(SystemExit) as error:
+        zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(out)])
+    message = str(error.value.code)
+    assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")
+    assert "\n" not in message
+    assert out.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["id2label.json", "images", "pred.csv"]
