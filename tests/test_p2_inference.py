@@ -538,3 +538,26 @@ def test_hw3_2_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(env, 
     assert message.startswith("error: ") and "\n" not in message
     assert "no space left on " in message and f" writing {out} (1 MB needed)" in message
     assert out.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["images", "pred.json"]
+
+
+def test_strips_and_an_image_above_pillows_limit_are_captioned_at_a_bounded_size(env, tmp_path, monkeypatch,
+                                                                                decoder_weights):
+    import image_io
+
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    Image.new("RGB", (1, 20000), "red").save(folder / "tall.png")
+    Image.new("RGB", (15000, 1), "blue").save(folder / "wide.png")
+    noise_image(1, size=(400, 300)).save(folder / "bomb.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10000)  # bomb.jpg is above the limit Pillow refuses at
+    seen, real_bounded = [], image_io.bounded
+
+    def bounded(image):
+        image = real_bounded(image)
+        seen.append(image.size)
+        return image
+
+    monkeypatch.setattr(image_io, "bounded", bounded)
+    out = tmp_path / "pred.json"
+    p2_inference.main([str(folder), str(out), decoder_weights])
+    assert set(json.loads(out.read_text())) == {"a", "tall", "wide", "bomb"}
+    assert seen and all(w * h <= 20000 for w, h in seen)
