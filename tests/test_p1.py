@@ -666,3 +666,27 @@ def test_hw3_1_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(tiny_
     assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")
     assert "\n" not in message
     assert out.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["id2label.json", "images", "pred.csv"]
+
+
+@pytest.mark.parametrize("victim", ["id2label", "image", "clip"])
+def test_report_refuses_an_output_that_is_an_input_before_loading(victim, tiny_clip_file, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(p1_report, "Classifier", lambda *args: pytest.fail("CLIP loaded before the check"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    image = save_images(tmp_path / "val", ["0_1.png"]) / "0_1.png"
+    id2label = tmp_path / "id2label.json"
+    write_json(id2label, ID2LABEL)
+    clip_file = tmp_path / "clip.pt"
+    shutil.copy(tiny_clip_file, clip_file)
+    victims = {"id2label": (id2label, "p1_top5.json"), "image": (image, "p1_top5_0_1.png"),
+               "clip": (clip_file, "p1_top5.json")}
+    path, name = victims[victim]
+    before = path.read_bytes()
+    (out_dir / name).symlink_to(path)
+    with pytest.raises(SystemExit) as error:
+        p1_report.main(["top5", "--id2label", str(id2label), "--out-dir", str(out_dir), "--clip", str(clip_file),
+                        str(image)])
+    assert str(error.value.code).startswith(f"error: --out-dir {name} ") and "is the input" in str(error.value.code)
+    assert path.read_bytes() == before
