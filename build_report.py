@@ -59,7 +59,7 @@ from matplotlib import font_manager, ft2font  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import report_record  # noqa: E402
-from file_io import atomic_output, check_output_path
+from file_io import atomic_output, check_output_path, check_outputs_spare_inputs
 from io_utils import InputError, quiet_known_warnings, reports_input_errors, warn
 
 NOT_MEASURED = "not measured"
@@ -683,6 +683,11 @@ def main(argv=None) -> None:
     checkpoints = dict(args.checkpoint)
     if args.best_checkpoint:
         checkpoints["best"] = args.best_checkpoint
+    # every file in the results folders may be read, except an earlier report
+    check_outputs_spare_inputs({"--out": args.out}, {
+        "--results": args.results, "--attention-dir": args.attention_dir, "--notes": args.notes,
+        **{f"--checkpoint {run}": path for run, path in checkpoints.items()}},
+        reads_member=lambda path: not path.lower().endswith(".pdf"))
     pages = build(args.results, args.notes, args.out, checkpoints, args.attention_dir, args.synthetic)
     print(f"wrote {args.out} ({pages} pages)")
 

@@ -313,11 +313,19 @@ def ensemble_probs(image_embs, text_embs, logit_scales) -> torch.Tensor:
 # ---------------------------------------------------------------- output
 
 def predictions_csv(names, labels) -> str:
-    """CSV text `filename,label`, rows sorted by file name, names quoted where needed."""
+    """CSV text `filename,label`, rows sorted by file name, every name that holds `,`, `"`, `\r` or
+    `\n` quoted, so that any legal file name reads back as itself.
+
+    The csv module's minimal quoting only quotes for the characters of its own line end: with
+    "\n" lines a name holding "\r" would go out bare, and pandas splits the row there. Such a
+    row is written with every string quoted (QUOTE_NONNUMERIC: the label stays a bare integer).
+    """
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["filename", "label"])
-    writer.writerows(sorted(zip(names, labels)))
+    plain = csv.writer(buffer, lineterminator="\n")
+    quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    plain.writerow(["filename", "label"])
+    for name, label in sorted(zip(names, labels)):
+        (quoted if "\r" in name else plain).writerow([name, label])
     return buffer.getvalue()
 
 
@@ -339,6 +347,10 @@ def main(argv=None) -> None:
     batch_size()  # a bad $HW3_P1_BATCH fails here, before the models load
     file_io.check_output_path(args.out_csv)
     names = image_io.list_files(args.img_dir)
+    file_io.check_outputs_spare_inputs({"OUT_CSV": args.out_csv}, {
+        "IMG_DIR": args.img_dir, "ID2LABEL": args.id2label,
+        **{f"CLIP model {spec}": spec if os.path.isfile(spec) else clip_weights_path(spec) for spec in specs}},
+        reads_member=image_io.is_image)
 
     device = io_utils.pick_device()
     class_ids = list(id2label)

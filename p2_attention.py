@@ -411,6 +411,12 @@ def main(argv=None) -> None:
                                   "decoder_model.bin)")
     if args.checkpoint is None:
         args.checkpoint = io_utils.existing_p2_checkpoint()
+    outputs = {"--out-dir attention.json": os.path.join(args.out_dir, "attention.json"),
+               **{f"--out-dir attention_{stem}.png": os.path.join(args.out_dir, f"attention_{stem}.png")
+                  for stem in stems}}
+    file_io.check_outputs_spare_inputs(outputs, {
+        "--per-image": args.per_image, "--checkpoint": args.checkpoint, "--decoder-weights": args.decoder_weights,
+        "--encoder-weights": args.encoder_weights, **{f"--images {path!r}": path for path in stems.values()}})
     _read_json_dict(os.path.join(args.out_dir, "attention.json"))  # an earlier record that is no JSON object
 
     model, tokenizer, device = load_model(args.checkpoint, args.decoder_weights, args.encoder_weights)

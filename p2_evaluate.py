@@ -37,10 +37,10 @@ from collections import Counter
 
 from PIL import Image
 
-from clipscore import check_clip_model, clip_scores, load_clip
-from file_io import atomic_write_text, check_output_path, load_references, read_json
+from clipscore import check_clip_model, clip_scores, clip_weights_path, load_clip
+from file_io import atomic_write_text, check_output_path, check_outputs_spare_inputs, load_references, read_json
 from image_io import find_images, to_rgb
-from io_utils import InputError, pick_device, quiet_known_warnings, strip_extension, warn
+from io_utils import InputError, pick_device, quiet_known_warnings, reports_input_errors, strip_extension, warn
 
 # Characters Java's PTB tokenizer takes as line breaks besides "\n" (which
 # pycocoevalcap already replaces): left in a caption they shift every later
@@ -269,6 +269,7 @@ def _failure(error: Exception) -> str:
     return str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
 
 
+@reports_input_errors
 def main(argv=None) -> None:
     quiet_known_warnings()
     args = parse_args(argv)
@@ -286,6 +287,15 @@ def main(argv=None) -> None:
         if not args.no_clipscore:
             check_clip_model(args.clip_model)
             image_paths = find_images(args.images_root, preds)
+        read = set(image_paths.values()) if image_paths else set()
+        check_outputs_spare_inputs(
+            {"--metrics-out": args.metrics_out, "--per-image": args.per_image},
+            {"--pred_file": args.pred_file, "--annotation_file": args.annotation_file,
+             "--images_root": args.images_root if image_paths else None,
+             "--clip-model": None if args.no_clipscore else
+             args.clip_model if os.path.isfile(args.clip_model) else clip_weights_path(args.clip_model)},
+            reads_member=lambda path: path in read)
+        if not args.no_clipscore:
             device = pick_device(args.device)
             clip_model = load_clip(args.clip_model, device)
         warn_course_differences(preds, refs, args.annotation_file, image_paths, cider=not args.no_cider)

@@ -564,3 +564,70 @@ def test_an_image_that_fails_to_decode_still_prints_and_saves_cider(dataset, tin
     assert capsys.readouterr().out.strip() == f"CIDEr: {cider:.6f} | CLIPScore: failed"
     metrics = json.loads(metrics_file.read_text())
     assert metrics["clipscore"] is None and metrics["cider"] == pytest.approx(cider, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Outputs: an input is never overwritten, a full disk is one line
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+@pytest.mark.parametrize("option, victim", [("--metrics-out", "--pred_file"), ("--per-image", "--annotation_file"),
+                                            ("--metrics-out", "an image"), ("--per-image", "--clip-model"),
+                                            ("--per-image", "--metrics-out")])
+def test_an_output_that_is_an_input_is_refused_before_scoring(dataset, no_scoring, tiny_clip_file, monkeypatch,
+                                                                option, victim, how):
+    import shutil
+
+    monkeypatch.setattr(no_scoring, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    clip_file = dataset["tmp"] / "clip.pt"
+    shutil.copy(tiny_clip_file, clip_file)
+    metrics = dataset["tmp"] / "metrics.json"
+    metrics.write_text("{}")
+    files = {"--pred_file": dataset["pred"], "--annotation_file": dataset["ann"], "--clip-model": clip_file,
+             "an image": dataset["root"] / "000000000009.JPEG", "--metrics-out": metrics}
+    before = {path: path.read_bytes() for path in files.values()}
+    out = files[victim]
+    if how != "same":
+        out = dataset["tmp"] / "link.json"
+        out.symlink_to(files[victim]) if how == "symlink" else os.link(files[victim], out)
+    args = ["--pred_file", dataset["pred"], "--images_root", dataset["root"], "--annotation_file", dataset["ann"],
+            "--clip-model", clip_file, option, out]
+    if option == "--per-image":
+        args += ["--metrics-out", metrics]
+    message = _main_error(no_scoring, args)
+    assert message.startswith(f"error: {option} {str(out)!r} is ")
+    assert "choose another output path" in message or "give each output its own path" in message
+    assert {path: path.read_bytes() for path in files.values()} == before
+
+
+def test_an_output_that_is_an_unread_file_beside_the_images_is_allowed(dataset, no_scoring, monkeypatch):
+    monkeypatch.setattr(no_scoring, "cider_pycoco", lambda preds, refs: (1.5, {k: 1.5 for k in refs}))
+    out = dataset["root"] / "metrics.json"
+    out.write_text("old")
+    no_scoring.main([str(a) for a in ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                      "--annotation_file", dataset["ann"], "--no-clipscore", "--metrics-out", out]])
+    assert json.loads(out.read_text())["cider"] == 1.5
+
+
+def test_a_full_disk_while_saving_the_metrics_is_one_line_and_keeps_the_old_file(dataset, no_scoring, monkeypatch):
+    import errno
+
+    import file_io
+
+    monkeypatch.setattr(no_scoring, "cider_pycoco", lambda preds, refs: (1.5, {k: 1.5 for k in refs}))
+    out = dataset["tmp"] / "metrics.json"
+    out.write_text("old")
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(file_io, "open", full, raising=False)
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--annotation_file", dataset["ann"],
+                                       "--no-clipscore", "--metrics-out", out])
+    assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")
+    assert out.read_text() == "old"

@@ -624,3 +624,142 @@ def test_report_out_dir_that_cannot_be_written_fails_before_loading(command, tin
     with pytest.raises(SystemExit, match="--out-dir.*is not a folder"):
         p1_report.main([command, "--id2label", id2label, "--out-dir", str(tmp_path / "a_file" / "out"),
                         "--clip", tiny_clip_file, *extra])
+
+
+# ---------------------------------------------------------------- CSV rows for any legal name
+
+HOSTILE_NAMES = ["carriage\rreturn.png", "line\nfeed.png", "both\r\nends.png", "\rstarts.png", "ends\r",
+                 "comma,name.png", 'say "hi".png', "  leading spaces.png", "trailing spaces.png  ",
+                 "'single'.png", "tab\tname.png", '",\r\n".png', "plain.png"]
+
+
+def test_predictions_csv_reads_back_in_pandas_as_exactly_the_names_given(tmp_path):
+    import pandas
+
+    labels = list(range(len(HOSTILE_NAMES)))
+    out = tmp_path / "pred.csv"
+    zs.file_io.atomic_write_text(str(out), zs.predictions_csv(HOSTILE_NAMES, labels))
+    table = pandas.read_csv(out)
+    assert list(table.columns) == ["filename", "label"]
+    assert sorted(zip(table["filename"], table["label"])) == sorted(zip(HOSTILE_NAMES, labels))
+    assert read_csv(out)[1:] == sorted([name, str(label)] for name, label in zip(HOSTILE_NAMES, labels))
+
+
+def test_hw3_1_rows_of_images_with_line_breaks_in_their_names_read_back_in_pandas(tiny_clip_file, tmp_path,
+                                                                                  monkeypatch):
+    import pandas
+
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    names = [n for n in HOSTILE_NAMES if "/" not in n]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed, name in enumerate(names):
+        noise_image(seed).save(folder / name, format="PNG")
+    out = tmp_path / "pred.csv"
+    zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(out)])
+    table = pandas.read_csv(out)
+    assert sorted(table["filename"]) == sorted(names)
+    assert set(table["label"]) <= {int(k) for k in ID2LABEL}
+
+
+# ---------------------------------------------------------------- outputs: inputs spared, long names, a full disk
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+@pytest.mark.parametrize("victim", ["ID2LABEL", "an image in IMG_DIR", "HW3_P1_CLIP"])
+def test_an_output_that_is_an_input_is_refused_before_any_work(tiny_clip_file, tmp_path, monkeypatch, victim, how):
+    import shutil
+
+    monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    folder = save_images(tmp_path / "images", ["a.png", "b.png"])
+    inputs = {"ID2LABEL": tmp_path / "id2label.json", "an image in IMG_DIR": folder / "b.png",
+              "HW3_P1_CLIP": tmp_path / "clip.pt"}
+    write_json(inputs["ID2LABEL"], ID2LABEL)
+    shutil.copy(tiny_clip_file, inputs["HW3_P1_CLIP"])
+    monkeypatch.setenv("HW3_P1_CLIP", str(inputs["HW3_P1_CLIP"]))
+    before = {path: path.read_bytes() for path in inputs.values()}
+    out = inputs[victim]
+    if how != "same":
+        out = tmp_path / "link.csv"
+        out.symlink_to(inputs[victim]) if how == "symlink" else os.link(inputs[victim], out)
+    with pytest.raises(SystemExit) as error:
+        zs.main([str(folder), str(inputs["ID2LABEL"]), str(out)])
+    assert str(error.value.code).startswith(f"error: OUT_CSV {str(out)!r} is the input ")
+    assert {path: path.read_bytes() for path in inputs.values()} == before
+
+
+def test_an_output_that_is_a_cached_clip_model_is_refused(tmp_path, monkeypatch):
+    from clipscore import clip_weights_path
+
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HW3_P1_CLIP", "ViT-B/32")
+    monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    cached = clip_weights_path("ViT-B/32")
+    os.makedirs(os.path.dirname(cached))
+    with open(cached, "wb") as f:
+        f.write(b"weights")
+    folder = save_images(tmp_path / "images", ["a.png"])
+    with pytest.raises(SystemExit, match="is the input CLIP model ViT-B/32"):
+        zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), cached])
+    assert open(cached, "rb").read() == b"weights"
+
+
+@pytest.mark.parametrize("name", ["p" * 246 + ".csv", "é" * 123 + ".csv"], ids=["ascii", "utf8"])
+def test_hw3_1_writes_an_output_with_a_250_byte_name(tiny_clip_file, tmp_path, monkeypatch, name):
+    assert len(os.fsencode(name)) == 250
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    folder = save_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "out").mkdir()
+    zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(tmp_path / "out" / name)])
+    assert os.listdir(tmp_path / "out") == [name]
+    assert read_csv(tmp_path / "out" / name)[1][0] == "a.png"
+
+
+def test_hw3_1_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(tiny_clip_file, tmp_path, monkeypatch):
+    import errno
+
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    folder = save_images(tmp_path / "images", ["a.png"])
+    out = tmp_path / "pred.csv"
+    out.write_text("old\n")
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(zs.file_io, "open", full, raising=False)
+    with pytest.raises(SystemExit) as error:
+        zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(out)])
+    message = str(error.value.code)
+    assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")
+    assert "\n" not in message
+    assert out.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["id2label.json", "images", "pred.csv"]
+
+
+@pytest.mark.parametrize("victim", ["id2label", "image", "clip"])
+def test_report_refuses_an_output_that_is_an_input_before_loading(victim, tiny_clip_file, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(p1_report, "Classifier", lambda *args: pytest.fail("CLIP loaded before the check"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    image = save_images(tmp_path / "val", ["0_1.png"]) / "0_1.png"
+    id2label = tmp_path / "id2label.json"
+    write_json(id2label, ID2LABEL)
+    clip_file = tmp_path / "clip.pt"
+    shutil.copy(tiny_clip_file, clip_file)
+    victims = {"id2label": (id2label, "p1_top5.json"), "image": (image, "p1_top5_0_1.png"),
+               "clip": (clip_file, "p1_top5.json")}
+    path, name = victims[victim]
+    before = path.read_bytes()
+    (out_dir / name).symlink_to(path)
+    with pytest.raises(SystemExit) as error:
+        p1_report.main(["top5", "--id2label", str(id2label), "--out-dir", str(out_dir), "--clip", str(clip_file),
+                        str(image)])
+    assert str(error.value.code).startswith(f"error: --out-dir {name} ") and "is the input" in str(error.value.code)
+    assert path.read_bytes() == before
