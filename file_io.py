@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 
-from io_utils import InputError, strip_extension
+from io_utils import InputError, is_utf8, strip_extension
 
 def check_output_path(path: str) -> None:
     """Raise InputError unless a file can be written at `path`; entry points call it before any work.
@@ -39,16 +40,79 @@ def check_output_path(path: str) -> None:
                          f"({error.strerror or error})") from None
 
 
-def read_json(path: str, what: str, object_pairs_hook=None):
-    """The JSON in `path`; InputError naming `what` and the path when it is missing or not JSON.
-    `object_pairs_hook` as in `json.load`."""
+def check_input_file(path: str, what: str) -> None:
+    """Raise InputError naming `what` unless `path` is an existing file (not a folder)."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is a folder; expected a file")
+    if not os.path.exists(path):
+        raise InputError(f"{what} {path!r} does not exist")
+
+
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text in `path`; InputError naming `what` and the path when it is missing, a
+    folder, unreadable or not UTF-8 text."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=object_pairs_hook)
+            return f.read()
     except FileNotFoundError:
         raise InputError(f"{what} {path!r} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise InputError(f"{what} {path!r} is a folder; expected a file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
+
+
+# No file this repository reads nests deeper than a few levels; deeper data would make Python's
+# own recursion (repr in an error message, a copy) fail later, so it is refused on reading.
+MAX_JSON_DEPTH = 100
+TOO_DEEP = f"is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays or objects within each other"
+# A string escape that may stand for half of a UTF-16 surrogate pair (\ud800-\udfff).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE_HINT = (" (an escape \\ud800-\\udfff without its pair: no character, and not writable as UTF-8); "
+                   "expected text")
+
+
+def _json_problem(data) -> str:
+    """Where `data` (parsed JSON) nests deeper than MAX_JSON_DEPTH or holds a string with a lone
+    surrogate, as a message naming the string's location (`["annotations"][3]["caption"]`); "" if nowhere."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                return TOO_DEEP
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and not is_utf8(key):
+                    return f"holds a lone UTF-16 surrogate in the key {where}[{ascii(key)[:60]}]" + _SURROGATE_HINT
+                stack.append((item, f"{where}[{json.dumps(key)[:60]}]", depth + 1))
+        elif isinstance(value, str) and not is_utf8(value):
+            return f"holds a lone UTF-16 surrogate in the string at {where or 'the top level'}" + _SURROGATE_HINT
+    return ""
+
+
+def read_json(path: str, what: str, object_pairs_hook=None):
+    """The JSON in `path`; InputError naming `what` and the path when it is missing, a folder,
+    not UTF-8 text, not JSON, nested more than MAX_JSON_DEPTH levels deep, or holds a string
+    with a lone surrogate (`"\\ud800"`: it names no character and no output could hold it).
+    `object_pairs_hook` as in `json.load`; an InputError it raises passes through."""
+    text = read_text(path, what)
+    try:
+        data = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except InputError:
+        raise
+    except RecursionError:
+        raise InputError(f"{what} {path!r} {TOO_DEEP}") from None
+    except ValueError as e:
         raise InputError(f"{what} {path!r} is not valid JSON: {e}") from None
+    # the walk is needed only when the text could nest that deep or spell a surrogate
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(text):
+        problem = _json_problem(data)
+        if problem:
+            raise InputError(f"{what} {path!r} {problem}")
+    return data
 
 
 def load_references(annotation_file: str) -> dict[str, list[str]]:

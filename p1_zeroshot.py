@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import re
 import sys
@@ -113,17 +112,8 @@ def read_id2label(path: str) -> dict[int, str]:
     unreadable, not JSON, not a non-empty object, or has a key that is not a
     non-negative integer or a value that is not a non-empty string.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON (not UTF-8 text)")
-    except OSError as error:
-        raise io_utils.InputError(f"cannot read id2label file {path!r}: {error.strerror or error}")
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as error:
-        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON: {error}")
+    # missing, a folder, not UTF-8, not JSON, nested too deeply, a lone surrogate: file_io's errors
+    data = file_io.read_json(path, "id2label file", object_pairs_hook=_no_duplicate_keys)
     if not isinstance(data, dict):
         raise io_utils.InputError(f"id2label file {path!r} must hold a JSON object mapping class ids to names "
                                   f'(like {{"0": "bicycle"}}), found a JSON {_json_type(data)}')
