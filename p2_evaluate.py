@@ -37,7 +37,7 @@ from collections import Counter
 
 from PIL import Image
 
-from clipscore import check_clip_model, clip_scores, load_clip
+from clipscore import check_clip_model, clip_scores, clip_weights_path, load_clip
 from file_io import atomic_write_text, check_output_path, load_references, read_json
 from image_io import find_images, to_rgb
 from io_utils import InputError, pick_device, quiet_known_warnings, strip_extension, warn
@@ -269,6 +269,27 @@ def _failure(error: Exception) -> str:
     return str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
 
 
+def _loaded_clip(model_name_or_file: str, device):
+    """load_clip, with any failure as one InputError: `clip.load` fails in many ways (a pickle's
+    KeyError, a zip error, urllib's URLError on a re-download) on a file that is not a CLIP model
+    or on a cached one that is damaged."""
+    try:
+        return load_clip(model_name_or_file, device)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        first = str(error).splitlines()[0] if str(error) else ""
+        why = f"{type(error).__name__}: {first}"
+        if os.path.isfile(model_name_or_file):
+            raise InputError(f"--clip-model {model_name_or_file!r} is not a CLIP checkpoint ({why}); expected an "
+                             "OpenAI CLIP model file as clip.load reads it (e.g. the cache's ViT-B-32.pt), a model "
+                             "name, or --no-clipscore") from None
+        raise InputError(f"CLIP {model_name_or_file!r} could not be loaded from the cache "
+                         f"{clip_weights_path(model_name_or_file)!r}, which may be damaged ({why}): remove it and "
+                         f"run `python3 hw3_cache.py clip {model_name_or_file}` on a machine with the network, "
+                         "or pass --clip-model FILE, a local CLIP checkpoint, or --no-clipscore") from None
+
+
 def main(argv=None) -> None:
     quiet_known_warnings()
     args = parse_args(argv)
@@ -287,7 +308,7 @@ def main(argv=None) -> None:
             check_clip_model(args.clip_model)
             image_paths = find_images(args.images_root, preds)
             device = pick_device(args.device)
-            clip_model = load_clip(args.clip_model, device)
+            clip_model = _loaded_clip(args.clip_model, device)
         warn_course_differences(preds, refs, args.annotation_file, image_paths, cider=not args.no_cider)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
