@@ -351,8 +351,7 @@ def image_stems(paths: list, per_image: str | None = None) -> dict:
     and no two share a record in attention.json (nor one the top1/last1 records of --per-image)."""
     stems = {}
     for path in paths:
-        if not os.path.isfile(path):
-            raise io_utils.InputError(f"image {path!r} does not exist")
+        file_io.check_input_file(path, "image")
         try:
             image_io.open_rgb(path)  # a broken image would otherwise fail after the model loads
         # Pillow's plugins raise more than OSError on corrupt data (see image_io.ReadableImages).

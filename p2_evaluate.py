@@ -14,7 +14,9 @@ course's `p2_evaluate.py`:
 
 Where the course's script crashes, this one does not: a caption longer than
 CLIP's 77-token context is cut at a word boundary (with a warning), an image may have any
-extension, and a missing image or a malformed file is reported by name.
+extension, and a missing image or a malformed file is reported by name (a
+caption holding a lone UTF-16 surrogate, `"\\ud800"`, which neither Java's nor
+CLIP's tokenizer can encode, is refused naming the file and the key).
 Where the course's script breaks or scores differently (line breaks inside
 captions, "_UNK" in references, file names other than `<key>.jpg`, images
 with transparency or 16-bit channels), this one does the robust thing and

@@ -279,6 +279,15 @@ def test_attention_a_weights_path_that_is_no_file_fails_before_loading(attention
     assert ("is a folder; expected a file" if how == "folder" else "not exist") in message, message
 
 
+def test_attention_an_image_that_is_a_folder_fails_before_loading(attention_inputs, monkeypatch):
+    import p2_attention
+
+    monkeypatch.setattr(p2_attention, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    (attention_inputs / "girl.jpg").mkdir()
+    message = error_line(p2_attention.main, attention_argv(attention_inputs, "--images", attention_inputs / "girl.jpg"))
+    assert f"image {str(attention_inputs / 'girl.jpg')!r} is a folder; expected a file" in message, message
+
+
 @pytest.mark.parametrize("content", ["text", "empty", "a state_dict", "a config without an encoder"])
 def test_attention_a_checkpoint_that_is_not_one_is_one_line(attention_inputs, tiny_gpt2, content):
     import p2_attention
