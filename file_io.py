@@ -68,28 +68,55 @@ def read_text(path: str, what: str) -> str:
 # own recursion (repr in an error message, a copy) fail later, so it is refused on reading.
 MAX_JSON_DEPTH = 100
 TOO_DEEP = f"is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays or objects within each other"
-# A string escape that may stand for half of a UTF-16 surrogate pair (\ud800-\udfff).
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+# A \u escape of a UTF-16 surrogate (\ud800-\udfff): "\ud83d\ude00" is one character, "\ud800" alone none.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _may_hold_lone_surrogate(text: str) -> bool:
+    """Whether JSON `text` has a surrogate escape without its partner: a high one (d800-dbff) not
+    directly followed by a low one (dc00-dfff), or a low one not directly after a high one. An
+    escaped backslash before "u" can look like one too: a True only says to look at the strings."""
+    pending = None  # where the low half of the last high surrogate must start
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        if match.group()[3] in "cdefCDEF":  # a low surrogate
+            if pending != match.start():
+                return True
+            pending = None
+        elif pending is not None:  # a high one after a high one still waiting
+            return True
+        else:
+            pending = match.end()
+    return pending is not None
+
+
 _SURROGATE_HINT = (" (an escape \\ud800-\\udfff without its pair: no character, and not writable as UTF-8); "
                    "expected text")
 
 
-def _json_problem(data) -> str:
-    """Where `data` (parsed JSON) nests deeper than MAX_JSON_DEPTH or holds a string with a lone
-    surrogate, as a message naming the string's location (`["annotations"][3]["caption"]`); "" if nowhere."""
-    stack = [(data, "", 0)]
+def _nests_deeper_than(data, limit: int) -> bool:
+    """Whether parsed JSON `data` holds arrays or objects more than `limit` levels deep (level by level)."""
+    level = [data] if isinstance(data, (dict, list)) else []
+    for _ in range(limit):
+        level = [item for value in level for item in (value.values() if isinstance(value, dict) else value)
+                 if isinstance(item, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def _lone_surrogate(data) -> str:
+    """Where parsed JSON `data` holds a string (or key) with a lone surrogate, as the end of a message
+    naming its location (`["annotations"][3]["caption"]`); "" if nowhere."""
+    stack = [(data, "")]
     while stack:
-        value, where, depth = stack.pop()
+        value, where = stack.pop()
         if isinstance(value, (dict, list)):
-            if depth >= MAX_JSON_DEPTH:
-                return TOO_DEEP
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
                 if isinstance(key, str) and not is_utf8(key):
-                    return f"holds a lone UTF-16 surrogate in the key {where}[{ascii(key)[:60]}]" + _SURROGATE_HINT
-                stack.append((item, f"{where}[{json.dumps(key)[:60]}]", depth + 1))
+                    return f"in the key {where}[{ascii(key)[:60]}]"
+                stack.append((item, f"{where}[{json.dumps(key)[:60]}]"))
         elif isinstance(value, str) and not is_utf8(value):
-            return f"holds a lone UTF-16 surrogate in the string at {where or 'the top level'}" + _SURROGATE_HINT
+            return f"in the string at {where or 'the top level'}"
     return ""
 
 
@@ -107,11 +134,12 @@ def read_json(path: str, what: str, object_pairs_hook=None):
         raise InputError(f"{what} {path!r} {TOO_DEEP}") from None
     except ValueError as e:
         raise InputError(f"{what} {path!r} is not valid JSON: {e}") from None
-    # the walk is needed only when the text could nest that deep or spell a surrogate
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(text):
-        problem = _json_problem(data)
-        if problem:
-            raise InputError(f"{what} {path!r} {problem}")
+    # each walk only when the text could hold what it looks for
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nests_deeper_than(data, MAX_JSON_DEPTH):
+        raise InputError(f"{what} {path!r} {TOO_DEEP}")
+    where = _lone_surrogate(data) if _may_hold_lone_surrogate(text) else ""
+    if where:
+        raise InputError(f"{what} {path!r} holds a lone UTF-16 surrogate {where}{_SURROGATE_HINT}")
     return data
 
 

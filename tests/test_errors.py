@@ -75,6 +75,14 @@ def test_read_json_keeps_what_is_sound(tmp_path):
     assert file_io.read_json(str(tmp_path / "ok.json"), "x") == {"a": ["\U0001f600", [[[1]]]], "b": "\u00e9"}
 
 
+@pytest.mark.parametrize("escapes", ["\\ud800", "\\udc00", "\\uD83D", "\\ud800\\ud800\\udc00", "\\ud83d x \\ude00",
+                                     "\\ud83d\\ude00\\ude00", "\\ud83d\\ude00\\ud83d"])
+def test_read_json_finds_every_lone_surrogate(tmp_path, escapes):
+    (tmp_path / "x.json").write_text('{"k": "a' + escapes + '"}', encoding="utf-8")
+    with pytest.raises(io_utils.InputError, match=r'lone UTF-16 surrogate in the string at \["k"\]'):
+        file_io.read_json(str(tmp_path / "x.json"), "x")
+
+
 def test_read_json_names_where_the_lone_surrogate_is(tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps({"annotations": [{"caption": "ok"}, {"caption": "a \ud800"}]}),
                                        encoding="utf-8")
