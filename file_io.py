@@ -17,7 +17,7 @@ import stat
 import tempfile
 from collections import Counter
 
-from io_utils import InputError, strip_extension
+from io_utils import InputError, is_utf8, strip_extension
 
 def check_output_path(path: str) -> None:
     """Raise InputError unless a file can be written at `path`; entry points call it before any work.
@@ -48,16 +48,107 @@ def check_output_path(path: str) -> None:
                          f"({error.strerror or error})") from None
 
 
-def read_json(path: str, what: str, object_pairs_hook=None):
-    """The JSON in `path`; InputError naming `what` and the path when it is missing or not JSON.
-    `object_pairs_hook` as in `json.load`."""
+def check_input_file(path: str, what: str) -> None:
+    """Raise InputError naming `what` unless `path` is an existing file (not a folder)."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is a folder; expected a file")
+    if not os.path.exists(path):
+        raise InputError(f"{what} {path!r} does not exist")
+
+
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text in `path`; InputError naming `what` and the path when it is missing, a
+    folder, unreadable or not UTF-8 text."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f, object_pairs_hook=object_pairs_hook)
+            return f.read()
     except FileNotFoundError:
         raise InputError(f"{what} {path!r} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        raise InputError(f"{what} {path!r} is a folder; expected a file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
+
+
+# No file this repository reads nests deeper than a few levels; deeper data would make Python's
+# own recursion (repr in an error message, a copy) fail later, so it is refused on reading.
+MAX_JSON_DEPTH = 100
+TOO_DEEP = f"is nested too deeply: more than {MAX_JSON_DEPTH} levels of arrays or objects within each other"
+# A \u escape of a UTF-16 surrogate (\ud800-\udfff): "\ud83d\ude00" is one character, "\ud800" alone none.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _may_hold_lone_surrogate(text: str) -> bool:
+    """Whether JSON `text` has a surrogate escape without its partner: a high one (d800-dbff) not
+    directly followed by a low one (dc00-dfff), or a low one not directly after a high one. An
+    escaped backslash before "u" can look like one too: a True only says to look at the strings."""
+    pending = None  # where the low half of the last high surrogate must start
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        if match.group()[3] in "cdefCDEF":  # a low surrogate
+            if pending != match.start():
+                return True
+            pending = None
+        elif pending is not None:  # a high one after a high one still waiting
+            return True
+        else:
+            pending = match.end()
+    return pending is not None
+
+
+_SURROGATE_HINT = (" (an escape \\ud800-\\udfff without its pair: no character, and not writable as UTF-8); "
+                   "expected text")
+
+
+def _nests_deeper_than(data, limit: int) -> bool:
+    """Whether parsed JSON `data` holds arrays or objects more than `limit` levels deep (level by level)."""
+    level = [data] if isinstance(data, (dict, list)) else []
+    for _ in range(limit):
+        level = [item for value in level for item in (value.values() if isinstance(value, dict) else value)
+                 if isinstance(item, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def _lone_surrogate(data) -> str:
+    """Where parsed JSON `data` holds a string (or key) with a lone surrogate, as the end of a message
+    naming its location (`["annotations"][3]["caption"]`); "" if nowhere."""
+    stack = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, (dict, list)):
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                if isinstance(key, str) and not is_utf8(key):
+                    return f"in the key {where}[{ascii(key)[:60]}]"
+                stack.append((item, f"{where}[{json.dumps(key)[:60]}]"))
+        elif isinstance(value, str) and not is_utf8(value):
+            return f"in the string at {where or 'the top level'}"
+    return ""
+
+
+def read_json(path: str, what: str, object_pairs_hook=None):
+    """The JSON in `path`; InputError naming `what` and the path when it is missing, a folder,
+    not UTF-8 text, not JSON, nested more than MAX_JSON_DEPTH levels deep, or holds a string
+    with a lone surrogate (`"\\ud800"`: it names no character and no output could hold it).
+    `object_pairs_hook` as in `json.load`; an InputError it raises passes through."""
+    text = read_text(path, what)
+    try:
+        data = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except InputError:
+        raise
+    except RecursionError:
+        raise InputError(f"{what} {path!r} {TOO_DEEP}") from None
+    except ValueError as e:
         raise InputError(f"{what} {path!r} is not valid JSON: {e}") from None
+    # each walk only when the text could hold what it looks for
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nests_deeper_than(data, MAX_JSON_DEPTH):
+        raise InputError(f"{what} {path!r} {TOO_DEEP}")
+    where = _lone_surrogate(data) if _may_hold_lone_surrogate(text) else ""
+    if where:
+        raise InputError(f"{what} {path!r} holds a lone UTF-16 surrogate {where}{_SURROGATE_HINT}")
+    return data
 
 
 def load_references(annotation_file: str) -> dict[str, list[str]]:

@@ -24,8 +24,9 @@ import json
 import os
 import sys
 
-import image_io
+import clip_weights
 import file_io
+import image_io
 import io_utils
 import p1_zeroshot as zs
 
@@ -220,7 +221,7 @@ def check_outputs_spare_inputs(args) -> None:
     inputs = {"--id2label": args.id2label, "--val-dir": getattr(args, "val_dir", None),
               "--pick-from": getattr(args, "pick_from", None),
               **{f"IMG {path!r}": path for path in getattr(args, "images", None) or []},
-              **{f"--clip {spec}": spec if os.path.isfile(spec) else zs.clip_weights_path(spec) for spec in specs}}
+              **{f"--clip {spec}": spec if os.path.isfile(spec) else clip_weights.cached_path(spec) for spec in specs}}
     file_io.check_outputs_spare_inputs({f"--out-dir {name}": os.path.join(args.out_dir, name) for name in names},
                                        inputs, reads_member=image_io.is_image)
 

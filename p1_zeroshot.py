@@ -42,14 +42,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import re
 import sys
 from typing import TYPE_CHECKING
 
-import image_io
+import clip_weights
 import file_io
+import image_io
 import io_utils
 
 if TYPE_CHECKING:  # torch and CLIP load in the functions that use them: `--help` answers at once
@@ -114,17 +114,8 @@ def read_id2label(path: str) -> dict[int, str]:
     unreadable, not JSON, not a non-empty object, or has a key that is not a
     non-negative integer or a value that is not a non-empty string.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON (not UTF-8 text)")
-    except OSError as error:
-        raise io_utils.InputError(f"cannot read id2label file {path!r}: {error.strerror or error}")
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as error:
-        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON: {error}")
+    # missing, a folder, not UTF-8, not JSON, nested too deeply, a lone surrogate: file_io's errors
+    data = file_io.read_json(path, "id2label file", object_pairs_hook=_no_duplicate_keys)
     if not isinstance(data, dict):
         raise io_utils.InputError(f"id2label file {path!r} must hold a JSON object mapping class ids to names "
                                   f'(like {{"0": "bicycle"}}), found a JSON {_json_type(data)}')
@@ -349,7 +340,7 @@ def main(argv=None) -> None:
     names = image_io.list_files(args.img_dir)
     file_io.check_outputs_spare_inputs({"OUT_CSV": args.out_csv}, {
         "IMG_DIR": args.img_dir, "ID2LABEL": args.id2label,
-        **{f"CLIP model {spec}": spec if os.path.isfile(spec) else clip_weights_path(spec) for spec in specs}},
+        **{f"CLIP model {spec}": spec if os.path.isfile(spec) else clip_weights.cached_path(spec) for spec in specs}},
         reads_member=image_io.is_image)
 
     device = io_utils.pick_device()

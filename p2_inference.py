@@ -184,7 +184,8 @@ def main(argv=None) -> None:
     profile_path = os.environ.get("HW3_P2_PROFILE") or None
     checkpoint = io_utils.existing_p2_checkpoint()
     if not os.path.isfile(args.decoder_weights):
-        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
+        problem = "is a folder; expected a file" if os.path.isdir(args.decoder_weights) else "do not exist"
+        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} {problem} (the course's "
                                   "decoder_model.bin)")
     file_io.check_output_path(args.out_json)
     if profile_path:
@@ -198,7 +199,7 @@ def main(argv=None) -> None:
         "GPT-2 vocabulary": os.path.join(vocabulary, "encoder.json"),
         "GPT-2 merges": os.path.join(vocabulary, "vocab.bpe")}, reads_member=image_io.is_image)
     keys = image_keys(args.img_dir, names)
-    tokenizer = BPETokenizer()
+    tokenizer = BPETokenizer()  # a missing or damaged vocabulary is an InputError naming the file
 
     device = io_utils.pick_device()
     use_graph = use_graph and device.type == "cuda"

@@ -689,12 +689,12 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tiny_clip_file, t
 
 
 def test_an_output_that_is_a_cached_clip_model_is_refused(tmp_path, monkeypatch):
-    from clipscore import clip_weights_path
+    from clip_weights import cached_path
 
     monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HW3_P1_CLIP", "ViT-B/32")
     monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
-    cached = clip_weights_path("ViT-B/32")
+    cached = cached_path("ViT-B/32")
     os.makedirs(os.path.dirname(cached))
     with open(cached, "wb") as f:
         f.write(b"weights")
