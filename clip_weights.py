@@ -379,5 +379,12 @@ def load_clip(spec: str, device, purpose: str = "") -> tuple:
     else:
         raise InputError(f"CLIP model {spec!r} not found; available models = {list(openai_models())}, "
                          "or give a path to a CLIP weights file")
-    model = build(read_state(path, spec), spec, device)
+    try:
+        state = read_state(path, spec)
+    except InputError as error:
+        if path == spec:
+            raise
+        raise InputError(f"the cached CLIP {spec} {path!r} cannot be used ({error}): delete it and fetch it again "
+                         f"with `python3 hw3_cache.py clip {spec}`{purpose}") from None
+    model = build(state, spec, device)
     return model, _transform(model.visual.input_resolution)

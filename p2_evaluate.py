@@ -272,27 +272,6 @@ def _failure(error: Exception) -> str:
     return str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
 
 
-def _loaded_clip(model_name_or_file: str, device):
-    """load_clip, with any failure as one InputError: clip_weights names the faults it knows; anything
-    else (a zip error, urllib's URLError on a re-download) on a file that is not a CLIP model or on a
-    damaged cached one still ends in one line."""
-    try:
-        return load_clip(model_name_or_file, device)
-    except InputError:
-        raise
-    except Exception as error:  # noqa: BLE001
-        first = str(error).splitlines()[0] if str(error) else ""
-        why = f"{type(error).__name__}: {first}"
-        if os.path.isfile(model_name_or_file):
-            raise InputError(f"--clip-model {model_name_or_file!r} is not a CLIP checkpoint ({why}); expected an "
-                             "OpenAI CLIP model file (e.g. the cache's ViT-B-32.pt), a model "
-                             "name, or --no-clipscore") from None
-        raise InputError(f"CLIP {model_name_or_file!r} could not be loaded from the cache "
-                         f"{clip_weights.cached_path(model_name_or_file)!r}, which may be damaged ({why}): remove it and "
-                         f"run `python3 hw3_cache.py clip {model_name_or_file}` on a machine with the network, "
-                         "or pass --clip-model FILE, a local CLIP checkpoint, or --no-clipscore") from None
-
-
 @reports_input_errors
 def main(argv=None) -> None:
     quiet_known_warnings()
@@ -321,7 +300,7 @@ def main(argv=None) -> None:
             reads_member=lambda path: path in read)
         if not args.no_clipscore:
             device = pick_device(args.device)
-            clip_model = _loaded_clip(args.clip_model, device)
+            clip_model = load_clip(args.clip_model, device)
         warn_course_differences(preds, refs, args.annotation_file, image_paths, cider=not args.no_cider)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None

@@ -13,8 +13,8 @@ Two things differ from the course's copy, which is not quite GPT-2:
 - the pre-tokenisation pattern is GPT-2's own.
 
 The vocabulary files (OpenAI's GPT-2 encoder.json and vocab.bpe) are committed
-at the repository root; `find_vocab_dir` says where else they are looked for
-(`bash hw3_download.sh` fetches them into the cache). Both are checked when
+at the repository root, as in the course's template; $HW3_BPE_DIR may name
+another folder (`find_vocab_dir`). Both are checked when
 read: a missing, cut-off or mismatched file is an InputError naming it.
 """
 from __future__ import annotations
@@ -65,18 +65,18 @@ def bytes_to_unicode() -> dict[int, str]:
 # What the two files must be: OpenAI's GPT-2 (124M) vocabulary, committed at the repository root.
 ENCODER_FILE, MERGES_FILE = "encoder.json", "vocab.bpe"
 N_MERGES = EOT_ID - 256  # 256 byte tokens, one token per merge, then <|endoftext|>
-FIX = (f"restore the repository's copies (`git checkout -- {ENCODER_FILE} {MERGES_FILE}`), fetch them into the "
-       "cache with `bash hw3_download.sh`, or set HW3_BPE_DIR to a folder holding both")
+FIX = (f"restore the repository's copies (`git checkout -- {ENCODER_FILE} {MERGES_FILE}`) or set HW3_BPE_DIR to a "
+       "folder holding both")
 
 
 def find_vocab_dir() -> str:
     """The first folder holding both encoder.json and vocab.bpe.
 
-    Looked for in $HW3_BPE_DIR, then next to this file, then in the download
-    cache (`io_utils.cache_dir("gpt2")`, where hw3_download.sh puts them).
+    Looked for in $HW3_BPE_DIR, then next to this file (the repository root,
+    where they are committed).
     InputError listing the folders when none holds both.
     """
-    candidates = [os.environ.get("HW3_BPE_DIR"), REPO_ROOT, io_utils.cache_dir("gpt2")]
+    candidates = [os.environ.get("HW3_BPE_DIR"), REPO_ROOT]
     candidates = [c for c in candidates if c]
     for folder in candidates:
         if all(os.path.isfile(os.path.join(folder, n)) for n in (ENCODER_FILE, MERGES_FILE)):

@@ -179,31 +179,19 @@ def test_default_location_from_env(bpe_dir, monkeypatch):
     assert BPETokenizer().encode(" .") == [764]
 
 
-def test_default_location_falls_back_to_cache(bpe_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HW3_BPE_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(tokenizer, "REPO_ROOT", str(tmp_path / "repo"))
-    cache = tmp_path / "cache"
-    (cache / "gpt2").mkdir(parents=True)
-    for name in ("encoder.json", "vocab.bpe"):
-        os.symlink(os.path.join(os.path.abspath(bpe_dir), name), cache / "gpt2" / name)
-    monkeypatch.setenv("HW3_CACHE", str(cache))
-    assert find_vocab_dir() == str(cache / "gpt2")
-
-
 def test_missing_vocabulary_lists_folders(tmp_path, monkeypatch):
-    env_dir, repo_dir, cache_dir = (tmp_path / n for n in ("env", "repo", "cache"))
-    for d in (env_dir, repo_dir, cache_dir):
+    env_dir, repo_dir = tmp_path / "env", tmp_path / "repo"
+    for d in (env_dir, repo_dir):
         d.mkdir()
     (env_dir / "encoder.json").write_text("{}")  # only one of the two files: not enough
     monkeypatch.setenv("HW3_BPE_DIR", str(env_dir))
-    monkeypatch.setenv("HW3_CACHE", str(cache_dir))
     monkeypatch.setattr(tokenizer, "REPO_ROOT", str(repo_dir))
     with pytest.raises(io_utils.InputError) as info:
         BPETokenizer()
     message = str(info.value)
-    for folder in (env_dir, repo_dir, cache_dir / "gpt2"):
+    for folder in (env_dir, repo_dir):
         assert str(folder) in message
-    assert "bash hw3_download.sh" in message and "git checkout -- encoder.json vocab.bpe" in message
+    assert "hw3_download.sh" not in message and "git checkout -- encoder.json vocab.bpe" in message
     assert "OpenAI's GPT-2 vocabulary" in message and "\n" not in message
 
 
