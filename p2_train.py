@@ -589,7 +589,7 @@ class Learner:
             norm = grad_norm(self.params)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-        loss, norm = float(loss), float(norm)
+        loss, norm = loss.item(), float(norm)
         finite = math.isfinite(loss) and math.isfinite(norm)
         if not finite and (not self.amp or self.skipped + 1 >= MAX_SKIPPED_STEPS):
             self.optimizer.zero_grad(set_to_none=True)

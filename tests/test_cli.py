@@ -32,7 +32,7 @@ def scripts() -> list:
     return found
 
 
-SCRIPTS = [s for s in scripts() if s != "p2_train.py"]  # issue 24 rewrites p2_train's help: removed at merge
+SCRIPTS = scripts()
 ROOT_SCRIPTS = [s for s in SCRIPTS if os.sep not in s]
 HEAVY = {"torch", "timm", "clip", "transformers"}
 
