@@ -288,7 +288,7 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_last_state(tmp_path
     with pytest.raises(SystemExit) as stop:
         run(train_args(small_setup, out, "--max-steps", "6", "--scst-epochs", "0", "--save-every", "1", *QUICK))
     message = str(stop.value)
-    assert message.startswith(f"error: no space left on ") and f"writing {out}.state (" in message, message
+    assert message.startswith("error: no space left on ") and f"writing {out}.state (" in message, message
     assert " MB needed" in message and f"its state at step 1 is kept in {out}.state" in message
     assert torch.load(str(out) + ".state")["progress"]["step"] == 1
     assert not os.path.exists(str(out) + ".lock")
