@@ -1,13 +1,9 @@
 # Homework 3, from the course data to hw3_report.pdf, as one graph of result files.
-#
-#   make data weights train report check    the course workflow (GPU; see the README for times)
-#   make demo                               the same graph on synthetic data and tiny random models,
-#                                           offline on a CPU, into demo/ (ends with demo/hw3_report.pdf)
-#   make test                               the tests (the README's command)
-#   make -n report                          print the commands without running them
-#
-# Apart from the targets named above, every target is a file, rebuilt only when what it depends on changed.
-# Paths and the device are variables: `make report DATA=/data/hw3_data OUT=results DEVICE=cuda`.
+# `make` (or `make help`) lists the targets and variables; `make -n TARGET` prints its commands without
+# running them. Apart from the targets `make help` names, every target is a file, rebuilt only when what
+# it depends on changed. Paths and the device are variables: `make report DATA=/data/hw3_data DEVICE=cuda`.
+
+.DEFAULT_GOAL := help
 
 PYTHON ?= python3
 DATA ?= hw3_data
@@ -22,36 +18,43 @@ TRAIN_ARGS ?=
 EVAL_ARGS ?=
 REPORT_ARGS ?=
 CHECK_ARGS ?=
+# GPUS=0,1,...: `make -j train` gives each training run one of these GPUs, round robin
+# (CUDA_VISIBLE_DEVICES per run); empty: every run sees the machine's GPUs, i.e. uses the first.
+GPUS ?=
 
-# The course data (Google Drive, fetched with gdown) and GPT-2's vocabulary (the files hw3_download.sh fetches).
+# The course data (Google Drive, fetched with gdown). GPT-2's vocabulary is committed (encoder.json, vocab.bpe).
 DATA_GDRIVE_ID := 11rP6KmR5Qwjhx0rfag0b5TZGBTRuPtQR
-GPT2_URL := https://openaipublic.blob.core.windows.net/gpt-2/models/124M
 
 # `make demo` reruns this Makefile with DEMO=1: same graph, demo/ paths, tiny models.
-DEMO_DIR := demo
+DEMO_DIR ?= demo
 ifeq ($(DEMO),1)
-DATA := $(DEMO_DIR)/hw3_data
-OUT := $(DEMO_DIR)/outputs
-CKPT := $(DEMO_DIR)/checkpoints
-FEATURES := $(DEMO_DIR)/features
-DEVICE := cpu
-REPORT := $(DEMO_DIR)/hw3_report.pdf
-NOTES := $(DEMO_DIR)/report_notes.md
+# The demo is its own world: no HW3_* setting of the user's shell (a checkpoint, an encoder file, CLIP
+# models, a cache, batch sizes...) reaches its commands, and its paths and options win over the command
+# line's (only DEMO_DIR and PYTHON are the user's); it exports only its own settings, below.
+unexport $(filter HW3_%,$(.VARIABLES))
+override DATA := $(DEMO_DIR)/hw3_data
+override OUT := $(DEMO_DIR)/outputs
+override CKPT := $(DEMO_DIR)/checkpoints
+override FEATURES := $(DEMO_DIR)/features
+override DEVICE := cpu
+override REPORT := $(DEMO_DIR)/hw3_report.pdf
+override NOTES := $(DEMO_DIR)/report_notes.md
 # demo.py's tiny ViT (DEMO_ENCODER, DEMO_ENCODER_KWARGS); 80 steps of 16 captions a run, no SCST,
 # decoding chosen between greedy and beam 3
-TRAIN_ARGS := --encoder vit_tiny_patch16_224 \
+override TRAIN_ARGS := --encoder vit_tiny_patch16_224 \
     --encoder-kwargs '{"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}' \
     --epochs 3 --max-steps 80 --batch-size 16 --lr 3e-3 --warmup-steps 5 --val-every 40 --log-every 10 \
     --scst-epochs 0 --decode-beams 1 3 --decode-length-penalties 0 --max-len 16
-EVAL_ARGS := --clip-model $(DEMO_DIR)/models/tiny_clip.pt
-REPORT_ARGS := --synthetic
-CHECK_ARGS := --samples 4
+override EVAL_ARGS := --clip-model $(DEMO_DIR)/models/tiny_clip.pt
+override REPORT_ARGS := --synthetic
+override CHECK_ARGS := --samples 4
 export HW3_CACHE := $(abspath $(DEMO_DIR)/cache)
 export HW3_P1_CLIP := $(abspath $(DEMO_DIR)/models/tiny_clip.pt)
 export HF_HUB_OFFLINE := 1
 endif
 
 RUNS := none adapter prefix lora
+TRAIN_RUNS := $(RUNS) baseline
 P1 := $(DATA)/p1_data
 P2 := $(DATA)/p2_data
 ID2LABEL := $(P1)/id2label.json
@@ -72,9 +75,35 @@ DATA_FILES := $(ID2LABEL) $(TRAIN_JSON) $(VAL_JSON) $(DECODER) $(P3_IMAGES)
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: data weights vocab train report check demo test
+.PHONY: help data weights train report check demo test
 # checkpoints, predictions and scores are results, never intermediates to delete
 .SECONDARY:
+
+# ---------------------------------------------------------------- help (the default goal)
+
+help:
+	@echo "Homework 3 as one graph of result files: make TARGET [VARIABLE=value ...]; make -n TARGET prints the commands."
+	@echo ""
+	@echo "  make data     the course data into \$$(DATA) with gdown (skipped when there); download-bound, minutes"
+	@echo "  make weights  CLIP ViT-L/14 + @336px (converted to plain weights) and the timm encoder into cache/ (as"
+	@echo "                hw3_download.sh; no input); download-bound, minutes"
+	@echo "  make train    p2_train.py for $(RUNS) from \$$(DATA)/p2_data into \$$(CKPT)/RUN.pt, resuming an"
+	@echo "                interrupted run; hours per run on a 2080 Ti (make -j train GPUS=0,1,... runs them in parallel)"
+	@echo "  make report   hw3_report.pdf from \$$(DATA) and the trained runs (Problem 1 predictions and report numbers,"
+	@echo "                each run's validation captions and scores, the baseline, the best run, attention figures);"
+	@echo "                under an hour on a GPU after training"
+	@echo "  make check    selfcheck.py on the result (\$$(DATA)/p2_data/decoder_model.bin, the cache); minutes"
+	@echo "  make demo     all of the above on synthetic data and tiny random models into \$$(DEMO_DIR)/, offline on a"
+	@echo "                CPU (no input; clears every HW3_* variable of your shell); about 10-20 minutes"
+	@echo "  make test     the tests (python3 -m pytest -q); tens of minutes on 2 CPU cores"
+	@echo "  make help     this list (also plain make)"
+	@echo ""
+	@echo "Variables (now):"
+	@echo "  DATA=$(DATA)  OUT=$(OUT)  CKPT=$(CKPT)  FEATURES=$(FEATURES)  DEVICE=$(DEVICE)"
+	@echo "  REPORT=$(REPORT)  NOTES=$(NOTES)  PYTHON=$(PYTHON)  DEMO_DIR=$(DEMO_DIR)"
+	@echo "  GPUS=$(GPUS)  (0,1,...: one GPU per training run, round robin; empty: the default GPU)"
+	@echo "  TRAIN_ARGS, EVAL_ARGS, REPORT_ARGS, CHECK_ARGS: extra options of p2_train.py, p2_evaluate.py,"
+	@echo "  build_report.py, selfcheck.py"
 
 # ---------------------------------------------------------------- data and weights
 
@@ -92,29 +121,30 @@ $(DATA_FILES):
 endif
 
 # What inference needs besides the trained checkpoint, into the cache (as hw3_download.sh does).
-weights: vocab
+weights:
 	$(PYTHON) hw3_cache.py clip
 	$(PYTHON) hw3_cache.py encoder
-
-# GPT-2's vocabulary, unless the tokenizer already finds it ($$HW3_BPE_DIR, the repository, the cache).
-vocab:
-	@$(PYTHON) hw3_cache.py has gpt2 || { \
-	  wget -O "$$($(PYTHON) hw3_cache.py part encoder.json)" $(GPT2_URL)/encoder.json && \
-	  wget -O "$$($(PYTHON) hw3_cache.py part vocab.bpe)" $(GPT2_URL)/vocab.bpe && \
-	  $(PYTHON) hw3_cache.py install gpt2; }
 
 # ---------------------------------------------------------------- Problem 2 training
 
 train: $(RUNS:%=$(CKPT)/%.pt)
 
+# GPUS round robin: run number i of TRAIN_RUNS gets word i of the GPU list repeated once per run.
+comma := ,
+GPU_LIST := $(subst $(comma), ,$(GPUS))
+GPU_CYCLE := $(foreach run,$(TRAIN_RUNS),$(GPU_LIST))
+# position of $(1) in the list $(2) (1 when absent), counted in the words of $(3)
+position = $(if $(2),$(if $(filter $(1),$(firstword $(2))),$(words $(3) x),$(call position,$(1),$(wordlist 2,$(words $(2)),$(2)),$(3) x)),1)
+gpu_of = $(if $(GPU_LIST),CUDA_VISIBLE_DEVICES=$(word $(call position,$(1),$(TRAIN_RUNS)),$(GPU_CYCLE)) )
+
 # An interrupted run continues from its .state (make deletes the half-made checkpoint on an interrupt).
 $(CKPT)/%.pt: $(DATA_FILES)
-	$(PYTHON) p2_train.py --data-root $(P2) --decoder-weights $(DECODER) --peft $* --out $@ \
+	$(call gpu_of,$*)$(PYTHON) p2_train.py --data-root $(P2) --decoder-weights $(DECODER) --peft $* --out $@ \
 	    --cache-features $(FEATURES) --device $(DEVICE) $(TRAIN_ARGS) $(if $(wildcard $@.state),--resume)
 
 # The language-model-only baseline: the untrained captioner (new modules at their identity start) is GPT-2.
 $(CKPT)/baseline.pt: $(DATA_FILES)
-	$(PYTHON) p2_train.py --data-root $(P2) --decoder-weights $(DECODER) --peft none --out $@ \
+	$(call gpu_of,baseline)$(PYTHON) p2_train.py --data-root $(P2) --decoder-weights $(DECODER) --peft none --out $@ \
 	    --cache-features $(FEATURES) --device $(DEVICE) $(TRAIN_ARGS) \
 	    --epochs 0 --scst-epochs 0 --decode-beams 1 --decode-length-penalties 0 $(if $(wildcard $@.state),--resume)
 
@@ -179,12 +209,16 @@ test:
 # ---------------------------------------------------------------- the demo
 
 ifeq ($(DEMO),1)
-$(DATA)/demo.json: | vocab
+$(DATA)/demo.json:
 	$(PYTHON) demo.py $(DEMO_DIR)
 
 $(NOTES): | $(DATA)/demo.json
 endif
 
+# "up to date" when the report needed no rebuild (asked with make -q before building)
 demo:
-	$(MAKE) --no-print-directory DEMO=1 report check
-	@echo "demo: wrote $(DEMO_DIR)/hw3_report.pdf"
+	@if $(MAKE) --no-print-directory -q DEMO=1 DEMO_DIR=$(DEMO_DIR) $(DEMO_DIR)/hw3_report.pdf 2>/dev/null; \
+	  then fresh=1; else fresh=0; fi; \
+	$(MAKE) --no-print-directory DEMO=1 DEMO_DIR=$(DEMO_DIR) report check || exit 1; \
+	if [ $$fresh = 1 ]; then echo "demo: up to date ($(DEMO_DIR)/hw3_report.pdf)"; \
+	else echo "demo: wrote $(DEMO_DIR)/hw3_report.pdf"; fi

@@ -59,7 +59,8 @@ from matplotlib import font_manager, ft2font  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import report_record  # noqa: E402
-from file_io import atomic_output, check_output_path
+import file_io  # noqa: E402
+from file_io import atomic_output, check_output_path, check_outputs_spare_inputs  # noqa: E402
 from io_utils import InputError, quiet_known_warnings, reports_input_errors, warn
 
 NOT_MEASURED = "not measured"
@@ -258,41 +259,76 @@ class Report(FPDF):
 def read_notes(path: str) -> dict:
     """The notes file's sections by key; refuses a heading that is not in NOTES_SECTIONS
     (a mistyped heading would silently drop its answer)."""
-    if not os.path.isfile(path):
-        raise InputError(f"notes file {path!r} does not exist")
     key_of = {heading.lower(): key for key, heading in NOTES_SECTIONS.items()}
     sections, key = {}, None
-    with open(path, encoding="utf-8") as f:
-        for text in f:
-            if text.startswith("## "):
-                key = key_of.get(text[3:].strip().lower())
-                if key is None:
-                    allowed = ", ".join(f"'## {h}'" for h in NOTES_SECTIONS.values())
-                    raise InputError(f"{path}: unknown section '## {text[3:].strip()}'; allowed: {allowed}")
-                sections[key] = []
-            elif key is not None:
-                sections[key].append(text.rstrip("\n"))
+    for text in file_io.read_text(path, "notes file").split("\n"):  # line ends read as "\n"
+        if text.startswith("## "):
+            key = key_of.get(text[3:].strip().lower())
+            if key is None:
+                allowed = ", ".join(f"'## {h}'" for h in NOTES_SECTIONS.values())
+                raise InputError(f"{path}: unknown section '## {text[3:].strip()}'; allowed: {allowed}")
+            sections[key] = []
+        elif key is not None:
+            sections[key].append(text)
     return {k: "\n".join(lines).strip() for k, lines in sections.items()}
 
 
 def read_json(path: str, expected: str | None = None, valid=lambda data: True):
-    """The JSON at `path`, or None when the file does not exist; InputError when it is not `expected`."""
-    if not os.path.isfile(path):
+    """The JSON at `path`, or None when there is no such file; InputError when it is a folder,
+    not JSON (file_io.read_json) or not `expected` (`valid(data)` is false)."""
+    if not os.path.lexists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"result file {path!r} is not valid JSON: {e}") from None
+    data = file_io.read_json(path, "result file")
     if not valid(data):
         raise InputError(f"result file {path!r}: expected {expected}")
     return data
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_list_of(value, valid) -> bool:
+    return isinstance(value, list) and all(valid(item) for item in value)
+
+
 def read_prompts(path: str):
-    return read_json(path, '{"models", "n_images", "results": [{"prompt", "accuracy"}, ...]}',
-                     lambda d: isinstance(d, dict) and isinstance(d.get("results"), list) and all(
-                         isinstance(r, dict) and "prompt" in r and "accuracy" in r for r in d["results"]))
+    return read_json(path, '{"models": [...], "n_images", "results": [{"prompt": text, "accuracy": number, '
+                     '"per_model": [number, ...] (optional)}, ...]} from p1_report.py accuracy',
+                     lambda d: isinstance(d, dict) and (d.get("models") is None or is_list_of(d["models"], str))
+                     and is_list_of(d.get("results"), lambda r: isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                                    and is_number(r.get("accuracy"))
+                                    and (r.get("per_model") is None or is_list_of(r["per_model"], is_number))))
+
+
+def read_top5(path: str):
+    return read_json(path, '{"images": {image name: [{"prompt": text, "probability": number}, ...]}, ...} from '
+                     'p1_report.py top5',
+                     lambda d: isinstance(d, dict) and (d.get("images") is None or isinstance(d["images"], dict) and all(
+                         is_list_of(rows, lambda r: isinstance(r, dict) and isinstance(r.get("prompt"), str)
+                                    and is_number(r.get("probability"))) for rows in d["images"].values())))
+
+
+def is_ranked_row(row) -> bool:
+    """A row of p2_evaluate.py's --per-image list (as p2_attention.py records top1 / last1)."""
+    return (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("caption"), str)
+            and is_number(row.get("clip_score")) and isinstance(row.get("png"), (str, type(None))))
+
+
+def read_per_image(path: str):
+    return read_json(path, '[{"key": text, "caption": text, "clip_score": number}, ...] from p2_evaluate.py '
+                     '--per-image', lambda d: is_list_of(d, is_ranked_row))
+
+
+def read_attention(path: str):
+    def valid_entry(name, entry) -> bool:
+        if name in ("top1", "last1"):
+            return not entry or is_ranked_row(entry)
+        return isinstance(entry, dict) and all(isinstance(entry.get(k), (str, type(None))) for k in ("caption", "png"))
+
+    return read_json(path, '{stem: {"caption": text, "png": text, ...}, "top1"/"last1": {"key", "caption", '
+                     '"clip_score": number, "png"}} from p2_attention.py',
+                     lambda d: isinstance(d, dict) and all(valid_entry(k, v) for k, v in d.items()))
 
 
 def read_metrics(path: str):
@@ -307,9 +343,8 @@ def checkpoint_paths(results: str, overrides: dict) -> dict:
     paths = dict(overrides)
     for run in RUNS:
         pointer = os.path.join(results, f"p2_ckpt_{run}.txt")
-        if run not in paths and os.path.isfile(pointer):
-            with open(pointer, encoding="utf-8") as f:
-                lines = [text.strip() for text in f if text.strip()]
+        if run not in paths and os.path.lexists(pointer):
+            lines = [text.strip() for text in file_io.read_text(pointer, "result file").splitlines() if text.strip()]
             if len(lines) != 1:
                 raise InputError(f"result file {pointer!r}: expected one line holding a checkpoint path")
             paths[run] = lines[0]
@@ -320,14 +355,21 @@ def read_run(run: str, path: str) -> dict:
     """What the report shows of a checkpoint: its config, saved-tensor count and training log."""
     from captioner import read_checkpoint
 
+    if os.path.isdir(path):
+        raise InputError(f"the checkpoint of run {run!r}, {path!r}, is a folder; expected a file")
     if not os.path.isfile(path):
         warn(f"checkpoint of run {run!r} not found: {path}")
         return {"path": path, "missing": True}
     try:
         checkpoint = read_checkpoint(path)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise InputError(str(e)) from None
     config = checkpoint["config"]
+    encoder, decoder = config.get("encoder"), config.get("decoder")
+    if not (isinstance(encoder, dict) and isinstance(encoder.get("name"), str) and isinstance(decoder, dict)
+            and isinstance(decoder.get("n_layer", 0), int)):
+        raise InputError(f"{path}: its config has no 'encoder' with a 'name' and 'decoder' with 'n_layer' "
+                         "as p2_train.py writes them; expected a captioner checkpoint")
     if run in PEFT_RUNS and config.get("peft") != run:
         raise InputError(f"the checkpoint given for the {run!r} run ({path}) was trained with "
                          f"--peft {config.get('peft')!r}")
@@ -336,19 +378,37 @@ def read_run(run: str, path: str) -> dict:
 
 
 def read_curve(path: str):
-    """[(step, val_cider)] from p2_train.py's log, or None without a log."""
+    """[(step, val_cider)] from p2_train.py's log, or None without a log.
+
+    A line that is not a JSON object (a run killed mid-write leaves a partial last line; a damaged
+    or edited log anything) is skipped with a warning naming the file and line, and so is a
+    record whose step or val_cider is not a finite number: the curve is an illustration."""
     if not os.path.isfile(path):
         return None
     points = []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            try:
-                record = json.loads(text) if text.strip() else {}
-            except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
-                warn(f"{path}:{number}: not a JSON record, skipped")
-                continue
-            if "val_cider" in record:
-                points.append((record["step"], record["val_cider"]))
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as error:
+        raise InputError(f"cannot read the training log {path!r}: {error.strerror or error}") from None
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8 or not JSON (ValueErrors), or absurdly nested
+            warn(f"{path}:{number}: not a JSON record, skipped")
+            continue
+        if not isinstance(record, dict):
+            warn(f"{path}:{number}: a JSON {type(record).__name__}, not a record (object), skipped")
+            continue
+        if "val_cider" not in record:
+            continue
+        if not (is_number(record.get("step")) and is_number(record["val_cider"])):
+            warn(f"{path}:{number}: 'step' and 'val_cider' must be finite numbers, got {record.get('step')!r:.40} "
+                 f"and {record['val_cider']!r:.40}, skipped")
+            continue
+        points.append((record["step"], record["val_cider"]))
     return points or None
 
 
@@ -449,7 +509,7 @@ def problem1(doc: Report, src: Sources) -> None:
     doc.notes(src.notes, "p1_prompts")
 
     doc.heading("3. Top-5 similarity probabilities of three validation images")
-    top5 = src.read("p1_top5.json", P1_TOP5_CMD)
+    top5 = src.read("p1_top5.json", P1_TOP5_CMD, read_top5)
     shown = 0
     for name, rows in ((top5 or {}).get("images") or {}).items():
         stem = os.path.splitext(name)[0]
@@ -565,7 +625,7 @@ def problem2_metrics(doc: Report, src: Sources) -> None:
 
 
 def problem2_attention(doc: Report, src: Sources) -> None:
-    attention = src.read("attention.json", P2_ATTENTION_CMD, folder=src.attention_dir) or {}
+    attention = src.read("attention.json", P2_ATTENTION_CMD, read_attention, folder=src.attention_dir) or {}
     doc.heading("3. Cross-attention of each generated word (last decoder block), five test images")
     for stem in ATTENTION_IMAGES:
         entry = attention.get(stem) or {}
@@ -579,7 +639,7 @@ def problem2_attention(doc: Report, src: Sources) -> None:
     doc.heading("4. Top-1 and last-1 validation images by CLIPScore")
     per_image = None  # the ranked list is needed only where p2_attention.py has not recorded top1/last1
     if not all(attention.get(which) for which in ("top1", "last1")):
-        per_image = src.read("p2_per_image.json", P2_PER_IMAGE_CMD)
+        per_image = src.read("p2_per_image.json", P2_PER_IMAGE_CMD, read_per_image)
     for which, index, title in (("top1", 0, "Top-1 (highest CLIPScore)"), ("last1", -1, "Last-1 (lowest CLIPScore)")):
         entry = attention.get(which) or (per_image[index] if per_image else None)
         if entry:
@@ -683,6 +743,11 @@ def main(argv=None) -> None:
     checkpoints = dict(args.checkpoint)
     if args.best_checkpoint:
         checkpoints["best"] = args.best_checkpoint
+    # every file in the results folders may be read, except an earlier report
+    check_outputs_spare_inputs({"--out": args.out}, {
+        "--results": args.results, "--attention-dir": args.attention_dir, "--notes": args.notes,
+        **{f"--checkpoint {run}": path for run, path in checkpoints.items()}},
+        reads_member=lambda path: not path.lower().endswith(".pdf"))
     pages = build(args.results, args.notes, args.out, checkpoints, args.attention_dir, args.synthetic)
     print(f"wrote {args.out} ({pages} pages)")
 

@@ -6,8 +6,8 @@ Used by p2_evaluate.py (the course's command line) and by p2_train.py
 (validation), so it lives here, under both. Unlike the course's script it
 cuts a caption longer than CLIP's 77-token context at a word boundary (with a warning) and
 takes images of any extension. fp16 on CUDA (as `clip.load` gives it), fp32 on
-the CPU. Where the cache keeps an OpenAI CLIP model (`clip_weights_path`) is
-decided here too, for Problem 1's models as well.
+the CPU. CLIP itself is built from plain weights by clip_weights.py (never
+through `clip.load`, which runs code from the file it reads).
 """
 from __future__ import annotations
 
@@ -16,40 +16,26 @@ import sys
 
 from clip_context import fit_clip_context
 from image_io import find_images, open_rgb
-from io_utils import InputError, cache_dir, loader_workers, pick_device, warn
+from io_utils import InputError, loader_workers, pick_device, warn
 
 
 def check_clip_model(model_name_or_file: str) -> None:
     """Raise InputError unless `model_name_or_file` is an OpenAI CLIP name or an existing file."""
-    import clip
+    from clip_weights import openai_models
 
-    if model_name_or_file not in clip.available_models() and not os.path.isfile(model_name_or_file):
+    if model_name_or_file not in openai_models() and not os.path.isfile(model_name_or_file):
         raise InputError(f"CLIP model {model_name_or_file!r} not found; available models = "
-                         f"{clip.available_models()}, or a path to a checkpoint file")
-
-
-def clip_weights_path(name: str) -> str:
-    """Where `clip.load` keeps OpenAI model `name` in the cache (`ViT-L/14@336px` -> clip/ViT-L-14-336px.pt)."""
-    return cache_dir("clip", name.replace("/", "-").replace("@", "-") + ".pt")
+                         f"{list(openai_models())}, or a path to a checkpoint file")
 
 
 def load_clip(model_name_or_file: str, device):
-    """(model, preprocess): `clip.load` of a local file, or of an OpenAI model name from the cache,
-    downloaded into it when missing; InputError saying what to do when that download fails."""
-    import clip
+    """(model, preprocess): clip_weights.load_clip of a local weights file, or of an OpenAI model name from
+    the cache, fetched into it when missing; InputError saying what to do when that fails."""
+    import clip_weights
 
     check_clip_model(model_name_or_file)
-    path = clip_weights_path(model_name_or_file)
-    if os.path.isfile(model_name_or_file) or os.path.isfile(path):
-        return clip.load(model_name_or_file, device=device, jit=False, download_root=os.path.dirname(path))
-    print(f"note: CLIP {model_name_or_file} is not in {path}; downloading it", file=sys.stderr)
-    try:
-        return clip.load(model_name_or_file, device=device, jit=False, download_root=os.path.dirname(path))
-    except (OSError, RuntimeError) as error:  # urllib's URLError (offline) is an OSError; a bad checksum a RuntimeError
-        raise InputError(f"CLIP {model_name_or_file!r} is not in {path} and could not be downloaded ({error}). "
-                         f"On a machine with the network, `python3 hw3_cache.py clip {model_name_or_file}` puts it "
-                         "there (as `bash hw3_download.sh` does for Problem 1's models); or pass --clip-model FILE, "
-                         "a local CLIP checkpoint") from None
+    return clip_weights.load_clip(model_name_or_file, device,
+                                  purpose="; or pass --clip-model FILE, a local CLIP weights file")
 
 
 def clip_text_tokens(texts: list[str], context_length: int):

@@ -6,20 +6,24 @@ Everything lands in the repository-local cache (`io_utils.cache_dir()`:
 after one `bash hw3_download.sh` both run offline:
 
   p2_checkpoint.pt         io_utils.p2_checkpoint() (when $HW3_P2_CKPT is unset)
-  clip/ViT-L-14*.pt        p1_zeroshot.load_clip (each of p1_zeroshot.DEFAULT_MODELS)
+  clip/ViT-L-14*.state_dict.pt
+                           clip_weights.cached_path (each of p1_zeroshot.DEFAULT_MODELS):
+                           OpenAI's archive, checked and converted to plain weights
   timm/<encoder>.pth       encoder.cached_weights_path (the checkpoint's encoder)
-  gpt2/encoder.json, gpt2/vocab.bpe
-                           tokenizer.find_vocab_dir
+
+GPT-2's vocabulary is part of the repository (encoder.json, vocab.bpe): nothing to fetch.
 
 wget and gdown write into `<target>.part`; `install` checks the file and only
 then renames it over the target, so a failed or half-finished download never
-leaves a file that looks complete (and bash may not `rm` or `mv`).
+leaves a file that looks complete (and bash may not `rm` or `mv`); `discard`
+removes what a failed download left: the .part file, and the cache folders it
+leaves empty.
 
-    python3 hw3_cache.py part checkpoint|encoder.json|vocab.bpe   # print the .part path, create its folder
-    python3 hw3_cache.py install checkpoint|gpt2                  # check the .part file(s), move into place
-    python3 hw3_cache.py has gpt2                                 # exit 0 if the GPT-2 vocabulary is usable
-    python3 hw3_cache.py clip [NAME ...]                          # CLIP weights (default: Problem 1's)
-    python3 hw3_cache.py encoder                                  # timm weights for Problem 2
+    python3 hw3_cache.py part checkpoint       # print the .part path, create its folder
+    python3 hw3_cache.py install checkpoint    # check the .part file, move it into place
+    python3 hw3_cache.py discard checkpoint    # after a failed download: remove the .part file, empty folders
+    python3 hw3_cache.py clip [NAME ...]       # CLIP weights (default: Problem 1's)
+    python3 hw3_cache.py encoder               # timm weights for Problem 2
 """
 from __future__ import annotations
 
@@ -29,16 +33,14 @@ import sys
 
 import io_utils
 
-GPT2_FILES = ("encoder.json", "vocab.bpe")
+DOWNLOADS = ("checkpoint",)
 
 
 def target(name: str) -> str:
-    """Final path of a downloaded file: `checkpoint` or one of GPT2_FILES."""
+    """Final path of a file bash downloads: `checkpoint`."""
     if name == "checkpoint":
         return io_utils.cache_dir(io_utils.P2_CHECKPOINT_NAME)
-    if name in GPT2_FILES:
-        return io_utils.cache_dir("gpt2", name)
-    raise io_utils.InputError(f"unknown download {name!r}; expected checkpoint or one of {list(GPT2_FILES)}")
+    raise io_utils.InputError(f"unknown download {name!r}; expected one of {list(DOWNLOADS)}")
 
 
 def part(name: str) -> str:
@@ -48,57 +50,44 @@ def part(name: str) -> str:
     return path
 
 
-def _install(names: tuple, check) -> None:
-    parts = [part(n) for n in names]
-    missing = [p for p in parts if not os.path.isfile(p)]
-    if missing:
-        raise io_utils.InputError(f"download failed, no {missing}")
-    try:
-        check(*parts)
-    # a failed download is an HTML page, an empty or a cut file: any parse error means "bad file"
-    except Exception as error:  # noqa: BLE001
-        for path in parts:
-            os.remove(path)
-        raise io_utils.InputError(f"the download of {', '.join(names)} is not usable ({error}); nothing installed")
-    for name, path in zip(names, parts):
-        os.replace(path, target(name))
-        print(f"installed {target(name)}", file=sys.stderr)
+def discard(name: str) -> None:
+    """What a failed download of `name` left: its .part file, and the cache folders that leaves empty."""
+    path = target(name) + ".part"
+    if os.path.lexists(path):
+        os.remove(path)
+    io_utils.remove_empty_cache_folders(path)
 
 
 def install_checkpoint() -> None:
+    """Check the downloaded checkpoint and move it into place; a bad one is discarded."""
     from captioner import read_checkpoint
 
-    _install(("checkpoint",), read_checkpoint)
-
-
-def install_gpt2() -> None:
-    from tokenizer import BPETokenizer
-
-    _install(GPT2_FILES, BPETokenizer)
-
-
-def has_gpt2() -> bool:
-    """True when the tokenizer finds a readable GPT-2 vocabulary where p2_inference looks."""
-    from tokenizer import BPETokenizer
-
+    path = part("checkpoint")
+    if not os.path.isfile(path):
+        discard("checkpoint")
+        raise io_utils.InputError(f"download failed, no {path}")
     try:
-        BPETokenizer()
-    except (OSError, ValueError):
-        return False
-    return True
+        read_checkpoint(path)
+    # a failed download is an HTML page, an empty or a cut file: any parse error means "bad file"
+    except Exception as error:  # noqa: BLE001
+        discard("checkpoint")
+        raise io_utils.InputError(f"the download of the checkpoint is not usable ({error}); nothing installed")
+    os.replace(path, target("checkpoint"))
+    print(f"installed {target('checkpoint')}", file=sys.stderr)
 
 
 def fetch_clip(names=None) -> list:
-    """CLIP models `names` (default: every one Problem 1 uses) into `<cache>/clip` (clip.load skips a
-    file it already has)."""
-    import torch
-
+    """CLIP models `names` (default: every one Problem 1 uses) into `<cache>/clip` as plain weights:
+    OpenAI's archive downloaded, checked against its SHA-256 and converted (clip_weights.fetch)."""
+    import clip_weights
     import p1_zeroshot
 
     specs = p1_zeroshot.model_specs(",".join(names) if names else p1_zeroshot.DEFAULT_MODELS)
     for spec in specs:
-        p1_zeroshot.load_clip(spec, torch.device("cpu"))
-        print(f"CLIP {spec} is in {io_utils.cache_dir('clip')}", file=sys.stderr)
+        if spec in clip_weights.openai_models():
+            print(f"CLIP {spec} is in {clip_weights.fetch(spec)}", file=sys.stderr)
+        else:
+            print(f"CLIP {spec} is a local file: nothing to fetch", file=sys.stderr)
     return specs
 
 
@@ -127,6 +116,7 @@ def fetch_encoder() -> str:
         return encoder.download_weights(name)
     # timm's hub download fails in many ways (offline, HTTP, disk); the message says which
     except Exception as error:  # noqa: BLE001
+        io_utils.remove_empty_cache_folders(path)
         raise io_utils.InputError(f"could not download encoder weights {name!r}: {error}")
 
 
@@ -134,12 +124,12 @@ def fetch_encoder() -> str:
 def main(argv=None) -> None:
     io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{part,install,has,clip,encoder}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{part,install,discard,clip,encoder}")
     for name, line, what in (
-            ("part", "print where wget/gdown write NAME before it is checked (its folder is created)",
-             "checkpoint, encoder.json or vocab.bpe"),
-            ("install", "check the downloaded NAME and move it into the cache", "checkpoint or gpt2"),
-            ("has", "exit 0 when NAME is usable where inference looks for it, else 1", "gpt2"),
+            ("part", "print where wget/gdown write NAME before it is checked (its folder is created)", "checkpoint"),
+            ("install", "check the downloaded NAME and move it into the cache", "checkpoint"),
+            ("discard", "after a failed download of NAME: remove its .part file and the cache folders left empty",
+             "checkpoint"),
             ("clip", "download CLIP weights into the cache", None),
             ("encoder", "download the timm encoder the checkpoint names (else the default) into the cache", None)):
         sub = commands.add_parser(name, help=line, description=line)
@@ -152,14 +142,10 @@ def main(argv=None) -> None:
     if args.command == "part":
         print(part(args.name))
     elif args.command == "install":
-        installers = {"checkpoint": install_checkpoint, "gpt2": install_gpt2}
-        if args.name not in installers:
-            raise io_utils.InputError(f"install what? {args.name!r}; expected one of {sorted(installers)}")
-        installers[args.name]()
-    elif args.command == "has":
-        if args.name != "gpt2":
-            raise io_utils.InputError(f"has what? {args.name!r}; expected gpt2")
-        sys.exit(0 if has_gpt2() else 1)
+        target(args.name)  # an unknown name is refused
+        install_checkpoint()
+    elif args.command == "discard":
+        discard(args.name)
     elif args.command == "clip":
         fetch_clip(args.names)
     else:

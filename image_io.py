@@ -11,12 +11,18 @@ name, extension or image mode, so the rules live here once:
   (pandas and json read UTF-8 strictly); a symbolic link that leads nowhere is
   skipped with a warning too;
 - every image becomes 8-bit RGB, whatever its mode (L, LA, P, RGBA, CMYK,
-  16-bit grayscale).
+  16-bit grayscale);
+- the work an image costs is bounded by what the models see (`open_rgb`): a
+  strip is cropped to its centre, a huge image shrunk, an image above Pillow's
+  decompression-bomb limit decoded at a reduced scale (JPEG) or skipped with a
+  warning saying its size and the limit; ordinary images are read unchanged.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -88,15 +94,90 @@ def is_image(path: str) -> bool:
     return True
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Decode the image at `path` fully and return it as RGB.
+# The work an image costs is bounded by what the models see, not by its size on disk. Both models'
+# transforms resize the short side to their input size and then take the centre square, so
+# - a strip is cropped to its centre, at most MAX_ASPECT times as long as it is wide: resizing a
+#   1 x 20000 strip's short side to 248 would otherwise make a 248 x 4,960,000 image (5.9 GB);
+# - an image whose short side exceeds 2 x SAFE_SIDE is shrunk by a whole factor (JPEG: decoded
+#   at 1/2, 1/4 or 1/8 scale, `draft`) to a short side of at least SAFE_SIDE, far above any
+#   model input (224..336). Images within both bounds (every photo of the course's sets) are
+#   read exactly as before, pixel for pixel.
+MAX_ASPECT = 8
+SAFE_SIDE = 1024
 
-    Raises OSError (Pillow's UnidentifiedImageError included) when the file
-    is not an image or is broken; callers decide what to do with it.
-    """
-    with Image.open(path) as image:
+
+class ImageTooLarge(ValueError):
+    """An image above Pillow's decompression-bomb limit that cannot be decoded at a reduced scale."""
+
+
+def _open_unguarded(path: str) -> Image.Image:
+    """Image.open without Pillow's refusal of images above its pixel limit; the caller decides
+    (open_rgb decodes such an image only at a scale that brings it under the limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decided by _decode_within_limits
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError:
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                return Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+
+
+def _decode_within_limits(image: Image.Image) -> None:
+    """Decode `image` (just opened), JPEG at the coarsest scale that keeps its short side at least
+    SAFE_SIDE when it is larger than 2 x SAFE_SIDE or above Pillow's limit; ImageTooLarge when the
+    decoded image would still exceed the limit Pillow refuses at (twice MAX_IMAGE_PIXELS)."""
+    width, height = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    refused_above = 2 * limit if limit else None
+    if min(width, height) > 2 * SAFE_SIDE or (refused_above and width * height > refused_above):
+        # JPEG decodes at 1/1, 1/2, 1/4 or 1/8 scale: the largest that keeps the short side at least
+        # SAFE_SIDE, or the smallest that brings the image under the limit when that is larger
+        scale = 2 ** int(math.log2(max(1, min(width, height) // SAFE_SIDE)))
+        if refused_above and width * height > refused_above:
+            scale = max(scale, 2 ** math.ceil(math.log2(math.sqrt(width * height / refused_above))))
+        # draft takes the largest scale s with size // asked >= s: ask for the floor of each side
+        image.draft(None, (max(1, width // scale), max(1, height // scale)))
+    if refused_above and image.size[0] * image.size[1] > refused_above:
+        raise ImageTooLarge(f"too large: {width * height} pixels ({width} x {height}), Pillow's limit is "
+                            f"{refused_above} (its decompression-bomb guard, Image.MAX_IMAGE_PIXELS = {limit}); "
+                            "only JPEG can be read at a reduced scale")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # within the limit: decoded on purpose
         image.load()
-        return to_rgb(image)
+
+
+def bounded(image: Image.Image) -> Image.Image:
+    """`image` cropped to its centre when it is longer than MAX_ASPECT times its width (either way), and
+    shrunk by a whole factor when its short side exceeds 2 x SAFE_SIDE; the image itself otherwise."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long > MAX_ASPECT * short:
+        keep = MAX_ASPECT * short
+        start = (long - keep) // 2
+        box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+        image = image.crop(box)
+    if short > 2 * SAFE_SIDE:
+        image = image.reduce(short // SAFE_SIDE)
+    return image
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode the image at `path` fully and return it as RGB, bounded in size (`bounded`, MAX_ASPECT,
+    SAFE_SIDE): an ordinary image exactly as it is, a strip or a huge image at a size that costs
+    no more than the models need.
+
+    An image above Pillow's decompression-bomb limit is decoded at a reduced scale where the
+    format allows it (JPEG), so it is captioned or classified like any other; otherwise it raises
+    ImageTooLarge saying its size and the limit. Raises OSError (Pillow's UnidentifiedImageError
+    included) when the file is not an image or is broken; callers decide what to do with it.
+    """
+    with _open_unguarded(path) as image:
+        _decode_within_limits(image)
+        return bounded(to_rgb(image))
 
 
 def image_error(path: str, error: Exception) -> str:
@@ -105,6 +186,8 @@ def image_error(path: str, error: Exception) -> str:
 
     if isinstance(error, UnidentifiedImageError):
         return f"skipping {os.path.basename(path)!r}: not an image Pillow can read"
+    if isinstance(error, ImageTooLarge):
+        return f"skipping {os.path.basename(path)!r}: {error}"
     return f"skipping {os.path.basename(path)!r}: broken image ({error})"
 
 

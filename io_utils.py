@@ -25,11 +25,41 @@ class InputError(ValueError):
     """A problem with the files, options or environment values given, reported to the user by name."""
 
 
+def _writable_fd(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no way to ask, assume it works
+        return True
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:  # closed
+        return False
+
+
+def ensure_stderr() -> None:
+    """Give a process started with stderr closed (`2>&-`) a stderr that works: os.devnull.
+
+    Python then sets sys.stderr to None (or, started through a wrapper script such as
+    pyenv's shim, finds on descriptor 2 a file the wrapper opened for reading), and
+    progress bars (tqdm) writing there fail the run. A free descriptor 2 would also
+    be taken by the next file opened, which would then receive what C libraries print.
+    Both point at os.devnull instead.
+    """
+    if sys.stderr is not None and _writable_fd(2):
+        return
+    fd = os.open(os.devnull, os.O_WRONLY)
+    if fd != 2:
+        os.dup2(fd, 2)
+        os.close(fd)
+    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (lives as long as the process)
+
+
 def reports_input_errors(main):
     """Decorate an entry point's main: an InputError ends the program with `error: <message>`
-    on stderr (exit status 1), with no traceback."""
+    on stderr (exit status 1), with no traceback. A closed stderr is replaced first (`ensure_stderr`)."""
     @functools.wraps(main)
     def run(*args, **kwargs):
+        ensure_stderr()
         try:
             return main(*args, **kwargs)
         except InputError as error:
@@ -41,6 +71,24 @@ def cache_dir(*parts: str, repo: str = REPO_ROOT) -> str:
     """Folder for downloaded weights: $HW3_CACHE, else `cache/` in the repository `repo`."""
     root = os.environ.get("HW3_CACHE") or os.path.join(repo, "cache")
     return os.path.join(root, *parts)
+
+
+def remove_empty_cache_folders(path: str) -> None:
+    """After a failed download to `path`: remove its folder and the parents up to the cache root
+    (included) while they are empty, so that nothing looks half-fetched."""
+    root = os.path.abspath(cache_dir())
+    folder = os.path.dirname(os.path.abspath(path))
+    while folder == root or folder.startswith(root + os.sep):
+        try:
+            os.rmdir(folder)  # only an empty folder
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
+
+
+def hub_offline() -> bool:
+    """True when $HF_HUB_OFFLINE asks for no network (hw3_1.sh and hw3_2.sh set it): nothing is downloaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def p2_checkpoint(repo: str = REPO_ROOT) -> str:

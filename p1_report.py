@@ -24,8 +24,9 @@ import json
 import os
 import sys
 
-import image_io
+import clip_weights
 import file_io
+import image_io
 import io_utils
 import p1_zeroshot as zs
 
@@ -208,6 +209,23 @@ def top5(args) -> dict:
     return report
 
 
+def check_outputs_spare_inputs(args) -> None:
+    """InputError, before CLIP loads, when a file this run writes into --out-dir is one of its inputs."""
+    names = ["p1_prompts.json", "p1_prompts.md"] if args.command == "accuracy" else ["p1_top5.json"]
+    if args.command == "top5":
+        stems = [io_utils.strip_extension(os.path.basename(p)) for p in args.images]
+        if len(set(stems)) < len(stems):
+            stems = [os.path.basename(p) for p in args.images]
+        names += [f"p1_top5_{stem}.png" for stem in stems]
+    specs = _specs(args.clip)
+    inputs = {"--id2label": args.id2label, "--val-dir": getattr(args, "val_dir", None),
+              "--pick-from": getattr(args, "pick_from", None),
+              **{f"IMG {path!r}": path for path in getattr(args, "images", None) or []},
+              **{f"--clip {spec}": spec if os.path.isfile(spec) else clip_weights.cached_path(spec) for spec in specs}}
+    file_io.check_outputs_spare_inputs({f"--out-dir {name}": os.path.join(args.out_dir, name) for name in names},
+                                       inputs, reads_member=image_io.is_image)
+
+
 @io_utils.reports_input_errors
 def main(argv=None):
     io_utils.quiet_known_warnings()
@@ -238,6 +256,7 @@ def main(argv=None):
         file_io.check_output_path(os.path.join(args.out_dir, "p1_top5.json"))
     except io_utils.InputError as error:
         raise io_utils.InputError(f"--out-dir: {error}") from None
+    check_outputs_spare_inputs(args)
     return accuracy(args) if args.command == "accuracy" else top5(args)
 
 

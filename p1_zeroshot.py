@@ -25,13 +25,15 @@ weights and no data can be fetched where this was written.
 
 Environment (the graders' command line is fixed, so options live here):
   HW3_P1_CLIP   comma-separated CLIP model names (see clip.available_models())
-                or paths to local checkpoint files;
-                default "ViT-L/14,ViT-L/14@336px"
+                or paths to local CLIP weights files (a state_dict of
+                clip.model.CLIP, or OpenAI's archive, read as data: no file
+                runs code); default "ViT-L/14,ViT-L/14@336px"
   HW3_P1_BATCH  images per batch (default: on CUDA as many as half the free
                 GPU memory holds for the largest model, flip included, at
                 most 64; on the CPU 64)
   HW3_CACHE     root of the weight cache; CLIP weights live in $HW3_CACHE/clip
-                (default <repo>/cache/clip, filled by `bash hw3_download.sh`)
+                (default <repo>/cache/clip, filled by `bash hw3_download.sh`;
+                hw3_1.sh runs offline, so a model missing there is an error)
 
 Shapes: N images, K classes, T templates, D embedding width, R input size.
 """
@@ -40,16 +42,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import re
 import sys
 from typing import TYPE_CHECKING
 
-import image_io
+import clip_weights
 import file_io
+import image_io
 import io_utils
-from clipscore import clip_weights_path
 
 if TYPE_CHECKING:  # torch and CLIP load in the functions that use them: `--help` answers at once
     import torch
@@ -113,17 +114,8 @@ def read_id2label(path: str) -> dict[int, str]:
     unreadable, not JSON, not a non-empty object, or has a key that is not a
     non-negative integer or a value that is not a non-empty string.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON (not UTF-8 text)")
-    except OSError as error:
-        raise io_utils.InputError(f"cannot read id2label file {path!r}: {error.strerror or error}")
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as error:
-        raise io_utils.InputError(f"id2label file {path!r} is not valid JSON: {error}")
+    # missing, a folder, not UTF-8, not JSON, nested too deeply, a lone surrogate: file_io's errors
+    data = file_io.read_json(path, "id2label file", object_pairs_hook=_no_duplicate_keys)
     if not isinstance(data, dict):
         raise io_utils.InputError(f"id2label file {path!r} must hold a JSON object mapping class ids to names "
                                   f'(like {{"0": "bicycle"}}), found a JSON {_json_type(data)}')
@@ -194,11 +186,11 @@ def model_specs(value: str | None = None) -> list[str]:
 
 
 def _check_spec(spec: str) -> None:
-    import clip
+    from clip_weights import openai_models
 
-    if spec not in clip.available_models() and not os.path.isfile(spec):
+    if spec not in openai_models() and not os.path.isfile(spec):
         raise io_utils.InputError(f"CLIP model {spec!r} not found; available models = "
-                                  f"{clip.available_models()}; or give a path to a checkpoint file")
+                                  f"{list(openai_models())}; or give a path to a checkpoint file")
 
 
 def batch_size() -> int:
@@ -231,54 +223,15 @@ def image_batch(models, device) -> int:
 
 # ---------------------------------------------------------------- models
 
-def _clip_load(spec: str, device: torch.device, root: str):
-    import clip
-
-    from weights import skip_init
-
-    # clip.load builds the model and then loads every tensor strictly (clip.model.build_model):
-    # its random initialisation (ViT-L/14: 428M parameters) would only be overwritten
-    with skip_init():
-        return clip.load(spec, device=device, jit=False, download_root=root)
-
-
 def load_clip(spec: str, device: torch.device):
-    """(model, preprocess) for a CLIP model name or a local checkpoint file.
-
-    On CUDA clip.load keeps OpenAI's fp16 weights; on the CPU it casts to fp32.
-    A name missing from the cache is downloaded, with a notice, since the run
-    then takes longer and needs the network.
-    """
-    import clip
+    """(model, preprocess) for a CLIP model name (from the cache hw3_download.sh fills) or a local weights
+    file, built from plain weights with no code run from any file (clip_weights.load_clip): fp16 on CUDA,
+    fp32 on the CPU. A name missing from the cache is downloaded, with a notice, unless the run is offline
+    (HF_HUB_OFFLINE, as hw3_1.sh sets it): then the error names hw3_download.sh."""
+    import clip_weights
 
     _check_spec(spec)
-    root = io_utils.cache_dir("clip")
-    if spec in clip.available_models():
-        cached = os.path.isfile(clip_weights_path(spec))
-        if not cached:
-            print(f"note: CLIP {spec} weights are not in {root}; downloading them now "
-                  "(`bash hw3_download.sh` pre-fetches them)", file=sys.stderr)
-        try:
-            model, preprocess = _clip_load(spec, device, root)
-        except OSError as error:
-            raise io_utils.InputError(f"could not get CLIP {spec} weights into {root}: {error}")
-    else:
-        try:
-            model, preprocess = _clip_load(spec, device, root)
-        # torch.load and build_model fail in many ways (pickle, KeyError, shape) on a bad file.
-        except Exception as error:  # noqa: BLE001
-            raise io_utils.InputError(f"{spec!r} is not a CLIP checkpoint: {_clip_load_problem(error)}; expected "
-                                      "OpenAI's CLIP weights (like ViT-L-14.pt, which clip.load downloads) or the "
-                                      "state_dict() of a clip.model.CLIP") from None
-    return model.eval(), preprocess
-
-
-def _clip_load_problem(error: Exception) -> str:
-    """What clip.load's failure says about the file, in words rather than a bare key."""
-    if isinstance(error, KeyError):  # build_model indexes the CLIP tensors it needs by name
-        return f"it has no tensor {error.args[0]!r}"
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+    return clip_weights.load_clip(spec, device)
 
 
 def logit_scale(model) -> float:
@@ -351,11 +304,19 @@ def ensemble_probs(image_embs, text_embs, logit_scales) -> torch.Tensor:
 # ---------------------------------------------------------------- output
 
 def predictions_csv(names, labels) -> str:
-    """CSV text `filename,label`, rows sorted by file name, names quoted where needed."""
+    """CSV text `filename,label`, rows sorted by file name, every name that holds `,`, `"`, `\r` or
+    `\n` quoted, so that any legal file name reads back as itself.
+
+    The csv module's minimal quoting only quotes for the characters of its own line end: with
+    "\n" lines a name holding "\r" would go out bare, and pandas splits the row there. Such a
+    row is written with every string quoted (QUOTE_NONNUMERIC: the label stays a bare integer).
+    """
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["filename", "label"])
-    writer.writerows(sorted(zip(names, labels)))
+    plain = csv.writer(buffer, lineterminator="\n")
+    quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    plain.writerow(["filename", "label"])
+    for name, label in sorted(zip(names, labels)):
+        (quoted if "\r" in name else plain).writerow([name, label])
     return buffer.getvalue()
 
 
@@ -377,6 +338,10 @@ def main(argv=None) -> None:
     batch_size()  # a bad $HW3_P1_BATCH fails here, before the models load
     file_io.check_output_path(args.out_csv)
     names = image_io.list_files(args.img_dir)
+    file_io.check_outputs_spare_inputs({"OUT_CSV": args.out_csv}, {
+        "IMG_DIR": args.img_dir, "ID2LABEL": args.id2label,
+        **{f"CLIP model {spec}": spec if os.path.isfile(spec) else clip_weights.cached_path(spec) for spec in specs}},
+        reads_member=image_io.is_image)
 
     device = io_utils.pick_device()
     class_ids = list(id2label)

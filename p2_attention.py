@@ -207,11 +207,7 @@ def figure_for(path_to_image: str, out_png: str, model, tokenizer, device, beam_
 
 def read_per_image(path: str) -> list:
     """p2_evaluate.py's --per-image list, checked: [{"key", "caption", "clip_score", ...}]."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-    except (OSError, ValueError) as error:
-        raise io_utils.InputError(f"cannot read the per-image file {path!r}: {error}") from None
+    rows = file_io.read_json(path, "the per-image file")
     if not isinstance(rows, list) or not rows:
         raise io_utils.InputError(f"{path!r} is not a non-empty JSON list (p2_evaluate.py --per-image FILE)")
     for i, row in enumerate(rows):
@@ -289,8 +285,8 @@ def notebook_inputs(root: str = io_utils.REPO_ROOT) -> dict:
     checkpoint = io_utils.p2_checkpoint(root)
     best = os.path.join(out, "p2_ckpt_best.txt")
     if checkpoint == io_utils.cache_dir(io_utils.P2_CHECKPOINT_NAME, repo=root) and os.path.isfile(best):
-        with open(best, encoding="utf-8") as f:  # $HW3_P2_CKPT unset: the workflow's choice
-            checkpoint = os.path.join(root, f.read().strip())
+        # $HW3_P2_CKPT unset: the workflow's choice
+        checkpoint = os.path.join(root, file_io.read_text(best, "the workflow's choice of checkpoint").strip())
     if not os.path.isfile(checkpoint):
         raise io_utils.InputError(f"no checkpoint at {checkpoint!r}: set HW3_P2_CKPT, or run the workflow "
                                   f"(`make report`), which names its choice in {best}")
@@ -355,8 +351,7 @@ def image_stems(paths: list, per_image: str | None = None) -> dict:
     and no two share a record in attention.json (nor one the top1/last1 records of --per-image)."""
     stems = {}
     for path in paths:
-        if not os.path.isfile(path):
-            raise io_utils.InputError(f"image {path!r} does not exist")
+        file_io.check_input_file(path, "image")
         try:
             image_io.open_rgb(path)  # a broken image would otherwise fail after the model loads
         # Pillow's plugins raise more than OSError on corrupt data (see image_io.ReadableImages).
@@ -407,13 +402,32 @@ def main(argv=None) -> None:
     except io_utils.InputError as error:
         raise io_utils.InputError(f"--out-dir: {error}") from None
     if not os.path.isfile(args.decoder_weights):
-        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
+        problem = "is a folder; expected a file" if os.path.isdir(args.decoder_weights) else "do not exist"
+        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} {problem} (the course's "
                                   "decoder_model.bin)")
     if args.checkpoint is None:
         args.checkpoint = io_utils.existing_p2_checkpoint()
+    outputs = {"--out-dir attention.json": os.path.join(args.out_dir, "attention.json"),
+               **{f"--out-dir attention_{stem}.png": os.path.join(args.out_dir, f"attention_{stem}.png")
+                  for stem in stems}}
+    file_io.check_outputs_spare_inputs(outputs, {
+        "--per-image": args.per_image, "--checkpoint": args.checkpoint, "--decoder-weights": args.decoder_weights,
+        "--encoder-weights": args.encoder_weights, **{f"--images {path!r}": path for path in stems.values()}})
+    file_io.check_input_file(args.checkpoint, "checkpoint")
+    if args.encoder_weights:
+        file_io.check_input_file(args.encoder_weights, "encoder weights file")
     _read_json_dict(os.path.join(args.out_dir, "attention.json"))  # an earlier record that is no JSON object
 
-    model, tokenizer, device = load_model(args.checkpoint, args.decoder_weights, args.encoder_weights)
+    try:
+        model, tokenizer, device = load_model(args.checkpoint, args.decoder_weights, args.encoder_weights)
+    except io_utils.InputError:
+        raise
+    # torch.load and the layout checks fail in many ways (pickle, zip, ValueError, missing file) on a wrong file.
+    except Exception as error:  # noqa: BLE001
+        first = (str(error).splitlines() or [""])[0]
+        why = first if isinstance(error, ValueError) else f"{type(error).__name__}: {first}"
+        raise io_utils.InputError(f"cannot build the captioner from {args.checkpoint!r} and "
+                                  f"{args.decoder_weights!r}: {why}") from None
     draw_figures(model, tokenizer, device, args.out_dir, stems, args.per_image, args.images_root, args.beam_size)
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ course's `p2_evaluate.py`:
 
 Where the course's script crashes, this one does not: a caption longer than
 CLIP's 77-token context is cut at a word boundary (with a warning), an image may have any
-extension, and a missing image or a malformed file is reported by name.
+extension, and a missing image or a malformed file is reported by name (a
+caption holding a lone UTF-16 surrogate, `"\\ud800"`, which neither Java's nor
+CLIP's tokenizer can encode, is refused naming the file and the key).
 Where the course's script breaks or scores differently (line breaks inside
 captions, "_UNK" in references, file names other than `<key>.jpg`, images
 with transparency or 16-bit channels), this one does the robust thing and
@@ -37,10 +39,11 @@ from collections import Counter
 
 from PIL import Image
 
+import clip_weights
 from clipscore import check_clip_model, clip_scores, load_clip
-from file_io import atomic_write_text, check_output_path, load_references, read_json
+from file_io import atomic_write_text, check_output_path, check_outputs_spare_inputs, load_references, read_json
 from image_io import find_images, to_rgb
-from io_utils import InputError, pick_device, quiet_known_warnings, strip_extension, warn
+from io_utils import InputError, pick_device, quiet_known_warnings, reports_input_errors, strip_extension, warn
 
 # Characters Java's PTB tokenizer takes as line breaks besides "\n" (which
 # pycocoevalcap already replaces): left in a caption they shift every later
@@ -269,6 +272,28 @@ def _failure(error: Exception) -> str:
     return str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
 
 
+def _loaded_clip(model_name_or_file: str, device):
+    """load_clip, with any failure as one InputError: clip_weights names the faults it knows; anything
+    else (a zip error, urllib's URLError on a re-download) on a file that is not a CLIP model or on a
+    damaged cached one still ends in one line."""
+    try:
+        return load_clip(model_name_or_file, device)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        first = str(error).splitlines()[0] if str(error) else ""
+        why = f"{type(error).__name__}: {first}"
+        if os.path.isfile(model_name_or_file):
+            raise InputError(f"--clip-model {model_name_or_file!r} is not a CLIP checkpoint ({why}); expected an "
+                             "OpenAI CLIP model file (e.g. the cache's ViT-B-32.pt), a model "
+                             "name, or --no-clipscore") from None
+        raise InputError(f"CLIP {model_name_or_file!r} could not be loaded from the cache "
+                         f"{clip_weights.cached_path(model_name_or_file)!r}, which may be damaged ({why}): remove it and "
+                         f"run `python3 hw3_cache.py clip {model_name_or_file}` on a machine with the network, "
+                         "or pass --clip-model FILE, a local CLIP checkpoint, or --no-clipscore") from None
+
+
+@reports_input_errors
 def main(argv=None) -> None:
     quiet_known_warnings()
     args = parse_args(argv)
@@ -286,8 +311,17 @@ def main(argv=None) -> None:
         if not args.no_clipscore:
             check_clip_model(args.clip_model)
             image_paths = find_images(args.images_root, preds)
+        read = set(image_paths.values()) if image_paths else set()
+        check_outputs_spare_inputs(
+            {"--metrics-out": args.metrics_out, "--per-image": args.per_image},
+            {"--pred_file": args.pred_file, "--annotation_file": args.annotation_file,
+             "--images_root": args.images_root if image_paths else None,
+             "--clip-model": None if args.no_clipscore else
+             args.clip_model if os.path.isfile(args.clip_model) else clip_weights.cached_path(args.clip_model)},
+            reads_member=lambda path: path in read)
+        if not args.no_clipscore:
             device = pick_device(args.device)
-            clip_model = load_clip(args.clip_model, device)
+            clip_model = _loaded_clip(args.clip_model, device)
         warn_course_differences(preds, refs, args.annotation_file, image_paths, cider=not args.no_cider)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None

@@ -50,7 +50,7 @@ import image_io
 import file_io
 import io_utils
 from clip_context import fit_clip_context
-from tokenizer import BPETokenizer
+from tokenizer import BPETokenizer, find_vocab_dir
 
 if TYPE_CHECKING:  # torch and the model load after the arguments are parsed: `--help` answers at once
     import torch
@@ -184,14 +184,22 @@ def main(argv=None) -> None:
     profile_path = os.environ.get("HW3_P2_PROFILE") or None
     checkpoint = io_utils.existing_p2_checkpoint()
     if not os.path.isfile(args.decoder_weights):
-        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} do not exist (the course's "
+        problem = "is a folder; expected a file" if os.path.isdir(args.decoder_weights) else "do not exist"
+        raise io_utils.InputError(f"decoder weights {args.decoder_weights!r} {problem} (the course's "
                                   "decoder_model.bin)")
     file_io.check_output_path(args.out_json)
     if profile_path:
         file_io.check_output_path(profile_path)
     names = image_io.list_files(args.img_dir)
+    outputs = {"OUT_JSON": args.out_json, "HW3_P2_PROFILE": profile_path}
+    vocabulary = find_vocab_dir()
+    file_io.check_outputs_spare_inputs(outputs, {
+        "IMG_DIR": args.img_dir, "DECODER_WEIGHTS": args.decoder_weights, "HW3_P2_CKPT": checkpoint,
+        "HW3_P2_ENCODER_WEIGHTS": os.environ.get("HW3_P2_ENCODER_WEIGHTS"),
+        "GPT-2 vocabulary": os.path.join(vocabulary, "encoder.json"),
+        "GPT-2 merges": os.path.join(vocabulary, "vocab.bpe")}, reads_member=image_io.is_image)
     keys = image_keys(args.img_dir, names)
-    tokenizer = BPETokenizer()
+    tokenizer = BPETokenizer()  # a missing or damaged vocabulary is an InputError naming the file
 
     device = io_utils.pick_device()
     use_graph = use_graph and device.type == "cuda"
@@ -203,6 +211,8 @@ def main(argv=None) -> None:
     # torch.load and the layout checks fail in many ways (pickle, zip, ValueError, missing file) on a wrong file.
     except Exception as error:  # noqa: BLE001
         raise SystemExit(f"error: cannot build the captioner from {checkpoint!r} and {args.decoder_weights!r}: {error}")
+    # the encoder's file is known now (the checkpoint's record, else the cache): it is an input too
+    file_io.check_outputs_spare_inputs(outputs, {"the encoder weights": model.encoder.weights})
     try:
         generation = model.generation(**overrides)
     except ValueError as error:  # an override the decoder cannot take (max_len beyond its context)

@@ -43,11 +43,7 @@ def read_run(results: str, run: str) -> dict:
         raise InputError(f"{metrics_path}: 'cider' is {cider!r}, expected a finite number "
                          "(p2_evaluate.py --metrics-out writes it; was CIDEr skipped with --no-cider?)")
     ckpt_path = os.path.join(results, f"p2_ckpt_{run}.txt")
-    try:
-        with open(ckpt_path, encoding="utf-8") as f:
-            checkpoint = f.read().strip()
-    except FileNotFoundError:
-        raise InputError(f"run {run!r}'s checkpoint path {ckpt_path!r} does not exist") from None
+    checkpoint = file_io.read_text(ckpt_path, f"run {run!r}'s checkpoint path").strip()
     if not os.path.isfile(checkpoint):
         raise InputError(f"{ckpt_path} names {checkpoint!r}, which is not a file")
     return {"run": run, "cider": float(cider), "metrics": metrics, "checkpoint": checkpoint,

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+import file_io
 import image_io
 import io_utils
 import report_record
@@ -139,7 +140,11 @@ def check_report(repo: str) -> Result:
         return Result("FAIL", name, "no hw3_<studentID>.pdf at the repository root")
     problems = []
     for pdf in pdfs:
-        gaps = report_record.read_gaps(os.path.join(repo, pdf)) or []
+        try:
+            gaps = report_record.read_gaps(os.path.join(repo, pdf)) or []
+        except (OSError, RecursionError) as error:  # a folder, an unreadable file, an absurd record
+            problems.append(f"{pdf} cannot be read: {getattr(error, 'strerror', None) or error}")
+            continue
         shown = [f"  {what}: {how}" for what, how in gaps[:MAX_GAPS_SHOWN]]
         more = [f"  ... and {len(gaps) - MAX_GAPS_SHOWN} more (the report's last page lists them)"] \
             if len(gaps) > MAX_GAPS_SHOWN else []
@@ -290,10 +295,9 @@ def validate_csv(path: str, names: list, id2label: dict) -> list:
 def validate_json(path: str, names: list) -> list:
     """Problems with hw3_2.sh's JSON: an object keyed by file name less its last extension, clean captions."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as error:
-        return [f"not valid JSON: {error}"]
+        data = file_io.read_json(path, "the output")
+    except io_utils.InputError as error:
+        return [str(error)]
     if not isinstance(data, dict):
         return [f"a JSON {type(data).__name__}, expected an object {{name: caption}}"]
     keys = {io_utils.strip_extension(n) for n in names}
@@ -412,8 +416,10 @@ def run_checks(args) -> list:
                 make_p1_samples(p1_images, args.samples)
                 with open(id2label, "w", encoding="utf-8") as f:
                     json.dump(SAMPLE_CLASSES, f)
-            with open(id2label, encoding="utf-8") as f:
-                classes = json.load(f)
+            classes = file_io.read_json(id2label, "--id2label file")
+            if not isinstance(classes, dict):
+                raise io_utils.InputError(f"--id2label file {id2label!r} must hold a JSON object mapping class "
+                                          f"ids to names, found a JSON {type(classes).__name__}")
             results += check_run(repo, "P1", p1_images, lambda d, out: [d, id2label, out],
                                  lambda out, names: validate_csv(out, names, classes), work, timing, args.slowdown)
             if decoder is None:
@@ -453,6 +459,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@io_utils.reports_input_errors
 def main(argv=None) -> int:
     io_utils.quiet_known_warnings()
     results = run_checks(parse_args(argv))

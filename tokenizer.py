@@ -12,17 +12,18 @@ Two things differ from the course's copy, which is not quite GPT-2:
   decoded and any text with "í" or a soft hyphen could not be encoded;
 - the pre-tokenisation pattern is GPT-2's own.
 
-The vocabulary files (OpenAI's encoder.json and vocab.bpe) are never committed;
-`find_vocab_dir` says where they are looked for and `bash hw3_download.sh`
-fetches them.
+The vocabulary files (OpenAI's GPT-2 encoder.json and vocab.bpe) are committed
+at the repository root; `find_vocab_dir` says where else they are looked for
+(`bash hw3_download.sh` fetches them into the cache). Both are checked when
+read: a missing, cut-off or mismatched file is an InputError naming it.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import regex
 
+import file_io
 import io_utils
 from io_utils import REPO_ROOT
 
@@ -61,57 +62,91 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+# What the two files must be: OpenAI's GPT-2 (124M) vocabulary, committed at the repository root.
+ENCODER_FILE, MERGES_FILE = "encoder.json", "vocab.bpe"
+N_MERGES = EOT_ID - 256  # 256 byte tokens, one token per merge, then <|endoftext|>
+FIX = (f"restore the repository's copies (`git checkout -- {ENCODER_FILE} {MERGES_FILE}`), fetch them into the "
+       "cache with `bash hw3_download.sh`, or set HW3_BPE_DIR to a folder holding both")
+
+
 def find_vocab_dir() -> str:
     """The first folder holding both encoder.json and vocab.bpe.
 
     Looked for in $HW3_BPE_DIR, then next to this file, then in the download
     cache (`io_utils.cache_dir("gpt2")`, where hw3_download.sh puts them).
+    InputError listing the folders when none holds both.
     """
     candidates = [os.environ.get("HW3_BPE_DIR"), REPO_ROOT, io_utils.cache_dir("gpt2")]
     candidates = [c for c in candidates if c]
     for folder in candidates:
-        if all(os.path.isfile(os.path.join(folder, n)) for n in ("encoder.json", "vocab.bpe")):
+        if all(os.path.isfile(os.path.join(folder, n)) for n in (ENCODER_FILE, MERGES_FILE)):
             return folder
-    raise FileNotFoundError(
-        "GPT-2 vocabulary (encoder.json and vocab.bpe) not found in any of: "
-        + ", ".join(repr(c) for c in candidates)
-        + ". Run `bash hw3_download.sh` to fetch them, or set HW3_BPE_DIR to their folder."
-    )
+    raise io_utils.InputError(
+        f"OpenAI's GPT-2 vocabulary ({ENCODER_FILE} and {MERGES_FILE}) not found in any of: "
+        + ", ".join(repr(c) for c in candidates) + f"; {FIX}")
+
+
+def _not_gpt2(path: str, name: str, problem: str) -> io_utils.InputError:
+    return io_utils.InputError(f"{path!r} is not OpenAI's GPT-2 {name}: {problem}; {FIX}")
 
 
 def _read_merges(path: str) -> list[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """GPT-2's merges in rank order, from its vocab.bpe: '#version' and then N_MERGES lines 'a b'."""
+    text = file_io.read_text(path, f"GPT-2 {MERGES_FILE}")
     if not text.startswith("#version"):
-        raise ValueError(f"{path!r} is not a GPT-2 vocab.bpe: it must start with '#version'")
+        raise _not_gpt2(path, MERGES_FILE, "it must start with '#version'")
     merges = []
     # split("\n"), not splitlines(): the file is only ever "\n"-separated.
     for number, line in enumerate(text.split("\n")[1:], start=2):
         if not line:
             continue
         pair = line.split(" ")
-        if len(pair) != 2:
-            raise ValueError(f"{path!r} line {number}: expected two tokens, got {line!r}")
+        if len(pair) != 2 or not all(pair):
+            raise _not_gpt2(path, MERGES_FILE, f"line {number}: expected two tokens, got {line[:80]!r}")
         merges.append((pair[0], pair[1]))
+    if len(merges) != N_MERGES:
+        raise _not_gpt2(path, MERGES_FILE, f"it holds {len(merges)} merges, expected {N_MERGES} (cut short?)")
     return merges
 
 
 def _read_encoder(path: str) -> dict[str, int]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            encoder = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not a GPT-2 encoder.json: {e}") from None
+    """GPT-2's token -> id table, from its encoder.json: ids 0..EOT_ID, each once, EOT last."""
+    encoder = file_io.read_json(path, f"GPT-2 {ENCODER_FILE}")
     if not isinstance(encoder, dict) or encoder.get(EOT) != EOT_ID:
-        raise ValueError(f"{path!r} is not a GPT-2 encoder.json: expected a JSON object "
-                         f"of token -> id that maps {EOT!r} to {EOT_ID}")
+        raise _not_gpt2(path, ENCODER_FILE, f"expected a JSON object of token -> id that maps {EOT!r} to {EOT_ID}")
+    ids = sorted(i for i in encoder.values() if isinstance(i, int) and not isinstance(i, bool))
+    if ids != list(range(EOT_ID + 1)):
+        raise _not_gpt2(path, ENCODER_FILE, f"expected {EOT_ID + 1} tokens with the ids 0..{EOT_ID}, each once; "
+                                            f"it has {len(encoder)} entries, {len(ids)} of them integer ids")
     return encoder
+
+
+def _check_vocabulary(encoder: dict, merges: list, byte_encoder: dict, encoder_file: str, merges_file: str) -> None:
+    """InputError unless the two files belong together: every byte is a token, every token is
+    made of byte characters, and every merge joins two tokens into a token (so encoding can
+    never meet a piece it has no id for, nor decoding a character it has no byte for)."""
+    bytes_chars = set(byte_encoder.values())
+    missing = [c for c in sorted(bytes_chars) if c not in encoder]
+    if missing:
+        raise _not_gpt2(encoder_file, ENCODER_FILE, f"the byte token(s) {missing[:5]} have no id")
+    foreign = set("".join(encoder)) - bytes_chars  # <|endoftext|> is printable ASCII: byte characters too
+    if foreign:
+        token = next(t for t in encoder if not foreign.isdisjoint(t))
+        raise _not_gpt2(encoder_file, ENCODER_FILE, f"token {token[:40]!r} is not made of GPT-2's byte characters")
+    if all(a in encoder and b in encoder and a + b in encoder for a, b in merges):
+        return
+    for number, (a, b) in enumerate(merges, start=1):
+        unknown = [t for t in (a, b, a + b) if t not in encoder]
+        if unknown:
+            raise _not_gpt2(merges_file, MERGES_FILE, f"merge {number} ({a!r} {b!r}) makes or uses "
+                                                      f"{unknown[0]!r}, which {encoder_file!r} has no id for")
 
 
 class BPETokenizer:
     """GPT-2 tokenizer: `encode(text) -> list[int]`, `decode(ids) -> str`.
 
-    Paths left as None are taken from `find_vocab_dir()`.
+    Paths left as None are taken from `find_vocab_dir()`. A missing or damaged file raises
+    io_utils.InputError naming it and what it should be (OpenAI's GPT-2 vocabulary).
     """
 
     def __init__(self, encoder_file: str | None = None, vocab_file: str | None = None):
@@ -120,9 +155,11 @@ class BPETokenizer:
             encoder_file = encoder_file or os.path.join(folder, "encoder.json")
             vocab_file = vocab_file or os.path.join(folder, "vocab.bpe")
         self.encoder = _read_encoder(encoder_file)
-        # A lower rank merges first; keyed by pair so each lookup is one dict probe.
-        self.ranks = {pair: rank for rank, pair in enumerate(_read_merges(vocab_file))}
+        merges = _read_merges(vocab_file)
         self.byte_encoder = bytes_to_unicode()
+        _check_vocabulary(self.encoder, merges, self.byte_encoder, encoder_file, vocab_file)
+        # A lower rank merges first; keyed by pair so each lookup is one dict probe.
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.id_to_bytes = {i: bytes(byte_decoder[c] for c in token)
                             for token, i in self.encoder.items()}

@@ -47,6 +47,27 @@ def tiny_clip_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_clip_archive(tmp_path_factory, tiny_clip_file):
+    """tiny_clip_file's model as a TorchScript archive, the format of OpenAI's published files."""
+    import warnings
+
+    import torch
+    from clip.model import CLIP
+
+    from clip_weights import architecture
+
+    state = torch.load(tiny_clip_file)
+    model = CLIP(**architecture(state, tiny_clip_file))
+    model.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes about CLIP's Python control flow
+        traced = torch.jit.trace(model.eval(), (torch.zeros(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)))
+    path = tmp_path_factory.mktemp("clip_archive") / "tiny_clip_jit.pt"
+    traced.save(str(path))
+    return str(path)
+
+
 # timm ViT small enough for CPU training tests: 32x32 input, 8x8 patches (4x4 grid), width 64.
 TINY_VIT = "vit_tiny_patch16_224"
 TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)

@@ -1,14 +1,20 @@
-"""hw3_download.sh and hw3_cache.py without the network: wget, gdown and
-CLIP's downloader are replaced by stubs that copy local files, so the script
-itself runs; the files must land exactly where hw3_1.sh and hw3_2.sh look."""
+"""hw3_download.sh and hw3_cache.py without the network: wget and gdown are
+replaced by stubs that copy local files, and OpenAI's CLIP URLs by file:// URLs
+of a tiny archive in OpenAI's format (its SHA-256 in the URL, as OpenAI's), so
+the script itself runs; the files must land exactly where hw3_1.sh and hw3_2.sh
+look, and a failed download must leave nothing behind."""
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import TINY_VIT, TINY_VIT_KWARGS
 
+import clip_weights
 import encoder
 import hw3_cache
 import io_utils
@@ -18,36 +24,42 @@ import tokenizer
 from captioner import Captioner, make_config, mark_trainable, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/"
 DRIVE_URL = "https://drive.google.com/uc?id=1AbC-xyz&export=download"
 
-# wget / gdown stand-in: logs its call, writes the file the URL names from local copies.
+# wget / gdown stand-in: logs its call, writes the checkpoint; with STUB_FAIL, leaves an empty file and fails.
 DOWNLOADER = """#!{python}
 import json, os, shutil, sys
 args = sys.argv[1:]
 target, url = args[args.index("-O") + 1], args[-1]
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps([os.path.basename(sys.argv[0]), url, target]) + "\\n")
-name = url.rsplit("/", 1)[-1]
-source = os.path.join(os.environ["STUB_GPT2"], name) if name in ("encoder.json", "vocab.bpe") else os.environ["STUB_CKPT"]
-shutil.copyfile(source, target)
+if os.environ.get("STUB_FAIL"):
+    open(target, "w").close()
+    sys.exit(1)
+shutil.copyfile(os.environ["STUB_CKPT"], target)
 """
-# openai/CLIP stand-in: clip.load "downloads" by writing a file into download_root.
-FAKE_CLIP = """import json, os
-FILES = {"ViT-B/32": "ViT-B-32.pt", "ViT-L/14": "ViT-L-14.pt", "ViT-L/14@336px": "ViT-L-14-336px.pt"}
-def available_models():
-    return list(FILES)
-class _Model:
-    def eval(self):
-        return self
-def load(name, device="cpu", jit=False, download_root=None):
-    os.makedirs(download_root, exist_ok=True)
-    with open(os.path.join(download_root, FILES[name]), "w") as f:
-        f.write("stub")
-    with open(os.environ["STUB_LOG"], "a") as f:
-        f.write(json.dumps(["clip.load", name, download_root]) + "\\n")
-    return _Model(), None
+# OpenAI's CLIP URLs replaced (in every Python process of the script) by STUB_CLIP_MODELS' file:// URLs.
+SITECUSTOMIZE = """import json, os
+if os.environ.get("STUB_CLIP_MODELS"):
+    import clip.clip
+    clip.clip._MODELS.update(json.loads(os.environ["STUB_CLIP_MODELS"]))
 """
+
+
+def openai_like(folder, archive, names, damage=None):
+    """{name: file:// URL} serving `archive` as OpenAI serves CLIP: at .../<SHA-256>/<file name>.
+    damage="checksum": the file differs from its checksum; "missing": nothing at the URL."""
+    with open(archive, "rb") as f:
+        data = f.read()
+    urls = {}
+    for name in names:
+        sha = hashlib.sha256(data).hexdigest()
+        path = folder / sha / os.path.basename(clip_weights.openai_models()[name])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if damage != "missing":
+            path.write_bytes(data + (b"\0" if damage == "checksum" else b""))
+        urls[name] = path.as_uri()
+    return urls
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +82,13 @@ def cache(tmp_path, monkeypatch):
     return root
 
 
-def run_download(tmp_path, url, tiny_checkpoint, bpe_dir):
+def run_download(tmp_path, url, tiny_checkpoint, clip_archive, fail=False, clip_damage=None):
     """`bash hw3_download.sh` with P2_CKPT_URL set to `url`, every downloader stubbed."""
     stubs = tmp_path / "stubs"
-    (stubs / "clip").mkdir(parents=True)
-    (stubs / "clip" / "__init__.py").write_text(FAKE_CLIP)
+    stubs.mkdir()
+    (stubs / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    models = openai_like(tmp_path / "openai", clip_archive, p1_zeroshot.model_specs(p1_zeroshot.DEFAULT_MODELS),
+                         clip_damage)
     for name in ("wget", "gdown"):
         (stubs / name).write_text(DOWNLOADER.format(python=sys.executable))
         (stubs / name).chmod(0o755)
@@ -82,13 +96,16 @@ def run_download(tmp_path, url, tiny_checkpoint, bpe_dir):
         script = f.read()
     assert 'P2_CKPT_URL=""\n' in script
     (tmp_path / "hw3_download.sh").write_text(script.replace('P2_CKPT_URL=""', f'P2_CKPT_URL="{url}"'))
-    env = {k: v for k, v in os.environ.items() if k not in ("HW3_P2_CKPT", "HW3_BPE_DIR")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HW3_", "HF_HUB_OFFLINE"))}
     env.update(PATH=f"{stubs}{os.pathsep}{env['PATH']}", PYTHONPATH=str(stubs), HW3_CACHE=str(tmp_path / "cache"),
-               STUB_LOG=str(tmp_path / "log.jsonl"), STUB_GPT2=bpe_dir, STUB_CKPT=tiny_checkpoint)
+               STUB_LOG=str(tmp_path / "log.jsonl"), STUB_CKPT=tiny_checkpoint, STUB_CLIP_MODELS=json.dumps(models))
+    if fail:
+        env["STUB_FAIL"] = "1"
     result = subprocess.run(["bash", str(tmp_path / "hw3_download.sh")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
-    with open(tmp_path / "log.jsonl", encoding="utf-8") as f:
-        log = [json.loads(line) for line in f]
+    log = []
+    if (tmp_path / "log.jsonl").exists():
+        log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     return result, log
 
 
@@ -107,12 +124,13 @@ def test_scripts_follow_the_rules(tmp_path):
     (tmp_path / "hw3_download.sh").write_text(filled)
     assert script_rules.check_script(str(tmp_path / "hw3_download.sh")) == []
     with open(os.path.join(REPO, "hw3_2.sh"), encoding="utf-8") as f:
-        assert f.read().splitlines() == ["#!/bin/bash", 'python3 p2_inference.py "$1" "$2" "$3"']
+        assert f.read().splitlines()[-1] == 'HF_HUB_OFFLINE=1 python3 p2_inference.py -- "$1" "$2" "$3"'
 
 
-def test_download_fills_the_places_the_scripts_read(tmp_path, cache, tiny_checkpoint, bpe_dir):
+def test_download_fills_the_places_the_scripts_read(tmp_path, cache, tiny_checkpoint, tiny_clip_archive,
+                                                     tiny_clip_file):
     place(encoder.cached_weights_path(TINY_VIT))  # already fetched: the step must not download
-    result, log = run_download(tmp_path, DRIVE_URL, tiny_checkpoint, bpe_dir)
+    result, log = run_download(tmp_path, DRIVE_URL, tiny_checkpoint, tiny_clip_archive)
     assert result.returncode == 0, result.stderr
 
     checkpoint = io_utils.p2_checkpoint()
@@ -126,40 +144,77 @@ def test_download_fills_the_places_the_scripts_read(tmp_path, cache, tiny_checkp
     assert tokenizer.find_vocab_dir() == tokenizer.REPO_ROOT
     assert tokenizer.BPETokenizer().encode("a man riding a bike.") == [64, 582, 10311, 257, 7161, 13]
 
-    clip_root = io_utils.cache_dir("clip")
-    assert [e for e in log if e[0] == "clip.load"] == [
-        ["clip.load", name, clip_root] for name in p1_zeroshot.model_specs(p1_zeroshot.DEFAULT_MODELS)]
+    # CLIP: OpenAI's archives checked and converted to plain weights, the archives gone
+    names = p1_zeroshot.model_specs(p1_zeroshot.DEFAULT_MODELS)
+    assert sorted(os.listdir(cache / "clip")) == sorted(os.path.basename(clip_weights.cached_path(n)) for n in names)
+    expected = torch.load(tiny_clip_file)
+    for name in names:
+        state = torch.load(clip_weights.cached_path(name), weights_only=True)
+        assert sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+        assert "checked (SHA-256) and converted" in result.stderr
     assert f"encoder {TINY_VIT} is in" in result.stderr  # the checkpoint's encoder, not the default
     assert not [n for _, _, names in os.walk(cache) for n in names if n.endswith(".part")]
 
 
-def test_unset_checkpoint_url_is_loud_and_fails_after_the_rest(tmp_path, cache, tiny_checkpoint, bpe_dir):
+def test_unset_checkpoint_url_is_loud_and_fails_after_the_rest(tmp_path, cache, tiny_checkpoint,
+                                                               tiny_clip_archive):
     place(encoder.cached_weights_path(encoder.DEFAULT_ENCODER))
-    result, log = run_download(tmp_path, "", tiny_checkpoint, bpe_dir)
+    result, log = run_download(tmp_path, "", tiny_checkpoint, tiny_clip_archive)
     assert result.returncode != 0
     assert "P2_CKPT_URL" in result.stderr and "NOT downloaded" in result.stderr
-    assert not os.path.exists(io_utils.p2_checkpoint())
-    assert [e[0] for e in log] == ["clip.load", "clip.load"]  # the rest still came
+    assert not os.path.exists(io_utils.p2_checkpoint()) and log == []
+    for name in p1_zeroshot.model_specs(p1_zeroshot.DEFAULT_MODELS):  # the rest still came
+        assert os.path.isfile(clip_weights.cached_path(name))
     assert f"encoder {encoder.DEFAULT_ENCODER} is in" in result.stderr
+
+
+@pytest.mark.parametrize("clip_damage", ["missing", "checksum"])
+def test_failed_downloads_leave_no_part_file_or_empty_folder(tmp_path, cache, tiny_checkpoint, tiny_clip_archive,
+                                                             clip_damage):
+    """wget fails (leaving an empty file, as `wget -O` does), CLIP's URL serves nothing or a file that is not
+    OpenAI's: the script fails, naming each, and the cache holds nothing half-fetched."""
+    place(encoder.cached_weights_path(encoder.DEFAULT_ENCODER))
+    result, log = run_download(tmp_path, "https://example.com/ckpt.pt", tiny_checkpoint, tiny_clip_archive,
+                               fail=True, clip_damage=clip_damage)
+    assert result.returncode != 0 and [e[0] for e in log] == ["wget"]
+    assert "some downloads failed" in result.stderr
+    if clip_damage == "checksum":
+        assert "has SHA-256" in result.stderr and "nothing installed" in result.stderr
+    else:
+        assert "could not download CLIP ViT-L/14" in result.stderr
+    left = [os.path.join(folder, n) for folder, _, names in os.walk(cache) for n in names]
+    assert left == [encoder.cached_weights_path(encoder.DEFAULT_ENCODER)]  # what was there before, only
+    assert empty_folders(cache) == []
 
 
 # ---------------------------------------------------------------- hw3_cache steps
 
-def test_a_bad_download_is_not_installed(cache, bpe_dir):
+def empty_folders(root):
+    return [folder for folder, dirs, files in os.walk(root) if not dirs and not files]
+
+
+def test_a_bad_download_is_not_installed_and_leaves_nothing(cache):
     part = hw3_cache.part("checkpoint")
     place(part, b"<!DOCTYPE html><html>Google Drive - Virus scan warning</html>")
     with pytest.raises(io_utils.InputError, match="not usable"):
         hw3_cache.install_checkpoint()
     assert not os.path.exists(part) and not os.path.exists(hw3_cache.target("checkpoint"))
+    assert not cache.exists()  # no empty cache folder either
 
-    with open(os.path.join(bpe_dir, "vocab.bpe"), "rb") as f:
-        place(hw3_cache.part("vocab.bpe"), f.read())
-    place(hw3_cache.part("encoder.json"), b"")  # wget -O leaves an empty file on a failure
-    with pytest.raises(io_utils.InputError, match="encoder.json, vocab.bpe is not usable"):
-        hw3_cache.install_gpt2()
-    assert not os.path.exists(hw3_cache.target("encoder.json"))  # nothing installed in the cache
+    hw3_cache.main(["part", "checkpoint"])
+    place(part, b"")  # wget -O leaves an empty file when the download fails
+    hw3_cache.main(["discard", "checkpoint"])
+    assert not cache.exists()
     with pytest.raises(io_utils.InputError, match="download failed"):
-        hw3_cache.install_gpt2()  # nothing downloaded at all
+        hw3_cache.install_checkpoint()  # nothing downloaded at all
+    assert not cache.exists()
+
+
+def test_discard_keeps_what_else_the_cache_holds(cache):
+    place(str(cache / "clip" / "ViT-B-32.state_dict.pt"))
+    place(hw3_cache.part("checkpoint"), b"half a file")
+    hw3_cache.discard("checkpoint")
+    assert sorted(os.listdir(cache)) == ["clip"] and empty_folders(cache) == []
 
 
 def test_encoder_step_fetches_what_the_checkpoint_names(cache, monkeypatch, tiny_checkpoint):
@@ -179,13 +234,31 @@ def test_encoder_step_fetches_what_the_checkpoint_names(cache, monkeypatch, tiny
 
 def test_clip_step_fetches_problem_1_models(cache, monkeypatch):
     calls = []
-    monkeypatch.setattr(p1_zeroshot, "load_clip", lambda spec, device: calls.append((spec, device.type)))
+    monkeypatch.setattr(clip_weights, "fetch", lambda name: calls.append(name) or "path")
     assert hw3_cache.fetch_clip() == ["ViT-L/14", "ViT-L/14@336px"]
-    assert calls == [("ViT-L/14", "cpu"), ("ViT-L/14@336px", "cpu")]
+    assert calls == ["ViT-L/14", "ViT-L/14@336px"]
+
+
+def test_clip_archive_left_by_clip_load_is_converted_without_a_download(cache, monkeypatch, tiny_clip_archive,
+                                                                         tmp_path):
+    """A cache filled by the former clip.load holds OpenAI's archive: when its checksum matches it is converted
+    (offline), and deleted; a damaged one is downloaded again."""
+    urls = openai_like(tmp_path / "openai", tiny_clip_archive, ["ViT-B/32"])
+    monkeypatch.setitem(__import__("clip").clip._MODELS, "ViT-B/32", urls["ViT-B/32"])
+
+    def offline(url, path):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(clip_weights, "_download", offline)
+    (cache / "clip").mkdir(parents=True)
+    shutil.copyfile(tiny_clip_archive, cache / "clip" / "ViT-B-32.pt")
+    assert clip_weights.fetch("ViT-B/32") == clip_weights.cached_path("ViT-B/32")
+    assert os.listdir(cache / "clip") == ["ViT-B-32.state_dict.pt"]
 
 
 def test_unknown_names_are_refused(cache):
     with pytest.raises(SystemExit, match="unknown download"):
         hw3_cache.main(["part", "weights.bin"])
-    with pytest.raises(SystemExit, match="install what"):
+    with pytest.raises(SystemExit, match="unknown download 'clip'"):
         hw3_cache.main(["install", "clip"])
+    with pytest.raises(SystemExit, match="unknown download 'encoder.json'"):
+        hw3_cache.main(["discard", "encoder.json"])

@@ -470,19 +470,60 @@ def test_clip_that_cannot_be_downloaded_fails_before_any_scoring(dataset, no_sco
     (it used to end in a 68-line urllib traceback after CIDEr was computed and never printed)."""
     import urllib.error
 
-    import clip
+    import clip_weights
 
-    def offline(url, root):
+    def offline(url, path):
+        open(path, "wb").close()  # as a download that failed at once
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(clip.clip, "_download", offline)
+    monkeypatch.setattr(clip_weights, "_download", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HW3_CACHE", str(tmp_path / "empty_cache"))
     message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
                                        "--annotation_file", dataset["ann"], "--device", "cpu"])
-    assert message.startswith("error: CLIP 'ViT-B/32' is not in ") and "\n" not in message
-    assert "could not be downloaded" in message and "Name or service not known" in message
+    assert message.startswith("error: could not download CLIP ViT-B/32 from ") and "\n" not in message
+    assert "Name or service not known" in message
     assert "hw3_cache.py clip ViT-B/32" in message and "hw3_download.sh" in message and "--clip-model" in message
     assert capsys.readouterr().out == ""
+    assert not (tmp_path / "empty_cache").exists()  # no .part file, no empty folder left
+
+
+@pytest.mark.parametrize("case", ["code", "text", "archive with code"])
+def test_a_clip_model_file_that_is_not_clip_weights_is_one_line_and_runs_nothing(
+        case, dataset, no_scoring, tmp_path, tiny_clip_archive):
+    """--clip-model FILE is read as data: a pickle that would run code, a text file and a TorchScript archive
+    naming a function are each refused in one line before scoring, and nothing they name runs."""
+    import os as os_module
+    import zipfile
+
+    import torch
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.pt"
+    if case == "code":
+        class RunsCode:
+            def __reduce__(self):
+                return os_module.system, (f"touch '{marker}'",)
+        torch.save({"visual.proj": torch.zeros(1), "x": RunsCode()}, path)
+        expected = "it holds objects other than tensors and plain containers: "
+    elif case == "text":
+        path.write_text("ViT-B/32\n", encoding="utf-8")
+        expected = "it is text starting with 'ViT-B/32'"
+    else:  # OpenAI's format, its data.pkl rewritten to call os.system
+        with zipfile.ZipFile(tiny_clip_archive) as source, zipfile.ZipFile(path, "w") as target:
+            for item in source.infolist():
+                data = source.read(item)
+                if item.filename.endswith("/data.pkl"):
+                    data = b"\x80\x02cos\nsystem\nq\x00X" + len(f"touch '{marker}'").to_bytes(4, "little") + \
+                        f"touch '{marker}'".encode() + b"q\x01\x85q\x02Rq\x03."
+                target.writestr(item, data)
+        expected = "it is a TorchScript archive holding os.system"
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                       "--annotation_file", dataset["ann"], "--device", "cpu",
+                                       "--clip-model", str(path)])
+    assert message.startswith(f"error: '{path}' is not a CLIP checkpoint: ") and "\n" not in message, message
+    assert expected in message, message
+    assert not marker.exists()
 
 
 def test_a_failing_metric_still_prints_and_saves_the_other(dataset, tiny_clip_file, monkeypatch, capsys):
@@ -523,3 +564,70 @@ def test_an_image_that_fails_to_decode_still_prints_and_saves_cider(dataset, tin
     assert capsys.readouterr().out.strip() == f"CIDEr: {cider:.6f} | CLIPScore: failed"
     metrics = json.loads(metrics_file.read_text())
     assert metrics["clipscore"] is None and metrics["cider"] == pytest.approx(cider, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Outputs: an input is never overwritten, a full disk is one line
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+@pytest.mark.parametrize("option, victim", [("--metrics-out", "--pred_file"), ("--per-image", "--annotation_file"),
+                                            ("--metrics-out", "an image"), ("--per-image", "--clip-model"),
+                                            ("--per-image", "--metrics-out")])
+def test_an_output_that_is_an_input_is_refused_before_scoring(dataset, no_scoring, tiny_clip_file, monkeypatch,
+                                                                option, victim, how):
+    import shutil
+
+    monkeypatch.setattr(no_scoring, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    clip_file = dataset["tmp"] / "clip.pt"
+    shutil.copy(tiny_clip_file, clip_file)
+    metrics = dataset["tmp"] / "metrics.json"
+    metrics.write_text("{}")
+    files = {"--pred_file": dataset["pred"], "--annotation_file": dataset["ann"], "--clip-model": clip_file,
+             "an image": dataset["root"] / "000000000009.JPEG", "--metrics-out": metrics}
+    before = {path: path.read_bytes() for path in files.values()}
+    out = files[victim]
+    if how != "same":
+        out = dataset["tmp"] / "link.json"
+        out.symlink_to(files[victim]) if how == "symlink" else os.link(files[victim], out)
+    args = ["--pred_file", dataset["pred"], "--images_root", dataset["root"], "--annotation_file", dataset["ann"],
+            "--clip-model", clip_file, option, out]
+    if option == "--per-image":
+        args += ["--metrics-out", metrics]
+    message = _main_error(no_scoring, args)
+    assert message.startswith(f"error: {option} {str(out)!r} is ")
+    assert "choose another output path" in message or "give each output its own path" in message
+    assert {path: path.read_bytes() for path in files.values()} == before
+
+
+def test_an_output_that_is_an_unread_file_beside_the_images_is_allowed(dataset, no_scoring, monkeypatch):
+    monkeypatch.setattr(no_scoring, "cider_pycoco", lambda preds, refs: (1.5, {k: 1.5 for k in refs}))
+    out = dataset["root"] / "metrics.json"
+    out.write_text("old")
+    no_scoring.main([str(a) for a in ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                      "--annotation_file", dataset["ann"], "--no-clipscore", "--metrics-out", out]])
+    assert json.loads(out.read_text())["cider"] == 1.5
+
+
+def test_a_full_disk_while_saving_the_metrics_is_one_line_and_keeps_the_old_file(dataset, no_scoring, monkeypatch):
+    import errno
+
+    import file_io
+
+    monkeypatch.setattr(no_scoring, "cider_pycoco", lambda preds, refs: (1.5, {k: 1.5 for k in refs}))
+    out = dataset["tmp"] / "metrics.json"
+    out.write_text("old")
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(file_io, "open", full, raising=False)
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--annotation_file", dataset["ann"],
+                                       "--no-clipscore", "--metrics-out", out])
+    assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")
+    assert out.read_text() == "old"

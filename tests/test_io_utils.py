@@ -286,3 +286,83 @@ def test_two_outputs_on_one_file_are_refused(tmp_path):
     os.symlink(a, tmp_path / "b.json")
     with pytest.raises(InputError, match="same file as output --metrics-out"):
         file_io.check_outputs_spare_inputs({"--metrics-out": str(a), "--per-image": str(tmp_path / "b.json")}, {})
+
+
+# ---------------------------------------------------------------- images bounded by what the models see
+
+def _old_open_rgb(path):
+    """open_rgb as it was before images were bounded: the reference for ordinary images."""
+    with Image.open(path) as image:
+        image.load()
+        return image_io.to_rgb(image)
+
+
+def _noise(size, mode="RGB", seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.mark.parametrize("size, mode, fmt", [
+    ((640, 480), "RGB", "JPEG"), ((500, 375), "RGBA", "PNG"), ((32, 32), "L", "PNG"), ((2048, 1536), "RGB", "JPEG"),
+    ((1000, 125), "RGB", "PNG"), ((125, 1000), "P", "PNG"), ((2048, 4096), "RGB", "JPEG"), ((300, 200), "CMYK", "JPEG"),
+])
+def test_ordinary_images_read_exactly_as_before(tmp_path, size, mode, fmt):
+    path = tmp_path / f"a.{fmt.lower()}"
+    _noise(size, mode).save(path, format=fmt)
+    new, old = image_io.open_rgb(str(path)), _old_open_rgb(str(path))
+    assert new.size == old.size == size and new.mode == "RGB"
+    assert new.tobytes() == old.tobytes()
+
+
+def test_a_16bit_image_reads_exactly_as_before(tmp_path):
+    gray16([[0, 1000], [40000, 65535]], "I;16").resize((300, 200)).save(tmp_path / "g.png")
+    assert image_io.open_rgb(str(tmp_path / "g.png")).tobytes() == _old_open_rgb(str(tmp_path / "g.png")).tobytes()
+
+
+@pytest.mark.parametrize("size", [(1, 20000), (1, 80000), (20000, 1), (3, 100000), (50, 5000)])
+def test_a_strip_is_cropped_to_its_centre_before_any_model_resizes_it(tmp_path, size):
+    from torchvision import transforms
+
+    width, height = size
+    long = max(size)
+    ramp = (np.arange(long) % 251).astype(np.uint8)  # each position along the strip has its own value
+    pixels = np.repeat(ramp[:, None], min(size), axis=1) if height > width else np.repeat(ramp[None, :], height, 0)
+    Image.fromarray(pixels.reshape(height, width), "L").save(tmp_path / "strip.png")
+    image = image_io.open_rgb(str(tmp_path / "strip.png"))
+    short = min(size)
+    assert min(image.size) == short and max(image.size) == image_io.MAX_ASPECT * short
+    start = (long - image_io.MAX_ASPECT * short) // 2
+    kept = np.asarray(image)[..., 0].reshape(-1, short if height > width else image.size[0])
+    expected = ramp[start:start + image_io.MAX_ASPECT * short]
+    assert (kept[:, 0] if height > width else kept[0]).tolist() == expected.tolist()
+    # what the encoder's transform makes of it first: bounded by its input size, not by the strip
+    resized = transforms.Resize(248)(image)
+    assert max(resized.size) <= 248 * image_io.MAX_ASPECT
+
+
+def test_a_huge_image_is_shrunk_to_a_short_side_of_at_least_safe_side(tmp_path):
+    for fmt in ("JPEG", "PNG"):
+        path = tmp_path / f"huge.{fmt.lower()}"
+        _noise((5000, 3100)).save(path, format=fmt)
+        image = image_io.open_rgb(str(path))
+        assert image_io.SAFE_SIDE <= min(image.size) <= 2 * image_io.SAFE_SIDE
+        assert abs(image.size[0] / image.size[1] - 5000 / 3100) < 0.01
+
+
+def test_an_image_above_pillows_limit_is_read_downscaled_if_jpeg_else_named_too_large(tmp_path, monkeypatch):
+    _noise((400, 300)).save(tmp_path / "bomb.jpg")
+    _noise((400, 300)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10000)  # refused above 20000 pixels
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "bomb.jpg")
+    image = image_io.open_rgb(str(tmp_path / "bomb.jpg"))
+    assert image.size == (100, 75) and image.mode == "RGB"
+    assert image_io.is_image(str(tmp_path / "bomb.jpg"))
+    with pytest.raises(image_io.ImageTooLarge) as error:
+        image_io.open_rgb(str(tmp_path / "bomb.png"))
+    message = image_io.image_error(str(tmp_path / "bomb.png"), error.value)
+    assert message.startswith("skipping 'bomb.png': too large: 120000 pixels (400 x 300), Pillow's limit is 20000")
+    assert "broken" not in message
+    assert Image.MAX_IMAGE_PIXELS == 10000  # the guard is back for everyone else
+    _, warning = image_io.ReadableImages([str(tmp_path / "bomb.png")], [lambda im: im])[0]
+    assert "too large" in warning

@@ -4,6 +4,7 @@ validation, and the report helper."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,10 +170,12 @@ def test_hw3_1_labels_equal_direct_computation(e2e, tiny_clip_file):
     assert_same_argmax([int(r[1]) for r in rows], probs, class_ids)
 
 
-def test_hw3_1_script_is_one_python3_line():
+def test_hw3_1_script_runs_one_python3_line():
+    """After the argument count, one line: offline, the three paths after `--` (tests/test_grader_scripts.py)."""
     with open(os.path.join(REPO, "hw3_1.sh")) as f:
         lines = f.read().splitlines()
-    assert lines == ["#!/bin/bash", 'python3 p1_zeroshot.py "$1" "$2" "$3"']
+    assert lines[-1] == 'HF_HUB_OFFLINE=1 python3 p1_zeroshot.py -- "$1" "$2" "$3"'
+    assert [line for line in lines if "python3 " in line and not line.startswith("#")] == lines[-1:]
 
 
 def test_unknown_model_exits_nonzero_and_keeps_old_output(tmp_path):
@@ -299,26 +302,96 @@ def test_read_id2label_sorts_ids(tmp_path):
     assert list(zs.read_id2label(path)) == [2, 10]
 
 
-def test_download_notice_only_when_not_cached(tiny_clip_file, tmp_path, monkeypatch, capsys):
-    import clip
+def test_download_notice_only_when_not_cached_and_never_offline(tiny_clip_file, tmp_path, monkeypatch, capsys):
+    import clip_weights
 
     monkeypatch.setenv("HW3_CACHE", str(tmp_path))
-    loaded = zs.load_clip(tiny_clip_file, torch.device("cpu"))
-    seen = []
-
-    def fake_load(name, device, jit, download_root):
-        seen.append((name, str(device), jit, download_root))
-        return loaded
-
-    monkeypatch.setattr(clip, "load", fake_load)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    fetched = []
+    monkeypatch.setattr(clip_weights, "fetch", lambda name, purpose="": fetched.append(name) or tiny_clip_file)
     zs.load_clip("ViT-L/14@336px", torch.device("cpu"))
     err = capsys.readouterr().err
     assert "downloading" in err and "bash hw3_download.sh" in err
-    assert seen == [("ViT-L/14@336px", "cpu", False, os.path.join(str(tmp_path), "clip"))]
+    assert fetched == ["ViT-L/14@336px"]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as hw3_1.sh runs: an error naming the fix, no download
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip("ViT-L/14", torch.device("cpu"))
+    assert f"CLIP ViT-L/14 is not in {tmp_path / 'clip'}" in str(error.value)
+    assert "bash hw3_download.sh" in str(error.value) and fetched == ["ViT-L/14@336px"]
+
     (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "ViT-L-14-336px.pt").write_bytes(b"")
-    zs.load_clip("ViT-L/14@336px", torch.device("cpu"))
-    assert "downloading" not in capsys.readouterr().err
+    shutil.copyfile(tiny_clip_file, clip_weights.cached_path("ViT-L/14@336px"))
+    model, _ = zs.load_clip("ViT-L/14@336px", torch.device("cpu"))  # from the cache, offline, no notice
+    assert "downloading" not in capsys.readouterr().err and fetched == ["ViT-L/14@336px"]
+    assert model.visual.input_resolution == 32
+
+
+def test_an_openai_archive_loads_as_data(tiny_clip_file, tiny_clip_archive, monkeypatch):
+    """OpenAI's TorchScript format is read without torch.jit.load (which runs the archive's code) and gives
+    the model its state dict gives."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran")
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    from_archive, _ = zs.load_clip(tiny_clip_archive, torch.device("cpu"))
+    from_state, _ = zs.load_clip(tiny_clip_file, torch.device("cpu"))
+    expected = from_state.state_dict()
+    assert sorted(from_archive.state_dict()) == sorted(expected)
+    for name, tensor in from_archive.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("how", ["os.system", "eval"])
+def test_a_clip_file_that_would_run_code_is_refused_and_runs_nothing(how, tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            if how == "eval":
+                return eval, (f"open({str(tmp_path / 'marker')!r}, 'w')",)
+            return os.system, (f"touch '{tmp_path / 'marker'}'",)
+    torch.save({"visual.proj": torch.zeros(2), "code": RunsCode()}, tmp_path / "model.pt")
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip(str(tmp_path / "model.pt"), torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(f"{str(tmp_path / 'model.pt')!r} is not a CLIP checkpoint: it holds objects other "
+                              "than tensors and plain containers: ") and "\n" not in message
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("content, what", [
+    ("ViT-L/14\n", "it is text starting with 'ViT-L/14'"),
+    ("clip weights are elsewhere", "it is text starting with 'clip weights are elsewhere'"),
+    ("", "it is empty"),
+])
+def test_a_small_text_file_as_clip_says_what_it_is(content, what, tmp_path):
+    (tmp_path / "clip.txt").write_text(content, encoding="utf-8")
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip(str(tmp_path / "clip.txt"), torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(f"{str(tmp_path / 'clip.txt')!r} is not a CLIP checkpoint: {what}; expected ")
+    assert "\n" not in message and "544502645" not in message
+
+
+def test_clip_weights_that_do_not_fit_together_are_one_line(tiny_clip_file, tmp_path):
+    """A tensor of another size than the file's other tensors give: which file, which tensor, both shapes."""
+    state = torch.load(tiny_clip_file)
+    state["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(128, 64)  # CLIP's width 64 has 256 there
+    torch.save(state, tmp_path / "mixed.pt")
+    with pytest.raises(io_utils.InputError) as error:
+        zs.load_clip(str(tmp_path / "mixed.pt"), torch.device("cpu"))
+    message = str(error.value)
+    assert "\n" not in message and message.count("shape") == 1
+    assert str(tmp_path / "mixed.pt") in message and "(128, 64)" in message and "(256, 64)" in message
+    assert "not one CLIP's weights" in message
+    del state["transformer.resblocks.1.mlp.c_fc.weight"]
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(io_utils.InputError, match=r"complete CLIP checkpoint: 1 weight\(s\) missing, e\.g\. "
+                                                  r"\['transformer.resblocks.1.mlp.c_fc.weight'\]"):
+        zs.load_clip(str(tmp_path / "other.pt"), torch.device("cpu"))
+    state = torch.load(tiny_clip_file)
+    state["decoder.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "more.pt")
+    with pytest.raises(io_utils.InputError, match=r"holds 1 tensor\(s\) that a CLIP .* \['decoder.extra.weight'\]"):
+        zs.load_clip(str(tmp_path / "more.pt"), torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -551,3 +624,142 @@ def test_report_out_dir_that_cannot_be_written_fails_before_loading(command, tin
     with pytest.raises(SystemExit, match="--out-dir.*is not a folder"):
         p1_report.main([command, "--id2label", id2label, "--out-dir", str(tmp_path / "a_file" / "out"),
                         "--clip", tiny_clip_file, *extra])
+
+
+# ---------------------------------------------------------------- CSV rows for any legal name
+
+HOSTILE_NAMES = ["carriage\rreturn.png", "line\nfeed.png", "both\r\nends.png", "\rstarts.png", "ends\r",
+                 "comma,name.png", 'say "hi".png', "  leading spaces.png", "trailing spaces.png  ",
+                 "'single'.png", "tab\tname.png", '",\r\n".png', "plain.png"]
+
+
+def test_predictions_csv_reads_back_in_pandas_as_exactly_the_names_given(tmp_path):
+    import pandas
+
+    labels = list(range(len(HOSTILE_NAMES)))
+    out = tmp_path / "pred.csv"
+    zs.file_io.atomic_write_text(str(out), zs.predictions_csv(HOSTILE_NAMES, labels))
+    table = pandas.read_csv(out)
+    assert list(table.columns) == ["filename", "label"]
+    assert sorted(zip(table["filename"], table["label"])) == sorted(zip(HOSTILE_NAMES, labels))
+    assert read_csv(out)[1:] == sorted([name, str(label)] for name, label in zip(HOSTILE_NAMES, labels))
+
+
+def test_hw3_1_rows_of_images_with_line_breaks_in_their_names_read_back_in_pandas(tiny_clip_file, tmp_path,
+                                                                                  monkeypatch):
+    import pandas
+
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    names = [n for n in HOSTILE_NAMES if "/" not in n]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for seed, name in enumerate(names):
+        noise_image(seed).save(folder / name, format="PNG")
+    out = tmp_path / "pred.csv"
+    zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(out)])
+    table = pandas.read_csv(out)
+    assert sorted(table["filename"]) == sorted(names)
+    assert set(table["label"]) <= {int(k) for k in ID2LABEL}
+
+
+# ---------------------------------------------------------------- outputs: inputs spared, long names, a full disk
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+@pytest.mark.parametrize("victim", ["ID2LABEL", "an image in IMG_DIR", "HW3_P1_CLIP"])
+def test_an_output_that_is_an_input_is_refused_before_any_work(tiny_clip_file, tmp_path, monkeypatch, victim, how):
+    import shutil
+
+    monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    folder = save_images(tmp_path / "images", ["a.png", "b.png"])
+    inputs = {"ID2LABEL": tmp_path / "id2label.json", "an image in IMG_DIR": folder / "b.png",
+              "HW3_P1_CLIP": tmp_path / "clip.pt"}
+    write_json(inputs["ID2LABEL"], ID2LABEL)
+    shutil.copy(tiny_clip_file, inputs["HW3_P1_CLIP"])
+    monkeypatch.setenv("HW3_P1_CLIP", str(inputs["HW3_P1_CLIP"]))
+    before = {path: path.read_bytes() for path in inputs.values()}
+    out = inputs[victim]
+    if how != "same":
+        out = tmp_path / "link.csv"
+        out.symlink_to(inputs[victim]) if how == "symlink" else os.link(inputs[victim], out)
+    with pytest.raises(SystemExit) as error:
+        zs.main([str(folder), str(inputs["ID2LABEL"]), str(out)])
+    assert str(error.value.code).startswith(f"error: OUT_CSV {str(out)!r} is the input ")
+    assert {path: path.read_bytes() for path in inputs.values()} == before
+
+
+def test_an_output_that_is_a_cached_clip_model_is_refused(tmp_path, monkeypatch):
+    from clip_weights import cached_path
+
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HW3_P1_CLIP", "ViT-B/32")
+    monkeypatch.setattr(zs, "load_clip", lambda *args: pytest.fail("loaded CLIP before the check"))
+    cached = cached_path("ViT-B/32")
+    os.makedirs(os.path.dirname(cached))
+    with open(cached, "wb") as f:
+        f.write(b"weights")
+    folder = save_images(tmp_path / "images", ["a.png"])
+    with pytest.raises(SystemExit, match="is the input CLIP model ViT-B/32"):
+        zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), cached])
+    assert open(cached, "rb").read() == b"weights"
+
+
+@pytest.mark.parametrize("name", ["p" * 246 + ".csv", "é" * 123 + ".csv"], ids=["ascii", "utf8"])
+def test_hw3_1_writes_an_output_with_a_250_byte_name(tiny_clip_file, tmp_path, monkeypatch, name):
+    assert len(os.fsencode(name)) == 250
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    folder = save_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "out").mkdir()
+    zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(tmp_path / "out" / name)])
+    assert os.listdir(tmp_path / "out") == [name]
+    assert read_csv(tmp_path / "out" / name)[1][0] == "a.png"
+
+
+def test_hw3_1_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(tiny_clip_file, tmp_path, monkeypatch):
+    import errno
+
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    folder = save_images(tmp_path / "images", ["a.png"])
+    out = tmp_path / "pred.csv"
+    out.write_text("old\n")
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(zs.file_io, "open", full, raising=False)
+    with pytest.raises(SystemExit) as error:
+        zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(out)])
+    message = str(error.value.code)
+    assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")
+    assert "\n" not in message
+    assert out.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["id2label.json", "images", "pred.csv"]
+
+
+@pytest.mark.parametrize("victim", ["id2label", "image", "clip"])
+def test_report_refuses_an_output_that_is_an_input_before_loading(victim, tiny_clip_file, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(p1_report, "Classifier", lambda *args: pytest.fail("CLIP loaded before the check"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    image = save_images(tmp_path / "val", ["0_1.png"]) / "0_1.png"
+    id2label = tmp_path / "id2label.json"
+    write_json(id2label, ID2LABEL)
+    clip_file = tmp_path / "clip.pt"
+    shutil.copy(tiny_clip_file, clip_file)
+    victims = {"id2label": (id2label, "p1_top5.json"), "image": (image, "p1_top5_0_1.png"),
+               "clip": (clip_file, "p1_top5.json")}
+    path, name = victims[victim]
+    before = path.read_bytes()
+    (out_dir / name).symlink_to(path)
+    with pytest.raises(SystemExit) as error:
+        p1_report.main(["top5", "--id2label", str(id2label), "--out-dir", str(out_dir), "--clip", str(clip_file),
+                        str(image)])
+    assert str(error.value.code).startswith(f"error: --out-dir {name} ") and "is the input" in str(error.value.code)
+    assert path.read_bytes() == before

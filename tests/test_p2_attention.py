@@ -309,3 +309,23 @@ def test_the_notebook_runs_headless_and_writes_attention_json_where_the_report_l
     env = {"HW3_DATA": str(data), "HW3_OUT": str(out), "HW3_CACHE": str(tmp_path / "empty_cache"),
            "HW3_P2_CKPT": None, "HW3_P2_ENCODER_WEIGHTS": None}
     check_notebook_outputs(run_notebook(monkeypatch, env), out, keys)
+
+
+@pytest.mark.parametrize("victim", ["image", "decoder", "checkpoint"])
+def test_cli_refuses_an_output_that_is_an_input_before_loading(report_images, tmp_path, monkeypatch, victim):
+    monkeypatch.setattr(p2_attention, "load_model", lambda *args: pytest.fail("loaded before the check"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (tmp_path / "decoder.bin").write_bytes(b"decoder")
+    (tmp_path / "ckpt.pt").write_bytes(b"checkpoint")
+    stem = os.path.splitext(os.path.basename(report_images[0]))[0]
+    path, name = {"image": (report_images[0], f"attention_{stem}.png"),
+                  "decoder": (str(tmp_path / "decoder.bin"), "attention.json"),
+                  "checkpoint": (str(tmp_path / "ckpt.pt"), f"attention_{stem}.png")}[victim]
+    before = open(path, "rb").read()
+    os.link(path, out_dir / name) if victim != "image" else (out_dir / name).symlink_to(path)
+    with pytest.raises(SystemExit) as error:
+        p2_attention.main(["--images", report_images[0], "--out-dir", str(out_dir), "--decoder-weights",
+                           str(tmp_path / "decoder.bin"), "--checkpoint", str(tmp_path / "ckpt.pt")])
+    assert "is the input" in str(error.value.code) and name in str(error.value.code)
+    assert open(path, "rb").read() == before

@@ -441,3 +441,123 @@ def test_cutting_a_long_caption_takes_time_linear_in_it():
         cut = fit_clip_context(text)
         assert time.perf_counter() - start < 5, len(text)
         assert text.startswith(cut) and 60 < clip_length(cut) <= CLIP_CONTEXT
+
+
+# ---------------------------------------------------------------- outputs: inputs spared, long names, a full disk
+
+def _link(path, how, tmp_path):
+    """`path` itself, or a symbolic or hard link to it: every spelling of the same file."""
+    if how == "same":
+        return path
+    link = tmp_path / f"{how}.json"
+    (link.symlink_to if how == "symlink" else lambda p: os.link(p, link))(path)
+    return link
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+@pytest.mark.parametrize("victim", ["DECODER_WEIGHTS", "an image in IMG_DIR", "HW3_P2_CKPT",
+                                    "HW3_P2_ENCODER_WEIGHTS", "HW3_P2_PROFILE"])
+def test_an_output_that_is_an_input_is_refused_before_any_work(env, tmp_path, monkeypatch, checkpoint,
+                                                                tiny_vit_file, decoder_weights, victim, how):
+    import shutil
+
+    import captioner  # p2_inference imports it after parsing its arguments
+
+    monkeypatch.setattr(captioner, "load_checkpoint", lambda *args, **kwargs: pytest.fail("loaded before the check"))
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB", "b.png": "RGBA"})
+    inputs = {"DECODER_WEIGHTS": tmp_path / "decoder_model.bin", "HW3_P2_CKPT": tmp_path / "ckpt.pt",
+              "HW3_P2_ENCODER_WEIGHTS": tmp_path / "vit.pth", "an image in IMG_DIR": folder / "b.png"}
+    shutil.copy(decoder_weights, inputs["DECODER_WEIGHTS"])
+    shutil.copy(checkpoint, inputs["HW3_P2_CKPT"])
+    shutil.copy(tiny_vit_file, inputs["HW3_P2_ENCODER_WEIGHTS"])
+    monkeypatch.setenv("HW3_P2_CKPT", str(inputs["HW3_P2_CKPT"]))
+    monkeypatch.setenv("HW3_P2_ENCODER_WEIGHTS", str(inputs["HW3_P2_ENCODER_WEIGHTS"]))
+    before = {path: path.read_bytes() for path in inputs.values()}
+    out = tmp_path / "pred.json"
+    if victim == "HW3_P2_PROFILE":  # two outputs on one file
+        out.write_text("{}")
+        monkeypatch.setenv("HW3_P2_PROFILE", str(_link(out, how, tmp_path)))
+    else:
+        out = _link(inputs[victim], how, tmp_path)
+    message = run_main([folder, out, inputs["DECODER_WEIGHTS"]])
+    assert message.startswith("error: OUT_JSON ") or message.startswith("error: HW3_P2_PROFILE ")
+    assert "choose another output path" in message or "give each output its own path" in message
+    assert {path: path.read_bytes() for path in inputs.values()} == before
+
+
+def test_an_output_that_is_the_encoder_file_the_checkpoint_records_is_refused_before_captioning(
+        env, tmp_path, monkeypatch, tiny_vit_file, decoder_weights):
+    monkeypatch.delenv("HW3_P2_ENCODER_WEIGHTS")  # the checkpoint's record names tiny_vit_file
+    monkeypatch.setattr(p2_inference, "caption_batch", lambda *args: pytest.fail("captioned before the check"))
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    before = open(tiny_vit_file, "rb").read()
+    out = tmp_path / "link.json"
+    out.symlink_to(tiny_vit_file)
+    message = run_main([folder, out, decoder_weights])
+    assert "is the input the encoder weights" in message
+    assert open(tiny_vit_file, "rb").read() == before
+
+
+def test_a_json_beside_the_images_that_is_no_image_may_be_the_output(env, tmp_path, decoder_weights):
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    (folder / "pred.json").write_text("{}")
+    p2_inference.main([str(folder), str(folder / "pred.json"), decoder_weights])
+    assert set(json.loads((folder / "pred.json").read_text())) == {"a"}
+
+
+@pytest.mark.parametrize("name", ["p" * 245 + ".json", "說" * 80 + "ab.json"], ids=["ascii", "utf8"])
+def test_hw3_2_writes_an_output_with_a_250_byte_name(env, tmp_path, decoder_weights, name):
+    assert len(os.fsencode(name)) >= 247
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    (tmp_path / "out").mkdir()
+    p2_inference.main([str(folder), str(tmp_path / "out" / name), decoder_weights])
+    assert os.listdir(tmp_path / "out") == [name]
+    assert set(json.loads((tmp_path / "out" / name).read_text())) == {"a"}
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_hw3_2_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(env, tmp_path, monkeypatch,
+                                                                           decoder_weights, code):
+    import errno
+
+    import file_io
+
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    out = tmp_path / "pred.json"
+    out.write_text("old\n")
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f.write = lambda data: (_ for _ in ()).throw(OSError(getattr(errno, code), os.strerror(getattr(errno, code))))
+        return f
+
+    monkeypatch.setattr(file_io, "open", full, raising=False)
+    message = run_main([folder, out, decoder_weights])
+    assert message.startswith("error: ") and "\n" not in message
+    assert "no space left on " in message and f" writing {out} (1 MB needed)" in message
+    assert out.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["images", "pred.json"]
+
+
+def test_strips_and_an_image_above_pillows_limit_are_captioned_at_a_bounded_size(env, tmp_path, monkeypatch,
+                                                                                decoder_weights):
+    import image_io
+
+    folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
+    Image.new("RGB", (1, 20000), "red").save(folder / "tall.png")
+    Image.new("RGB", (15000, 1), "blue").save(folder / "wide.png")
+    noise_image(1, size=(400, 300)).save(folder / "bomb.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10000)  # bomb.jpg is above the limit Pillow refuses at
+    seen, real_bounded = [], image_io.bounded
+
+    def bounded(image):
+        image = real_bounded(image)
+        seen.append(image.size)
+        return image
+
+    monkeypatch.setattr(image_io, "bounded", bounded)
+    out = tmp_path / "pred.json"
+    p2_inference.main([str(folder), str(out), decoder_weights])
+    assert set(json.loads(out.read_text())) == {"a", "tall", "wide", "bomb"}
+    assert seen and all(w * h <= 20000 for w, h in seen)

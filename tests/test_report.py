@@ -376,3 +376,31 @@ def test_no_peft_reads_as_such(full):
     assert "none: none" not in text and "none (cross-attention" not in text
     assert f"none {FULL_METRICS['none'][0]:.4f} {FULL_METRICS['none'][1]:.4f} " in text
     assert "PEFT none: " + build_report.NO_PEFT in text
+
+
+@pytest.mark.parametrize("victim", ["notes", "result", "checkpoint"])
+def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, monkeypatch, victim):
+    monkeypatch.setattr(build_report, "build", lambda *args, **kwargs: pytest.fail("built before the check"))
+    results = tmp_path / "outputs"
+    results.mkdir()
+    (results / "p2_metrics_best.json").write_text('{"cider": 1.0, "clipscore": 0.7}')
+    (tmp_path / "notes.md").write_text("## P1\n")
+    (tmp_path / "ckpt.pt").write_bytes(b"checkpoint")
+    path = {"notes": tmp_path / "notes.md", "result": results / "p2_metrics_best.json",
+            "checkpoint": tmp_path / "ckpt.pt"}[victim]
+    before = path.read_bytes()
+    out = tmp_path / "report.pdf"
+    out.symlink_to(path)
+    with pytest.raises(SystemExit) as error:
+        build_report.main(["--results", str(results), "--notes", str(tmp_path / "notes.md"), "--out", str(out),
+                           "--best-checkpoint", str(tmp_path / "ckpt.pt")])
+    assert str(error.value.code).startswith(f"error: --out {str(out)!r} is the input ")
+    assert path.read_bytes() == before
+
+
+def test_an_earlier_report_in_the_results_folder_may_be_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_report, "build", lambda *args, **kwargs: 1)
+    results = tmp_path / "outputs"
+    results.mkdir()
+    (results / "hw3_report.pdf").write_bytes(b"%PDF old")
+    build_report.main(["--results", str(results), "--out", str(results / "hw3_report.pdf")])

@@ -79,19 +79,19 @@ def test_main_exit_status(repo_copy, trained_checkpoint, capsys):
     edit(repo_copy / "hw3_2.sh", "python3 p2_inference.py", "rm -f \"$2\"\npython3 p2_inference.py")
     assert selfcheck.main(argv) == 1
     out = capsys.readouterr().out
-    assert "FAIL  script rules: hw3_2.sh:2: `rm` is not allowed" in out
+    assert "FAIL  script rules: hw3_2.sh:4: `rm` is not allowed" in out
     assert "1 check(s) FAILED: script rules" in out
 
 
 # ---------------------------------------------------------------- scripts and paths
 
 @pytest.mark.parametrize("script, old, new, words", [
-    ("hw3_2.sh", "python3 p2", "rm -f \"$2\"; python3 p2", ["hw3_2.sh:2", "`rm`"]),
-    ("hw3_1.sh", "python3 p1", "python p1", ["hw3_1.sh:2", "`python3`, not `python`"]),
-    ("hw3_2.sh", "python3 p2", "CUDA_VISIBLE_DEVICES=0 python3 p2", ["hw3_2.sh:2", "CUDA_VISIBLE_DEVICES"]),
-    ("hw3_download.sh", '"https://openaipublic.blob.core.windows.net/gpt-2/models/124M/encoder.json"',
-     "https://openaipublic.blob.core.windows.net/gpt-2/models/124M/encoder.json", ["hw3_download.sh:", "must be quoted"]),
-    ("hw3_1.sh", 'py "$1"', 'py $1', ['hw3_1.sh does not pass "$1"']),
+    ("hw3_2.sh", "python3 p2", "rm -f \"$2\"; python3 p2", ["hw3_2.sh:4", "`rm`"]),
+    ("hw3_1.sh", "python3 p1", "python p1", ["hw3_1.sh:4", "`python3`, not `python`"]),
+    ("hw3_2.sh", "python3 p2", "CUDA_VISIBLE_DEVICES=0 python3 p2", ["hw3_2.sh:4", "CUDA_VISIBLE_DEVICES"]),
+    ("hw3_download.sh", 'P2_CKPT_URL=""', "P2_CKPT_URL=https://example.com/ckpt?id=1&export=download",
+     ["hw3_download.sh:", "must be quoted"]),
+    ("hw3_1.sh", '-- "$1"', '-- $1', ['hw3_1.sh does not pass "$1"']),
     ("hw3_2.sh", '"$3"', "cache/decoder_model.bin", ['hw3_2.sh does not pass "$3"']),
 ])
 def test_script_violations(repo_copy, script, old, new, words):

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import io_utils
 import tokenizer
 from tokenizer import EOT, BPETokenizer, find_vocab_dir
 
@@ -197,12 +198,13 @@ def test_missing_vocabulary_lists_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("HW3_BPE_DIR", str(env_dir))
     monkeypatch.setenv("HW3_CACHE", str(cache_dir))
     monkeypatch.setattr(tokenizer, "REPO_ROOT", str(repo_dir))
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(io_utils.InputError) as info:
         BPETokenizer()
     message = str(info.value)
     for folder in (env_dir, repo_dir, cache_dir / "gpt2"):
         assert str(folder) in message
-    assert "bash hw3_download.sh" in message
+    assert "bash hw3_download.sh" in message and "git checkout -- encoder.json vocab.bpe" in message
+    assert "OpenAI's GPT-2 vocabulary" in message and "\n" not in message
 
 
 def test_malformed_vocab_bpe(bpe_dir, tmp_path):
@@ -230,6 +232,71 @@ def test_malformed_encoder_json(bpe_dir, tmp_path):
     bad.write_text('{"a": 0, "<|endoftext|>": 1}')  # the models take the id from EOT_ID, not the file
     with pytest.raises(ValueError, match=r"maps '<\|endoftext\|>' to 50256"):
         BPETokenizer(str(bad), vocab)
+
+
+def _damaged(good: bytes, how: str) -> bytes:
+    """`good` (a vocabulary file's bytes) damaged as downloads and edits damage files."""
+    if how == "empty":
+        return b""
+    if how == "cut in half":
+        return good[:len(good) // 2]
+    if how == "cut at a line":
+        return good[:good.rindex(b"\n", 0, len(good) // 2) + 1]
+    if how == "html page":
+        return b"<!DOCTYPE html><html><body>Google Drive - virus scan warning</body></html>"
+    if how == "binary":
+        return bytes(range(256)) * 4
+    if how == "nested":
+        return b"[" * 100000
+    if how == "lone surrogate":
+        return b'{"\\ud800": 0, "<|endoftext|>": 50256}'
+    if how == "a token lost":
+        return good.replace(b'"the": 1169, ', b"")
+    if how == "an id changed":
+        return good.replace(b'"the": 1169', b'"the": 1168')
+    if how == "an id as text":
+        return good.replace(b'"the": 1169', b'"the": "1169"')
+    if how == "a merge changed":
+        return good.replace("\nĠ t\n".encode(), "\nĠ tzqxj\n".encode(), 1)
+    if how == "a line changed":
+        return good.replace("\nĠ t\n".encode(), "\nĠt\n".encode(), 1)
+    raise AssertionError(how)
+
+
+ENCODER_DAMAGE = ["empty", "cut in half", "html page", "binary", "nested", "lone surrogate", "a token lost",
+                  "an id changed", "an id as text"]
+MERGES_DAMAGE = ["empty", "cut in half", "cut at a line", "html page", "binary", "a merge changed", "a line changed"]
+
+
+@pytest.mark.parametrize("name, how", [("encoder.json", h) for h in ENCODER_DAMAGE]
+                         + [("vocab.bpe", h) for h in MERGES_DAMAGE] + [("encoder.json", "folder"),
+                                                                        ("vocab.bpe", "folder")])
+def test_a_damaged_vocabulary_file_is_one_input_error_naming_it(bpe_dir, tmp_path, monkeypatch, name, how):
+    """Any damage to either file (a cut download, a saved web page, an edit) is an InputError naming the
+    file and what it should be, at construction: never a KeyError at the first caption."""
+    for other in ("encoder.json", "vocab.bpe"):
+        if other != name:
+            os.symlink(os.path.join(os.path.abspath(bpe_dir), other), tmp_path / other)
+    if how == "folder":
+        (tmp_path / name).mkdir()
+    else:
+        with open(os.path.join(bpe_dir, name), "rb") as f:
+            (tmp_path / name).write_bytes(_damaged(f.read(), how))
+    with pytest.raises(io_utils.InputError) as info:
+        BPETokenizer(str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe"))
+    message = str(info.value)
+    assert str(tmp_path / name) in message and "\n" not in message, message
+    if how not in ("folder", "binary", "nested", "lone surrogate"):  # those are named as file_io reads any file
+        assert f"is not OpenAI's GPT-2 {name}" in message or f"GPT-2 {name} " in message, message
+
+
+def test_the_default_vocabulary_damaged_names_the_fix(bpe_dir, tmp_path, monkeypatch):
+    """HW3_BPE_DIR pointing at a damaged copy: the error says how to get the real one back."""
+    (tmp_path / "encoder.json").write_text('{"a": 0}', encoding="utf-8")
+    os.symlink(os.path.join(os.path.abspath(bpe_dir), "vocab.bpe"), tmp_path / "vocab.bpe")
+    monkeypatch.setenv("HW3_BPE_DIR", str(tmp_path))
+    with pytest.raises(io_utils.InputError, match="git checkout -- encoder.json vocab.bpe"):
+        BPETokenizer()
 
 
 def test_the_special_token_is_defined_once():

@@ -43,10 +43,14 @@ def test_assign_state_fills_converts_and_reports_what_is_left():
     assert model[0].weight.dtype == torch.float32 and torch.equal(model[0].weight, state["0.weight"].float())
     assert model[0].bias.data_ptr() == state["0.bias"].data_ptr()  # same dtype and device: no copy
     assert isinstance(model[0].weight, nn.Parameter)
-    with pytest.raises(ValueError, match=r"^file.pth: tensor '0.weight' has shape \(4, 4\), the model expects \(3, 4\)$"):
+    with pytest.raises(ValueError, match=r"^file.pth: tensor '0.weight' has shape \(4, 4\), the model expects \(3, 4\): "
+                                         r"the file holds another model's weights or another size's \(e.g. another "
+                                         r"encoder, preset, width or depth\)$"):
         assign_state(model, {"0.weight": torch.zeros(4, 4)}, "file.pth")
-    with pytest.raises(ValueError, match="file.pth: 1 tensor.*the model does not have.*'2.weight'"):
+    with pytest.raises(ValueError, match=r"file.pth: 1 tensor.*the model does not have.*'2.weight'\]: the file holds"):
         assign_state(model, {"2.weight": torch.zeros(1)}, "file.pth")
+    with pytest.raises(ValueError, match=r"^f: tensor '0.weight' has shape \(4, 4\), the model expects \(3, 4\): why$"):
+        assign_state(model, {"0.weight": torch.zeros(4, 4), "0.bias": torch.zeros(7)}, "f", cause="why")  # the first
 
 
 def test_encoder_built_without_initialisation_equals_the_initialised_one(tiny_vit_file):

@@ -71,6 +71,108 @@ def test_report_without_data_says_make_data(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
 
 
+def stub_python(tmp_path, log=None):
+    """A PYTHON for make that runs nothing; with `log`, it appends its arguments and HW3_* environment."""
+    stub = tmp_path / "python_stub"
+    record = (f"import json, os, sys\nwith open({str(log)!r}, 'a') as f:\n"
+              "    f.write(json.dumps([sys.argv[1:], {k: v for k, v in os.environ.items()\n"
+              "                         if k.startswith(('HW3_', 'HF_HUB_'))}]) + '\\n')\n") if log else ""
+    stub.write_text(f"#!{sys.executable}\n{record}")
+    stub.chmod(0o755)
+    return str(stub)
+
+
+@needs_make
+@pytest.mark.parametrize("args", [[], ["help"]])
+def test_bare_make_and_make_help_list_targets_and_variables(args, tmp_path):
+    result = make(*args, f"DATA={tmp_path}/data")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for target in ("data", "weights", "train", "report", "check", "demo", "test", "help"):
+        assert f"  make {target} " in out, target
+    for variable in ("DATA=", "OUT=", "CKPT=", "DEVICE=", "GPUS=", "DEMO_DIR=", "TRAIN_ARGS"):
+        assert variable in out, variable
+    assert "HW3_*" in out  # the demo clears the user's settings, and says so
+    assert "gdown" not in result.stdout.replace("with gdown", "") and not (tmp_path / "data").exists()
+
+
+@needs_make
+def test_vocabulary_is_not_downloaded_anywhere():
+    """GPT-2's vocabulary is committed: no rule fetches it."""
+    with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
+        makefile = f.read()
+    with open(os.path.join(REPO, "hw3_download.sh"), encoding="utf-8") as f:
+        script = f.read()
+    for text in (makefile, script):
+        assert "encoder.json" not in text.replace("(encoder.json, vocab.bpe)", "") and "openaipublic" not in text
+    assert make("-n", "weights").stdout.split() == ["python3", "hw3_cache.py", "clip", "python3", "hw3_cache.py",
+                                                    "encoder"]
+
+
+@needs_make
+@pytest.mark.parametrize("gpus, expected", [
+    ("", {run: None for run in RUNS + ("baseline",)}),
+    ("3", {run: "3" for run in RUNS + ("baseline",)}),
+    ("0,1", {"none": "0", "adapter": "1", "prefix": "0", "lora": "1", "baseline": "0"}),
+    ("2,5,7", {"none": "2", "adapter": "5", "prefix": "7", "lora": "2", "baseline": "5"}),
+])
+def test_gpus_gives_each_training_run_one_gpu_round_robin(gpus, expected, tmp_path):
+    ck = f"{tmp_path}/ck"
+    out = make("-n", "train", f"{ck}/baseline.pt", f"DATA={tmp_path}/hw3_data", f"CKPT={ck}", f"GPUS={gpus}").stdout
+    found = {}
+    for line in out.splitlines():
+        if "p2_train.py" in line:
+            run = line.split("--peft ")[1].split()[0]
+            run = "baseline" if "baseline.pt" in line else run
+            prefix = line.split("python3 p2_train.py")[0].strip()
+            found[run] = prefix.split("CUDA_VISIBLE_DEVICES=")[1] if prefix else None
+    assert found == expected
+
+
+@needs_make
+def test_demo_ignores_the_users_hw3_settings(tmp_path):
+    """Exported HW3_* settings (and command-line paths) do not reach the demo's commands: it sets its own."""
+    log = tmp_path / "log.jsonl"
+    demo_dir = tmp_path / "demo"
+    env = dict(os.environ, HW3_P2_ENCODER_WEIGHTS="/elsewhere/vit_192.pth", HW3_P2_CKPT="/elsewhere/ck.pt",
+               HW3_P1_CLIP="ViT-B/32", HW3_P2_BATCH="3", HW3_CACHE="/elsewhere/cache", HW3_BPE_DIR="/elsewhere",
+               HW3_SOMETHING_NEW="1")
+    result = subprocess.run(["make", "--no-print-directory", "DEMO=1", f"DEMO_DIR={demo_dir}", f"DATA={tmp_path}/x",
+                             f"PYTHON={stub_python(tmp_path, log)}", f"{demo_dir}/hw3_data/demo.json"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    [(argv, seen)] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert argv == ["demo.py", str(demo_dir)]
+    assert seen == {"HW3_CACHE": str(demo_dir / "cache"), "HW3_P1_CLIP": str(demo_dir / "models" / "tiny_clip.pt"),
+                    "HF_HUB_OFFLINE": "1"}
+
+
+@needs_make
+def test_a_demo_that_rebuilds_nothing_says_up_to_date(tmp_path):
+    """Every file of the demo's graph in place (as `make -t` would leave them): `make demo` rebuilds nothing and
+    says so; a newer notes file rebuilds the report, and then it says "wrote"."""
+    demo_dir = tmp_path / "demo"
+    stub = stub_python(tmp_path)
+    (demo_dir / "report_notes.md").parent.mkdir(parents=True)
+    (demo_dir / "report_notes.md").write_text("notes")
+    touches = make("-t", "-n", "DEMO=1", f"DEMO_DIR={demo_dir}", f"PYTHON={stub}", "report").stdout.splitlines()
+    assert touches and all(line.startswith("touch ") for line in touches)
+    for line in touches:
+        path = line.split(" ", 1)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8"):
+            pass
+    result = make("demo", f"DEMO_DIR={demo_dir}", f"PYTHON={stub}")
+    assert result.returncode == 0, result.stderr
+    assert f"demo: up to date ({demo_dir}/hw3_report.pdf)" in result.stdout and "wrote" not in result.stdout
+
+    later = os.stat(demo_dir / "hw3_report.pdf").st_mtime + 10
+    os.utime(demo_dir / "report_notes.md", (later, later))
+    result = make("demo", f"DEMO_DIR={demo_dir}", f"PYTHON={stub}")
+    assert result.returncode == 0, result.stderr
+    assert "build_report.py" in result.stdout and f"demo: wrote {demo_dir}/hw3_report.pdf" in result.stdout
+
+
 # ---------------------------------------------------------------- p2_select.py
 
 
