@@ -101,18 +101,18 @@ from p2_data import (
     IGNORE_INDEX,
     CaptionSamples,
     EpochSampler,
-    FeatureCache,
-    ImageFiles,
     Split,
     collate_captions,
     make_batch,
+    prepare_images,
 )
 from tokenizer import EOT_ID, BPETokenizer
 
 # Options --resume lets change: they decide what is logged, saved or measured, never a training step.
 # The learning rates may change too: a run that diverged continues from its last good state with a smaller one.
 RESUMABLE_CHANGES = ("resume", "log_every", "save_every", "workers", "val_every", "val_images", "val_beam_size",
-                     "clipscore", "clip_model", "decode_beams", "decode_length_penalties", "lr", "scst_lr")
+                     "clipscore", "clip_model", "decode_beams", "decode_length_penalties", "lr", "scst_lr",
+                     "strict_data")
 PATH_OPTIONS = ("data_root", "decoder_weights", "encoder_weights", "cache_features")
 PHASE_NAMES = {"xe": "cross-entropy", "scst": "SCST", "decode": "decoding grid", "done": "done"}
 DEFAULT_EPOCHS = 5
@@ -229,6 +229,9 @@ def parse_args(argv=None):
     io.add_argument("--cache-features", metavar="DIR",
                     help="store the frozen encoder's features (fp16) here once; later epochs skip the ViT "
                          "(default: none, the ViT runs on every batch)")
+    io.add_argument("--strict-data", action="store_true",
+                    help="an image that cannot be read is an error before training (default: off, it is skipped "
+                         "with a warning, its captions left out, and counted in the summary)")
     io.add_argument("--print-params", action="store_true",
                     help="build the model (random weights unless files are given), print trainable counts, exit")
 
@@ -696,6 +699,7 @@ class Trainer:
         self.val_refs = {k: [tokenize(r) for r in val.refs[k]] for k in self.val_keys}
         self.state_path, self.log_path = args.out + ".state", args.out + ".log.jsonl"
         self.settings = run_settings(args, device)
+        self.data_fingerprint = train.fingerprint()  # what --resume must find unchanged, beside the settings
         # phase_step counts the phase's steps; step counts all; epoch / batch locate the next batch
         self.progress = dict(phase="xe", step=0, phase_step=0, epoch=0, batch=0, validated_step=-1,
                              best_cider=-1.0, best_step=-1, xe_best_cider=-1.0, xe_best_step=-1)
@@ -736,12 +740,8 @@ class Trainer:
         print("trainable parameters by group:", file=sys.stderr)
         mark_trainable(model)
         device = pick_device(args.device)
-        if args.cache_features:
-            sources = [FeatureCache(args.cache_features, model.encoder, s, device, args.batch_size,
-                                    workers(args, device))
-                       for s in (train, val)]
-        else:
-            sources = [ImageFiles(s.paths, model.encoder.transform) for s in (train, val)]
+        sources = prepare_images(train, val, model.encoder, args.cache_features, device, args.batch_size,
+                                 workers(args, device), args.strict_data)
         trainer = cls(args, model, device, train, val, *sources)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if args.resume:
@@ -767,7 +767,7 @@ class Trainer:
         state = {"config": self.model.config, "settings": self.settings, "trainable": trainable,
                  "best": self.best_weights, "optimizer": self.learner.optimizer.state_dict(),
                  "scaler": self.learner.scaler.state_dict(), "progress": dict(self.progress), "rng": rng,
-                 "log_bytes": log_bytes}
+                 "log_bytes": log_bytes, "data": self.data_fingerprint}
         with disk_space_for(self.state_path, state):
             atomic_torch_save(state, self.state_path)
         self.saved_step = self.progress["step"]
@@ -795,6 +795,7 @@ class Trainer:
             raise InputError(f"--resume: {was}. These change the run; resume with the interrupted run's values "
                              f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES[1:])} "
                              "may differ)")
+        self.check_same_data(state.get("data"), state["progress"])
         self.load_weights(state["trainable"])
         self.best_weights = state["best"]
         self.progress = dict(state["progress"])
@@ -821,6 +822,25 @@ class Trainer:
         with disk_space_for(self.args.out + ".val.json", text):
             atomic_write_text(self.args.out + ".val.json", text)
         return saved
+
+    def check_same_data(self, saved: dict | None, progress: dict) -> None:
+        """--resume: the training data must be what the run started with (a state from before the
+        fingerprint: at least the saved position must exist in it), or the batches would differ."""
+        data = self.train_split.annotations
+        if saved is not None and saved != self.data_fingerprint:
+            now, was = self.data_fingerprint, saved
+            what = (f"now {now['captions']} captions of {now['images']} images, then {was['captions']} of "
+                    f"{was['images']}" if (now["images"], now["captions"]) != (was["images"], was["captions"])
+                    else f"the same counts ({now['captions']} captions of {now['images']} images), but other "
+                         "image keys or captions")
+            raise InputError(f"--resume: the training data changed since the run started ({data} and its "
+                             f"readable images: {what}); restore it, or start a new run with another --out")
+        per_epoch = {"xe": self.xe_batches, "scst": self.scst_batches}.get(progress["phase"])
+        if per_epoch is not None and progress["batch"] >= per_epoch:
+            raise InputError(f"--resume: {self.state_path} continues at {progress['phase']} epoch "
+                             f"{progress['epoch']}, batch {progress['batch']}, but {data} now gives {per_epoch} "
+                             "batches per epoch: the training data changed since the run started; restore it, "
+                             "or start a new run with another --out")
 
     def load_weights(self, weights: dict) -> None:
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
@@ -908,6 +928,9 @@ class Trainer:
         bar = tqdm(desc=progress["phase"], unit="step", total=total, initial=progress["phase_step"], file=sys.stderr)
         while progress["phase_step"] < total:
             sampler = EpochSampler(len(data), args.seed, progress["epoch"], progress["batch"] * batch_size)
+            if not len(sampler):  # nothing left in this epoch: the loop would never advance
+                raise RuntimeError(f"{progress['phase']} epoch {progress['epoch']} has no batch {progress['batch']} "
+                                   f"({batches_per_epoch} per epoch)")
             for batch in self.loader(data, batch_size, sampler, collate_fn):
                 metrics = step(batch)
                 progress.update(step=progress["step"] + 1, phase_step=progress["phase_step"] + 1,
@@ -978,6 +1001,10 @@ class Trainer:
         p = self.progress
         print(f"best validation CIDEr {p['best_cider']:.4f} at step {p['best_step']} (cross-entropy best "
               f"{p['xe_best_cider']:.4f} at step {p['xe_best_step']}); checkpoint {self.args.out}", file=sys.stderr)
+        for split in (self.train_split, self.val_split):
+            if split.skipped:
+                print(f"skipped {len(split.skipped)} unreadable {split.name} image(s) and their "
+                      f"{split.dropped_captions} caption(s) (named in the warnings at the start)", file=sys.stderr)
         if p["best_step"] == 0 and p["step"] > 0:
             message = (f"no training step improved on the untrained model: the best validation CIDEr is step 0's, "
                        f"so {self.args.out} holds the UNTRAINED model (GPT-2 with its new modules at their start) "
