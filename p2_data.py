@@ -13,10 +13,11 @@ Captions are normalised before tokenising: whitespace collapsed and stripped,
 and Flickr30k's detached final " ." attached ("a dog runs ." -> "a dog runs.").
 Generated captions are stripped anyway, and a leading space would make the
 first token depend on which dataset the caption came from (" a" is 257, "a" 64).
-A caption holding GPT-2's end-of-text marker `<|endoftext|>`, or a character
-UTF-8 cannot encode (a lone surrogate such as "\\ud800"), is refused with an
+A caption holding GPT-2's end-of-text marker `<|endoftext|>` is refused with an
 error naming the file, the image and the caption: it is a fault in the file,
-and quietly editing it would train on text nobody wrote.
+and quietly editing it would train on text nobody wrote (a lone surrogate such
+as "\\ud800", which UTF-8 cannot encode, is refused already when the file is
+read: `file_io.read_json`).
 
 Every image of both splits is decoded once before the first step
 (`prepare_images`: the feature cache does it while caching, otherwise a
@@ -59,11 +60,8 @@ def encode_caption(tokenizer, caption: str, source: str, key: str) -> list:
     `source`, the image `key` and the caption when it cannot be a training target."""
     try:
         return tokenizer.encode(normalize_caption(caption))[:MAX_CAPTION_TOKENS]
-    except ValueError as error:  # the tokenizer refuses <|endoftext|>; UnicodeEncodeError is a ValueError
-        if isinstance(error, UnicodeEncodeError):
-            why = (f"it holds {error.object[error.start:error.end]!r}, which UTF-8 cannot encode "
-                   "(a lone surrogate: a character cut in half)")
-        elif EOT in caption:
+    except ValueError as error:  # the tokenizer refuses <|endoftext|>
+        if EOT in caption:
             why = f"it holds {EOT!r}, GPT-2's end-of-text marker, which only the trainer may place"
         else:
             why = str(error)

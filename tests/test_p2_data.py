@@ -134,7 +134,8 @@ def test_an_interrupted_feature_cache_build_leaves_nothing_half_written(dataset,
 
 
 def bomb_bytes() -> bytes:
-    """A 14000 x 14000 PNG (24 KB on disk): Pillow refuses it with DecompressionBombError, not an OSError."""
+    """A 14000 x 14000 PNG (24 KB on disk), beyond Pillow's bomb limit: image_io refuses it as ImageTooLarge
+    (a PNG cannot be decoded at a reduced scale, as a JPEG can)."""
     import io
 
     from PIL import Image
@@ -154,7 +155,7 @@ def spoil(paths: list) -> dict:
         f.write(bomb_bytes())
     with open(paths[3], "w", encoding="utf-8") as f:
         f.write("not an image\n")
-    return {1: "OSError", 2: "DecompressionBombError", 3: "UnidentifiedImageError"}
+    return {1: "OSError", 2: "ImageTooLarge", 3: "UnidentifiedImageError"}
 
 
 @pytest.fixture
@@ -298,7 +299,6 @@ def test_an_image_replaced_with_the_same_size_and_time_is_not_served_stale_featu
 @pytest.mark.parametrize("caption, why", [
     ("a dog<|endoftext|> runs", "'<|endoftext|>', GPT-2's end-of-text marker"),
     ("<|endoftext|>", "'<|endoftext|>', GPT-2's end-of-text marker"),
-    ("a cat \ud800 sits", "holds '\\ud800', which UTF-8 cannot encode"),
 ])
 def test_a_caption_that_cannot_be_a_target_is_named(dataset, tokenizer, tmp_path, caption, why):
     import shutil
@@ -307,13 +307,29 @@ def test_a_caption_that_cannot_be_a_target_is_named(dataset, tokenizer, tmp_path
     shutil.copytree(dataset, root)
     data = json.loads((root / "train.json").read_text(encoding="utf-8"))
     data["annotations"][3]["caption"] = caption
-    (root / "train.json").write_text(json.dumps(data), encoding="utf-8")  # \ud800 written as its escape
+    (root / "train.json").write_text(json.dumps(data), encoding="utf-8")
     key = {i["id"]: i["file_name"].rsplit(".", 1)[0] for i in data["images"]}[data["annotations"][3]["image_id"]]
     with pytest.raises(InputError) as error:
         Split(str(root), "train", tokenizer)
     message = str(error.value)
     assert message.startswith(f"{root / 'train.json'}: the caption {caption!r} of image {key!r}"), message
     assert why in message
+
+
+def test_a_caption_with_a_lone_surrogate_is_refused_when_the_file_is_read(dataset, tokenizer, tmp_path):
+    """UTF-8 cannot encode "\\ud800": read_json names the file and the caption's place in it."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(dataset, root)
+    data = json.loads((root / "train.json").read_text(encoding="utf-8"))
+    data["annotations"][3]["caption"] = "a cat \ud800 sits"
+    (root / "train.json").write_text(json.dumps(data), encoding="utf-8")  # \ud800 written as its escape
+    with pytest.raises(InputError) as error:
+        Split(str(root), "train", tokenizer)
+    message = str(error.value)
+    assert repr(str(root / "train.json")) in message and '["annotations"][3]["caption"]' in message, message
+    assert "lone UTF-16 surrogate" in message
     message.encode("utf-8")  # printable: the lone surrogate is shown escaped
 
 
