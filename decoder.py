@@ -732,16 +732,22 @@ def load_gpt2_state(path: str, check_values: bool = True) -> dict:
     """The course's decoder_model.bin as tensors in this module's layout.
 
     Checks what the course's template never does: every key is a GPT-2 key,
-    nothing is missing, every shape fits, every value is finite (unless
-    `check_values` is False: the caller checks them where they end up), and the
-    four Conv1D weights are transposed for nn.Linear.
+    nothing is missing, every shape fits (the vocabulary is GPT-2's 50257
+    tokens), every value is finite (unless `check_values` is False: the caller
+    checks them where they end up), and the four Conv1D weights are transposed
+    for nn.Linear.
     """
     state = torch_load(path, mmap=True)  # guarded in torch_load
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} holds {_describe_non_tensors(state)}; expected the course's decoder_model.bin, "
                          "a flat dict of GPT-2 tensors (wte.weight, wpe.weight, h.N.*, ln_f.*)")
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_BUFFERS)}
-    expected = gpt2_shapes(**infer_gpt2_shape(state))
+    shape = infer_gpt2_shape(state)
+    if shape["vocab_size"] != GPT2_SMALL["vocab_size"]:  # the tokenizer's ids index these rows
+        raise ValueError(f"{path}: wte.weight has {shape['vocab_size']} rows, expected GPT-2's "
+                         f"{GPT2_SMALL['vocab_size']} (one per token of its vocabulary; a copy padded to a "
+                         "rounder size or cut short does not fit the tokenizer)")
+    expected = gpt2_shapes(**shape)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

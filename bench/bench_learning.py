@@ -22,7 +22,6 @@ which method moves on a toy problem; they say nothing about the real data's scor
 """
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -102,10 +101,8 @@ def read_log(out: str) -> dict:
 def cross_entropy_argv(setup: dict, out: str, preset: str, seed: int, args) -> list:
     """p2_train's options for one run of the set: the preset, the seed, and --steps cross-entropy
     steps of --batch-size captions validated every --val-every steps (the SCST options are the caller's)."""
-    per_epoch = math.ceil(setup["n_train_captions"] / args.batch_size)
     return [*setup["args"], "--out", out, "--peft", preset, *PRESETS[preset], "--seed", str(seed),
-            "--batch-size", str(args.batch_size), "--epochs", str(math.ceil(args.steps / per_epoch)),
-            "--max-steps", str(args.steps), "--val-every", str(args.val_every)]
+            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--val-every", str(args.val_every)]
 
 
 def run_one(work: str, setup: dict, preset: str, seed: int, args) -> dict:
@@ -114,7 +111,8 @@ def run_one(work: str, setup: dict, preset: str, seed: int, args) -> dict:
             "--scst-epochs", str(args.scst_steps and 1000), "--scst-max-steps", str(args.scst_steps),
             "--scst-lr", str(args.scst_lr), "--scst-batch-size", str(args.scst_images),
             "--scst-candidates", "sample",  # as its recorded results were made; bench_scst.py compares beams
-            "--scst-samples", str(args.scst_samples), "--scst-top-k", str(args.scst_top_k)]
+            "--scst-samples", str(args.scst_samples), "--scst-top-k", str(args.scst_top_k),
+            "--max-steps", str(args.steps + args.scst_steps)]  # the whole run's steps: SCST's come after --steps
     start = time.perf_counter()
     p2_train.Trainer.from_args(p2_train.parse_args(argv)).run()
     result = {"preset": preset, "seed": seed, "seconds": round(time.perf_counter() - start, 1), **read_log(out)}

@@ -91,7 +91,8 @@ def train_argv(setup: dict, out: str, preset: str, seed: int, args, config: dict
             *(["--scst-candidates", "beam"] if config["beam"] else
               ["--scst-candidates", "sample", "--scst-top-k", str(config["top_k"])]),
             "--scst-samples", str(config["samples"]),
-            "--scst-batch-size", str(config["images"])]
+            "--scst-batch-size", str(config["images"]),
+            "--max-steps", str(args.steps + config["steps"])]  # the whole run's steps: SCST's come after --steps
 
 
 def remove_leftovers(out: str) -> None:

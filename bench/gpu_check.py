@@ -169,7 +169,7 @@ def smoke(small: bool, cuda: bool, folder: str, log: Log, deadline: float) -> di
              "--out", out, "--encoder", TINY_VIT, "--encoder-weights", files["vit"],
              "--encoder-kwargs", json.dumps(TINY_VIT_KWARGS), "--device", "cuda" if cuda else "cpu",
              "--peft", "adapter", "--adapter-dim", "16", "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "2",
-             "--max-steps", str(steps), "--scst-max-steps", str(scst_steps), "--scst-batch-size", "4",
+             "--max-steps", str(steps + scst_steps), "--scst-max-steps", str(scst_steps), "--scst-batch-size", "4",
              "--scst-samples", "2", "--max-len", "12", "--log-every", "1", "--val-every", str(steps // 2),
              "--cache-features", os.path.join(folder, "features"), "--decode-beams", "1", "3",
              "--decode-length-penalties", "0", "--workers", "0" if small else "2"]

@@ -32,8 +32,10 @@ def scripts() -> list:
     return found
 
 
-SCRIPTS = [s for s in scripts() if s != "p2_train.py"]  # issue 24 rewrites p2_train's help: removed at merge
-ROOT_SCRIPTS = [s for s in SCRIPTS if os.sep not in s]
+SCRIPTS = scripts()
+# p2_train.py's parser takes its choices and bounds (PEFT presets, LoRA targets, the default encoder, the
+# decoding limits) from the model modules, which import torch: its --help does not answer before torch yet
+ROOT_SCRIPTS = [s for s in SCRIPTS if os.sep not in s and s != "p2_train.py"]
 HEAVY = {"torch", "timm", "clip", "transformers"}
 
 

@@ -153,7 +153,7 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, captioning_setup,
     run(train_args(captioning_setup, out, "--epochs", "1", "--scst-epochs", "0", "--max-steps", "2", *QUICK))
     other_data = dict(captioning_setup, data_root=str(broken_data))
     for args, option in [(train_args(captioning_setup, out, "--batch-size", "16"), "--batch-size"),
-                         (train_args(captioning_setup, out, "--lr", "1e-3"), "--lr"),
+                         (train_args(captioning_setup, out, "--weight-decay", "0.5"), "--weight-decay"),
                          (train_args(other_data, out), "--data-root")]:
         with pytest.raises(SystemExit, match=option):
             run(args + ["--epochs", "1", "--scst-epochs", "0", "--max-steps", "2", "--resume", *QUICK])
@@ -346,7 +346,7 @@ def test_scst_starts_from_the_best_cross_entropy_weights(tmp_path, captioning_se
     monkeypatch.setattr(p2_train.Learner, "scst_step", scst_step)
     out = tmp_path / "m.pt"
     with pytest.raises(Interrupted):
-        run(train_args(captioning_setup, out, "--epochs", "1", "--max-steps", "6", "--val-every", "3", *QUICK))
+        run(train_args(captioning_setup, out, "--max-steps", "7", "--scst-max-steps", "1", "--val-every", "3", *QUICK))
     best = torch.load(out)["state_dict"]  # saved at step 0, the only best (adapter: nothing folded)
     assert [r["step"] for r in read_log(str(out)) if "saved" in r] == [0]
     assert all(torch.equal(seen["first"][name], best[name]) for name in best)
@@ -371,7 +371,7 @@ def test_scst_raises_validation_cider_over_the_cross_entropy_best(tmp_path, capt
     samples' mean reward stayed flat (why 8 samples fixed that was not looked into further)."""
     out = tmp_path / "m.pt"
     run(train_args(captioning_setup, out, "--seed", "1", *QUICK, "--peft", "adapter", "--adapter-dim", "32",
-                   "--epochs", "1", "--max-steps", "6", "--val-every", "3", "--scst-epochs", "100",
+                   "--max-steps", "21", "--val-every", "3", "--scst-epochs", "100",
                    "--scst-max-steps", "15", "--scst-batch-size", "8", "--scst-samples", "8", "--scst-lr", "3e-4",
                    "--scst-candidates", "sample", "--scst-top-k", "5",
                    "--log-every", "1"))
@@ -445,9 +445,9 @@ def test_resume_needs_a_state_and_a_state_needs_resume(tmp_path, captioning_setu
     expect_error(train_args(captioning_setup, out, "--resume"), "no training state", out)
     run(train_args(captioning_setup, out, "--epochs", "1", "--scst-epochs", "0", "--max-steps", "2", *QUICK))
     with pytest.raises(SystemExit, match="exists: continue that run with --resume"):
-        run(train_args(captioning_setup, out, "--epochs", "1", "--max-steps", "2"))
+        run(train_args(captioning_setup, out, "--scst-epochs", "0", "--max-steps", "2"))
     with pytest.raises(SystemExit, match="other model settings"):
-        run(train_args(captioning_setup, out, "--epochs", "1", "--max-steps", "3", "--resume", "--peft", "lora"))
+        run(train_args(captioning_setup, out, "--scst-epochs", "0", "--max-steps", "3", "--resume", "--peft", "lora"))
 
 
 def test_empty_captions_are_counted_and_no_caption_at_all_is_an_error(tmp_path, captioning_setup, broken_data,
@@ -482,8 +482,8 @@ def test_decoding_values_beyond_their_range_fail_at_once(option, values, message
 @pytest.mark.parametrize("argv, message", [
     (["--scst-top-k", "5"], "--scst-top-k 5 has no effect with --scst-candidates beam"),
     (["--scst-top-p", "0.9"], "--scst-top-p 0.9 has no effect with --scst-candidates beam"),
-    (["--scst-candidates", "sample", "--scst-top-k", "-1"], "--scst-top-k must be >= 0, got -1"),
-    (["--scst-candidates", "sample", "--scst-top-p", "0"], "--scst-top-p must be within (0, 1], got 0.0"),
+    (["--scst-candidates", "sample", "--scst-top-k", "-1"], "argument --scst-top-k: expected an integer >= 0, got '-1'"),
+    (["--scst-candidates", "sample", "--scst-top-p", "0"], "argument --scst-top-p: expected a number in (0, 1], got '0'"),
 ])
 def test_sampling_options_are_refused_where_they_would_do_nothing_or_nonsense(argv, message, capsys):
     with pytest.raises(SystemExit):
