@@ -50,6 +50,15 @@ def openai_models() -> dict:
     return dict(_MODELS)
 
 
+def check_spec(spec: str) -> None:
+    """InputError unless `spec` is an OpenAI CLIP model name or a file (cheap: run before any loading)."""
+    if spec in openai_models() or os.path.isfile(spec):
+        return
+    what = "is a folder" if os.path.isdir(spec) else "not found"
+    raise InputError(f"CLIP model {spec!r} {what}; expected one of the models {list(openai_models())} "
+                     "or the path of a CLIP weights file")
+
+
 def cached_path(name: str) -> str:
     """Where `fetch` keeps model `name`'s weights (`ViT-L/14@336px` -> <cache>/clip/ViT-L-14-336px.state_dict.pt)."""
     return io_utils.cache_dir("clip", name.replace("/", "-").replace("@", "-") + ".state_dict.pt")
@@ -374,11 +383,9 @@ def load_clip(spec: str, device, purpose: str = "") -> tuple:
             print(f"note: CLIP {spec} is not in {os.path.dirname(path)}; downloading it now "
                   "(`bash hw3_download.sh` fetches it beforehand)", file=sys.stderr)
             path = fetch(spec, purpose)
-    elif os.path.isfile(spec):
-        path = spec
     else:
-        raise InputError(f"CLIP model {spec!r} not found; available models = {list(openai_models())}, "
-                         "or give a path to a CLIP weights file")
+        check_spec(spec)
+        path = spec
     try:
         state = read_state(path, spec)
     except InputError as error:

@@ -11,7 +11,6 @@ through `clip.load`, which runs code from the file it reads).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from clip_context import fit_clip_context
@@ -19,21 +18,11 @@ from image_io import find_images, open_rgb
 from io_utils import InputError, loader_workers, pick_device, warn
 
 
-def check_clip_model(model_name_or_file: str) -> None:
-    """Raise InputError unless `model_name_or_file` is an OpenAI CLIP name or an existing file."""
-    from clip_weights import openai_models
-
-    if model_name_or_file not in openai_models() and not os.path.isfile(model_name_or_file):
-        raise InputError(f"CLIP model {model_name_or_file!r} not found; available models = "
-                         f"{list(openai_models())}, or a path to a checkpoint file")
-
-
 def load_clip(model_name_or_file: str, device):
     """(model, preprocess): clip_weights.load_clip of a local weights file, or of an OpenAI model name from
     the cache, fetched into it when missing; InputError saying what to do when that fails."""
     import clip_weights
 
-    check_clip_model(model_name_or_file)
     return clip_weights.load_clip(model_name_or_file, device,
                                   purpose="; or pass --clip-model FILE, a local CLIP weights file")
 

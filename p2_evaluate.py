@@ -40,7 +40,7 @@ from collections import Counter
 from PIL import Image
 
 import clip_weights
-from clipscore import check_clip_model, clip_scores, load_clip
+from clipscore import clip_scores, load_clip
 from file_io import atomic_write_text, check_output_path, check_outputs_spare_inputs, load_references, read_json
 from image_io import find_images, to_rgb
 from io_utils import InputError, pick_device, quiet_known_warnings, reports_input_errors, strip_extension, warn
@@ -288,7 +288,7 @@ def main(argv=None) -> None:
             check_java()
         image_paths = clip_model = None
         if not args.no_clipscore:
-            check_clip_model(args.clip_model)
+            clip_weights.check_spec(args.clip_model)
             image_paths = find_images(args.images_root, preds)
         read = set(image_paths.values()) if image_paths else set()
         check_outputs_spare_inputs(

@@ -843,9 +843,23 @@ class Trainer:
                              "or start a new run with another --out")
 
     def load_weights(self, weights: dict) -> None:
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) & set(weights) or len(weights) != len(self.learner.params):
-            raise InputError(f"weights do not fit the model (unexpected {unexpected[:5]})")
+        """The trainable tensors `weights` (of the state file, or the best so far) copied into the model's
+        parameters in place, so the optimizer keeps its references; one InputError line for the first
+        tensor that does not fit (load_state_dict would list every mismatch)."""
+        params = dict(self.model.named_parameters())
+        trainable = {name for name, p in params.items() if p.requires_grad}
+        for name, tensor in weights.items():
+            if name not in trainable or tuple(tensor.shape) != tuple(params[name].shape):
+                found = f"shape {tuple(tensor.shape)}, the model's {tuple(params[name].shape)}" if name in params \
+                    else "no such trainable tensor in the model"
+                raise InputError(f"{self.state_path} holds weights that do not fit this model "
+                                 f"({name!r}: {found}); resume with the interrupted run's options or start a new run")
+        if set(weights) != trainable:
+            raise InputError(f"{self.state_path} lacks {len(trainable - set(weights))} trainable tensor(s), "
+                             f"e.g. {sorted(trainable - set(weights))[:3]}; start a new run")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
 
     def log(self, **record) -> None:
         record = {"step": self.progress["step"], "phase": self.progress["phase"], "time": round(time.time(), 1),

@@ -310,7 +310,13 @@ def _main_error(module, argv) -> str:
 def test_unknown_clip_model_fails_before_scoring(dataset, no_scoring):
     message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
                                        "--annotation_file", dataset["ann"], "--clip-model", "ViT-X/99"])
-    assert "CLIP model 'ViT-X/99' not found; available models = [" in message
+    assert "CLIP model 'ViT-X/99' not found; expected one of the models [" in message
+
+
+def test_a_folder_as_clip_model_is_named_as_one(dataset, no_scoring):
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                       "--annotation_file", dataset["ann"], "--clip-model", dataset["tmp"]])
+    assert f"CLIP model {str(dataset['tmp'])!r} is a folder; expected one of the models [" in message
 
 
 @pytest.mark.parametrize("option", ["--metrics-out", "--per-image"])

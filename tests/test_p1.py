@@ -185,7 +185,7 @@ def test_unknown_model_exits_nonzero_and_keeps_old_output(tmp_path):
     out.write_text("old\n")
     result = run_hw3_1([str(folder), id2label, str(out)], "ViT-Z/99", tmp_path)
     assert result.returncode != 0
-    assert "CLIP model 'ViT-Z/99' not found; available models = [" in result.stderr
+    assert "CLIP model 'ViT-Z/99' not found; expected one of the models [" in result.stderr
     assert "ViT-L/14@336px" in result.stderr
     assert out.read_text() == "old\n"
 
@@ -412,7 +412,7 @@ def _bad_json(tmp_path, text):
     ("non-integer key", "key 'cat' is not an integer class id"),
     ("non-string value", "must be a non-empty string"),
     ("duplicate id", "repeats class id 1"),
-    ("unknown model", "CLIP model 'no-such-model' not found; available models = ["),
+    ("unknown model", "CLIP model 'no-such-model' not found; expected one of the models ["),
     ("long class name", "the name of class 7 (500 characters, 'xxxxx"),
 ])
 @pytest.mark.parametrize("existing_output", [False, True])

@@ -162,6 +162,26 @@ def test_resume_after_the_captions_were_halved_refuses_at_once(interrupted):
     assert "Traceback" not in result.stderr and "resumed at" not in result.stderr
 
 
+@pytest.mark.parametrize("damage", ["shape", "missing"])
+def test_resume_with_weights_that_do_not_fit_is_one_error_line(interrupted, damage):
+    """A state whose trainable tensors do not fit the model (edited, or another build's): one line naming
+    the file and the first misfit, never load_state_dict's list of every mismatch."""
+    setup, out, common = interrupted
+    path = str(out) + ".state"
+    state = torch.load(path)
+    name = sorted(state["trainable"])[0]
+    if damage == "shape":
+        state["trainable"][name] = state["trainable"][name][..., :1]
+    else:
+        del state["trainable"][name]
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as error:
+        run(train_args(setup, out, *common, "--resume"))
+    message = str(error.value)
+    assert message.startswith(f"error: {path} ") and "\n" not in message, message
+    assert (f"{name!r}: shape" if damage == "shape" else f"lacks 1 trainable tensor(s), e.g. [{name!r}]") in message
+
+
 def test_resume_refuses_other_captions_of_the_same_count(interrupted):
     setup, out, common = interrupted
 
