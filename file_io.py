@@ -240,7 +240,7 @@ def _tmp_prefix(path: str, pid: int) -> str:
     return f".{_tmp_stem(path)}.{pid}."
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process is there
     except ProcessLookupError:
@@ -273,7 +273,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
             continue
         candidate = os.path.join(parent, name)
         try:
-            if not stat.S_ISREG(os.lstat(candidate).st_mode) or _process_exists(int(match["pid"])):
+            if not stat.S_ISREG(os.lstat(candidate).st_mode) or process_exists(int(match["pid"])):
                 continue
             os.unlink(candidate)
         except (OSError, ValueError, OverflowError):  # gone already, not ours to remove, a pid no kernel has

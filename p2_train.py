@@ -93,7 +93,7 @@ from cider import CiderD, tokenize
 from decoder import LORA_TARGETS
 from encoder import DEFAULT_ENCODER
 from clipscore import clip_scores
-from file_io import _process_exists as process_exists
+from file_io import process_exists
 from file_io import atomic_torch_save, atomic_write_text, check_output_path, check_outputs_spare_inputs
 from io_utils import InputError, loader_workers, pick_device, quiet_known_warnings, warn
 from weights import torch_load
