@@ -241,9 +241,12 @@ def _tmp_prefix(path: str, pid: int) -> str:
 
 
 def process_exists(pid: int) -> bool:
+    """Whether process `pid` is running (a pid no kernel gives, <= 0 or too large, never is)."""
+    if pid <= 0:  # os.kill would signal a process group
+        return False
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process is there
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # it exists, and belongs to another user
         return True

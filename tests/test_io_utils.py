@@ -366,3 +366,14 @@ def test_an_image_above_pillows_limit_is_read_downscaled_if_jpeg_else_named_too_
     assert Image.MAX_IMAGE_PIXELS == 10000  # the guard is back for everyone else
     _, warning = image_io.ReadableImages([str(tmp_path / "bomb.png")], [lambda im: im])[0]
     assert "too large" in warning
+
+
+def test_process_exists_only_for_a_running_process():
+    from file_io import process_exists
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert process_exists(os.getpid())
+    assert not process_exists(child.pid)  # reaped: no such process now
+    assert not process_exists(0) and not process_exists(-1)  # os.kill would signal a process group
+    assert not process_exists(10 ** 20)  # beyond any pid: OverflowError in os.kill
