@@ -137,6 +137,46 @@ def train_args(setup, out, *extra):
             "--warmup-steps", "5", "--max-len", "16", "--log-every", "5", *extra]
 
 
+def small_copy(setup: dict, root, n_train: int = 40) -> dict:
+    """The captioning setup with its first n_train training images (5 captions each) copied to root."""
+    import json
+    import shutil
+
+    shutil.copytree(setup["data_root"], root)
+    with open(os.path.join(root, "train.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    data["images"] = data["images"][:n_train]
+    kept = {image["id"] for image in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+    with open(os.path.join(root, "train.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return dict(setup, data_root=str(root))
+
+
+@pytest.fixture(scope="module")
+def small_setup(tmp_path_factory, captioning_setup):
+    """The captioning setup with its first 40 training images only (200 captions), one copy per test module."""
+    return small_copy(captioning_setup, tmp_path_factory.mktemp("small") / "data")
+
+
+def disk_full(monkeypatch, code: str = "ENOSPC") -> None:
+    """From now on every write through file_io's open fails as a full disk (errno `code`) would."""
+    import errno
+
+    import file_io
+
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            number = getattr(errno, code)
+            f.write = lambda data: (_ for _ in ()).throw(OSError(number, os.strerror(number)))
+        return f
+
+    monkeypatch.setattr(file_io, "open", full, raising=False)
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, captioning_setup):
     """A tiny adapter captioner trained by `p2_train.py` on the synthetic set (3 epochs, no SCST)."""

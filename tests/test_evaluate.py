@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import disk_full
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -617,22 +618,12 @@ def test_an_output_that_is_an_unread_file_beside_the_images_is_allowed(dataset, 
 
 
 def test_a_full_disk_while_saving_the_metrics_is_one_line_and_keeps_the_old_file(dataset, no_scoring, monkeypatch):
-    import errno
 
-    import file_io
 
     monkeypatch.setattr(no_scoring, "cider_pycoco", lambda preds, refs: (1.5, {k: 1.5 for k in refs}))
     out = dataset["tmp"] / "metrics.json"
     out.write_text("old")
-    real_open = open
-
-    def full(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        if "w" in mode:
-            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
-        return f
-
-    monkeypatch.setattr(file_io, "open", full, raising=False)
+    disk_full(monkeypatch)
     message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--annotation_file", dataset["ann"],
                                        "--no-clipscore", "--metrics-out", out])
     assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")

@@ -12,6 +12,7 @@ import clip
 import numpy as np
 import pytest
 import torch
+from conftest import disk_full
 from PIL import Image, ImageOps
 
 import io_utils
@@ -717,22 +718,13 @@ def test_hw3_1_writes_an_output_with_a_250_byte_name(tiny_clip_file, tmp_path, m
 
 
 def test_hw3_1_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(tiny_clip_file, tmp_path, monkeypatch):
-    import errno
 
     monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
     monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
     folder = save_images(tmp_path / "images", ["a.png"])
     out = tmp_path / "pred.csv"
     out.write_text("old\n")
-    real_open = open
-
-    def full(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        if "w" in mode:
-            f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
-        return f
-
-    monkeypatch.setattr(zs.file_io, "open", full, raising=False)
+    disk_full(monkeypatch)
     with pytest.raises(SystemExit) as error:
         zs.main([str(folder), write_json(tmp_path / "id2label.json", ID2LABEL), str(out)])
     message = str(error.value.code)

@@ -9,6 +9,7 @@ import clip
 import numpy as np
 import pytest
 import torch
+from conftest import disk_full
 from PIL import Image
 
 import io_utils
@@ -518,22 +519,12 @@ def test_hw3_2_writes_an_output_with_a_250_byte_name(env, tmp_path, decoder_weig
 @pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
 def test_hw3_2_on_a_full_disk_keeps_the_old_output_and_says_so_in_one_line(env, tmp_path, monkeypatch,
                                                                            decoder_weights, code):
-    import errno
 
-    import file_io
 
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     out = tmp_path / "pred.json"
     out.write_text("old\n")
-    real_open = open
-
-    def full(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        if "w" in mode:
-            f.write = lambda data: (_ for _ in ()).throw(OSError(getattr(errno, code), os.strerror(getattr(errno, code))))
-        return f
-
-    monkeypatch.setattr(file_io, "open", full, raising=False)
+    disk_full(monkeypatch, code)
     message = run_main([folder, out, decoder_weights])
     assert message.startswith("error: ") and "\n" not in message
     assert "no space left on " in message and f" writing {out} (1 MB needed)" in message

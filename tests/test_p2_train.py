@@ -102,20 +102,6 @@ def assert_same_state(path_a, path_b):
     return a
 
 
-@pytest.fixture(scope="module")
-def small_setup(tmp_path_factory, captioning_setup):
-    """The captioning setup with its first 40 training images only (200 captions, 7 batches of 32)."""
-    root = tmp_path_factory.mktemp("small") / "data"
-    shutil.copytree(captioning_setup["data_root"], root)
-    with open(root / "train.json", encoding="utf-8") as f:
-        data = json.load(f)
-    data["images"] = data["images"][:40]
-    kept = {image["id"] for image in data["images"]}
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
-    (root / "train.json").write_text(json.dumps(data), encoding="utf-8")
-    return dict(captioning_setup, data_root=str(root))
-
-
 @pytest.mark.parametrize("phase, stop", [("xe", 9), ("scst", 20)])
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, small_setup, monkeypatch, phase, stop):
     """Killed mid-phase, resumed from the last saved state: the same tensors bit for bit, and each

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import REPO, train_args
+from conftest import REPO, small_copy, train_args
 from test_p2_data import bomb_bytes
 
 import p2_train
@@ -22,17 +22,6 @@ QUICK = ["--decode-beams", "1", "--decode-length-penalties", "0", "--scst-epochs
 
 def run(args):
     p2_train.main([str(a) for a in args])
-
-
-def small_copy(setup: dict, root, n_train: int = 40) -> dict:
-    """The captioning setup with its first n_train training images (5 captions each) copied to root."""
-    shutil.copytree(setup["data_root"], root)
-    data = json.loads((root / "train.json").read_text(encoding="utf-8"))
-    data["images"] = data["images"][:n_train]
-    kept = {image["id"] for image in data["images"]}
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
-    (root / "train.json").write_text(json.dumps(data), encoding="utf-8")
-    return dict(setup, data_root=str(root))
 
 
 def image_path(root, split: str, index: int) -> str:

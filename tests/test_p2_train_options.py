@@ -29,20 +29,6 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def small_setup(tmp_path_factory, captioning_setup):
-    """The captioning setup with its first 40 training images (200 captions: 4 batches of 50)."""
-    root = tmp_path_factory.mktemp("small") / "data"
-    shutil.copytree(captioning_setup["data_root"], root)
-    with open(root / "train.json", encoding="utf-8") as f:
-        data = json.load(f)
-    data["images"] = data["images"][:40]
-    kept = {image["id"] for image in data["images"]}
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
-    (root / "train.json").write_text(json.dumps(data), encoding="utf-8")
-    return dict(captioning_setup, data_root=str(root))
-
-
 # -- ranges, at parse time ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
