@@ -139,8 +139,13 @@ class Split:
         return {"images": len(self.keys), "captions": len(self.samples), "sha1": digest}
 
 
-def unreadable_reason(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"
+def read_image(path: str):
+    """(RGB image, "") as inference reads it (image_io.open_rgb), or (None, why) when it does not decode:
+    corrupt, truncated, too large; Pillow raises more than OSError, so every failure counts."""
+    try:
+        return open_rgb(path), ""
+    except Exception as error:  # noqa: BLE001
+        return None, f"{type(error).__name__}: {error}"
 
 
 class UnreadableImage(InputError):
@@ -165,11 +170,10 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        try:
-            image = open_rgb(self.paths[index])
-        except Exception as error:  # noqa: BLE001 -- Pillow raises more than OSError (DecompressionBombError...)
-            raise UnreadableImage(f"cannot read image {self.paths[index]!r} ({unreadable_reason(error)}), "
-                                  "which was readable when the run started") from None
+        image, why = read_image(self.paths[index])
+        if image is None:
+            raise UnreadableImage(f"cannot read image {self.paths[index]!r} ({why}), which was readable when "
+                                  "the run started")
         return self.transform(image)
 
 
@@ -184,10 +188,9 @@ class CheckedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        try:
-            image = open_rgb(self.paths[index])
-        except Exception as error:  # noqa: BLE001 -- corrupt, truncated, a decompression bomb: all "unreadable"
-            return index, unreadable_reason(error)
+        image, why = read_image(self.paths[index])
+        if image is None:
+            return index, why
         return index, (self.transform(image) if self.transform else None)
 
 
