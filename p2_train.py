@@ -594,9 +594,10 @@ class Learner:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
         loss, norm = loss.item(), float(norm)
         finite = math.isfinite(loss) and math.isfinite(norm)
-        if not finite and (not self.amp or self.skipped + 1 >= MAX_SKIPPED_STEPS):
+        scaling = self.scaler.is_enabled()  # a GradScaler (CUDA's fp16) skips a few such steps by design
+        if not finite and (not scaling or self.skipped + 1 >= MAX_SKIPPED_STEPS):
             self.optimizer.zero_grad(set_to_none=True)
-            raise Diverged.at_step(loss, norm, lr, self.skipped + 1 if self.amp else 0)
+            raise Diverged.at_step(loss, norm, lr, self.skipped + 1 if scaling else 0)
         self.scaler.step(self.optimizer)  # on CUDA a step with non-finite gradients is skipped here
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
