@@ -146,7 +146,8 @@ $(CKPT)/%.pt: $(DATA_FILES)
 $(CKPT)/baseline.pt: $(DATA_FILES)
 	$(call gpu_of,baseline)$(PYTHON) p2_train.py --data-root $(P2) --decoder-weights $(DECODER) --peft none --out $@ \
 	    --cache-features $(FEATURES) --device $(DEVICE) $(TRAIN_ARGS) \
-	    --epochs 0 --scst-epochs 0 --decode-beams 1 --decode-length-penalties 0 $(if $(wildcard $@.state),--resume)
+	    --epochs 0 --max-steps 0 --scst-epochs 0 --scst-max-steps 0 --decode-beams 1 --decode-length-penalties 0 \
+	    $(if $(wildcard $@.state),--resume)
 
 # ---------------------------------------------------------------- report
 

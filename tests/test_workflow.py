@@ -38,7 +38,7 @@ def test_dry_run_of_report_prints_the_real_data_commands(tmp_path):
         *[f"HW3_P2_CKPT={tmp_path}/ck/{run}.pt bash hw3_2.sh {data}/p2_data/images/val "
           f"{tmp_path}/out/p2_pred_{run}.json {data}/p2_data/decoder_model.bin" for run in RUNS],
         *[f"--metrics-out {tmp_path}/out/p2_metrics_{run}.json" for run in (*RUNS, "baseline")],
-        "--epochs 0 --scst-epochs 0",  # the language-model-only baseline
+        "--epochs 0 --max-steps 0 --scst-epochs 0 --scst-max-steps 0",  # the language-model-only baseline
         f"p2_select.py --results {tmp_path}/out --runs none adapter prefix lora",
         f"p2_attention.py --images {data}/p3_data/images/bike.jpg",
         f"--per-image {tmp_path}/out/p2_per_image.json",
@@ -49,6 +49,22 @@ def test_dry_run_of_report_prints_the_real_data_commands(tmp_path):
     # p2_select after every evaluation, the attention figures and the report after it
     assert out.index("p2_metrics_lora.json") < out.index("p2_select.py") < out.index("p2_attention.py") \
         < out.index("build_report.py")
+
+
+@needs_make
+def test_the_baseline_stays_untrained_whatever_train_args_say(tmp_path):
+    """The language-model-only baseline shares TRAIN_ARGS with the runs: a --max-steps there (the demo's
+    80) once made it train 80 steps, since --max-steps overrides --epochs. Its own options come last."""
+    import shlex
+
+    import p2_train
+
+    out = make("-n", f"{tmp_path}/ck/baseline.pt", f"DATA={tmp_path}/hw3_data", f"CKPT={tmp_path}/ck",
+               "TRAIN_ARGS=--max-steps 80 --epochs 3 --scst-epochs 2 --scst-max-steps 5").stdout
+    words = shlex.split(out.replace("\\\n", " "))
+    args = p2_train.parse_args(words[words.index("p2_train.py") + 1:])
+    assert (args.max_steps, args.epochs, args.scst_epochs, args.scst_max_steps) == (0, 0, 0, 0), out
+    assert p2_train.plan_steps(args, xe_batches=100, scst_batches=100) == (0, 0)
 
 
 @needs_make
