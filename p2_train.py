@@ -1136,14 +1136,18 @@ class RunLock:
 
 
 def check_outputs(args) -> None:
-    """Before any work: --out can be written, and neither it nor a file beside it is one of the run's inputs."""
-    try:
-        check_output_path(args.out)
-    except InputError as error:
-        raise InputError(f"--out: {error}") from None
+    """Before any work: --out and the files beside it can be written (a name that fits NAME_MAX with
+    its suffix too), and none of them is one of the run's inputs."""
     outputs = {"--out": args.out, "--out's training state": args.out + ".state",
                "--out's log": args.out + ".log.jsonl", "--out's validation captions": args.out + ".val.json",
                "--out's lock": args.out + ".lock"}
+    for label, path in outputs.items():
+        try:
+            check_output_path(path)
+        except InputError as error:
+            longest = max(len(path) for path in outputs.values()) - len(args.out)
+            hint = f" (the files beside --out add up to {longest} bytes to its name)" if "bytes long" in str(error) else ""
+            raise InputError(f"{label}: {error}{hint}") from None
     inputs = {"--decoder-weights": args.decoder_weights, "--encoder-weights": args.encoder_weights,
               "--clip-model": args.clip_model if args.clipscore and os.path.isfile(args.clip_model) else None}
     for split in ("train", "val"):

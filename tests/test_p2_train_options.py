@@ -256,6 +256,21 @@ def test_outputs_never_replace_inputs(tmp_path, small_setup, monkeypatch, how):
     assert weights.read_bytes() == before
 
 
+@pytest.mark.parametrize("name", ["m" * 247 + ".pt", "é" * 123 + ".pt", "m" * 250 + ".pt"],
+                         ids=["ascii250", "utf8x2", "lock-too"])
+def test_an_out_whose_side_files_exceed_name_max_fails_before_any_work(tmp_path, small_setup, monkeypatch, name):
+    """--out's own name is legal, OUT.state / OUT.log.jsonl / OUT.val.json / OUT.lock are not: refused
+    before the model is built, never by a traceback after the training."""
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(p2_train, "Captioner", built)
+    with pytest.raises(SystemExit, match=r"^error: --out's .*bytes long; the file system takes at most 255 "
+                                         r"\(the files beside --out add up to 10 bytes to its name\)$"):
+        run(train_args(small_setup, tmp_path / name, *QUICK))
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("failure", ["ENOSPC", "torch's zip writer"])
 def test_a_full_disk_while_saving_is_one_error_and_keeps_the_last_state(tmp_path, small_setup, monkeypatch, failure):
     out = tmp_path / "m.pt"
