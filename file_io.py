@@ -405,7 +405,8 @@ def check_outputs_spare_inputs(outputs: dict, inputs: dict, reads_member=None) -
 
     `outputs` and `inputs` map what a path is for (an option name, "OUT_JSON") to the path. Files are
     compared as the file system sees them (os.stat's device and inode), so a symbolic link, a hard
-    link or another spelling of an input's path is that input. An input that is a folder (an image
+    link or another spelling of an input's path is that input; two outputs not written yet are the
+    same when their resolved paths are. An input that is a folder (an image
     folder) counts each file directly in it, or only those for which `reads_member(path)` is true.
     """
     seen = {}
@@ -424,10 +425,12 @@ def check_outputs_spare_inputs(outputs: dict, inputs: dict, reads_member=None) -
             if file_id is not None:
                 seen.setdefault(file_id, (f"{label} {path!r}", None))
     for label, path in outputs.items():
-        file_id = _file_id(path) if path else None
-        if file_id is None or file_id not in seen:
-            if file_id is not None:
-                seen[file_id] = (f"output {label} {path!r}", "output")
+        if not path:
+            continue
+        # a file that is not there yet is known by the path atomic_output would write (links and ".." resolved)
+        file_id = _file_id(path) or ("new", os.path.realpath(path))
+        if file_id not in seen:
+            seen[file_id] = (f"output {label} {path!r}", "output")
             continue
         what, member = seen[file_id]
         if member == "output":

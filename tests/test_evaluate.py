@@ -608,6 +608,29 @@ def test_an_output_that_is_an_input_is_refused_before_scoring(dataset, no_scorin
     assert {path: path.read_bytes() for path in files.values()} == before
 
 
+@pytest.mark.parametrize("spelling", ["same", "dotted", "parent and back", "through a linked folder",
+                                      "dangling link"])
+def test_two_outputs_not_written_yet_on_one_path_are_refused_before_scoring(dataset, no_scoring, tiny_clip_file,
+                                                                           spelling):
+    """--metrics-out and --per-image naming one new file, however spelled: the second write would
+    replace the first's finished work."""
+    new = dataset["tmp"] / "new" / "scores.json"
+    new.parent.mkdir()
+    (dataset["tmp"] / "sub").mkdir()
+    (dataset["tmp"] / "linked").symlink_to(dataset["tmp"] / "new", target_is_directory=True)
+    (dataset["tmp"] / "dangling.json").symlink_to(new)
+    other = {"same": str(new), "dotted": f"{new.parent}/./scores.json",
+             "parent and back": f"{dataset['tmp']}/sub/../new/scores.json",
+             "through a linked folder": f"{dataset['tmp']}/linked/scores.json",
+             "dangling link": str(dataset["tmp"] / "dangling.json")}[spelling]
+    message = _main_error(no_scoring, ["--pred_file", dataset["pred"], "--images_root", dataset["root"],
+                                       "--annotation_file", dataset["ann"], "--clip-model", tiny_clip_file,
+                                       "--metrics-out", new, "--per-image", other])
+    assert message == (f"error: --per-image {other!r} is the same file as output --metrics-out {str(new)!r}; "
+                       "give each output its own path")
+    assert not new.exists()
+
+
 def test_an_output_that_is_an_unread_file_beside_the_images_is_allowed(dataset, no_scoring, monkeypatch):
     monkeypatch.setattr(no_scoring, "cider_pycoco", lambda preds, refs: (1.5, {k: 1.5 for k in refs}))
     out = dataset["root"] / "metrics.json"

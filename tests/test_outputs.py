@@ -90,6 +90,25 @@ def test_an_output_name_beyond_name_max_fails_before_any_work(tmp_path):
         file_io.check_output_path(str(tmp_path / ("a" * 256)))
 
 
+# ---------------------------------------------------------------- outputs among themselves
+
+@pytest.mark.parametrize("second", ["real/out.json", "real/./out.json", "real/sub/../out.json", "linked/out.json",
+                                    "real/dangling"])
+def test_two_outputs_that_do_not_exist_yet_are_the_same_file_when_they_resolve_alike(tmp_path, second):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "sub").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real" / "dangling").symlink_to(tmp_path / "real" / "out.json")
+    first = tmp_path / "real" / "out.json"
+    with pytest.raises(InputError, match="is the same file as output A .*give each output its own path"):
+        file_io.check_outputs_spare_inputs({"A": str(first), "B": str(tmp_path / second)}, {})
+    with pytest.raises(InputError, match="is the same file as output A"):
+        file_io.check_outputs_spare_inputs({"A": str(tmp_path / "linked" / "out.json"),
+                                            "B": str(tmp_path / second)}, {})
+    file_io.check_outputs_spare_inputs({"A": str(first), "B": str(tmp_path / "real" / "other.json")}, {})
+    assert not first.exists()
+
+
 # ---------------------------------------------------------------- stale temporaries
 
 def _dead_pid() -> int:
