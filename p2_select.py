@@ -16,7 +16,10 @@ where the rest of the workflow looks for the submitted model:
                                  read it when $HW3_P2_CKPT is unset
 
 A missing or malformed file, or a CIDEr that is not a finite number, is an error
-naming the file: the choice is never made on part of the runs.
+naming the file: the choice is never made on part of the runs. Before anything is
+written, an output that would replace a file the choice read (a run's result files or
+checkpoint, however spelled or linked) or another output is refused; --install may be
+the chosen checkpoint itself (nothing is copied then).
 """
 from __future__ import annotations
 
@@ -50,8 +53,8 @@ def read_run(results: str, run: str) -> dict:
             "per_image": os.path.join(results, f"p2_per_image_{run}.json")}
 
 
-def choose(results: str, runs) -> dict:
-    """The run with the highest validation CIDEr (the first named on a tie)."""
+def choose(results: str, runs) -> tuple:
+    """(every run read, the run with the highest validation CIDEr: the first named on a tie)."""
     if not runs:
         raise InputError("no runs to choose from")
     if len(set(runs)) != len(runs):
@@ -59,20 +62,56 @@ def choose(results: str, runs) -> dict:
     found = [read_run(results, run) for run in runs]
     for r in found:
         print(f"{r['run']:>8s}  CIDEr {r['cider']:.4f}  {r['checkpoint']}", file=sys.stderr)
-    return max(found, key=lambda r: r["cider"])  # max keeps the first of equal keys
+    return found, max(found, key=lambda r: r["cider"])  # max keeps the first of equal keys
+
+
+def outputs(results: str, install: str) -> dict:
+    """What `record` writes, by what it is for."""
+    return {"p2_per_image.json": os.path.join(results, "p2_per_image.json"),
+            "p2_metrics_best.json": os.path.join(results, "p2_metrics_best.json"),
+            "--install": install, "p2_ckpt_best.txt": os.path.join(results, "p2_ckpt_best.txt")}
+
+
+def installs_in_place(best: dict, install: str) -> bool:
+    """Whether --install is the chosen checkpoint itself (any spelling, a link): nothing to copy."""
+    try:
+        return os.path.samefile(install, best["checkpoint"])
+    except OSError:
+        return False
+
+
+def check_outputs(found: list, best: dict, results: str, install: str) -> None:
+    """Before anything is written: every output can be written and none replaces a file the choice
+    read (a run's metrics, checkpoint path, per-image scores or checkpoint) or another output."""
+    written = outputs(results, install)
+    for label, path in written.items():
+        try:
+            file_io.check_output_path(path)
+        except InputError as error:
+            raise InputError(f"{label}: {error}") from None
+    if installs_in_place(best, install):
+        del written["--install"]
+    inputs = {}
+    for r in found:
+        inputs.update({f"run {r['run']!r}'s metrics": os.path.join(results, f"p2_metrics_{r['run']}.json"),
+                       f"run {r['run']!r}'s checkpoint path": os.path.join(results, f"p2_ckpt_{r['run']}.txt"),
+                       f"run {r['run']!r}'s per-image scores": r["per_image"],
+                       f"run {r['run']!r}'s checkpoint": r["checkpoint"]})
+    file_io.check_outputs_spare_inputs(written, inputs)
 
 
 def record(best: dict, results: str, install: str) -> None:
     """Write the best run where the report, hw3_2.sh and selfcheck.py look for it."""
+    written = outputs(results, install)
     per_image = file_io.read_json(best["per_image"], f"run {best['run']!r}'s per-image scores")
-    file_io.atomic_write_text(os.path.join(results, "p2_per_image.json"), json.dumps(per_image, indent=1) + "\n")
-    file_io.atomic_write_text(os.path.join(results, "p2_metrics_best.json"),
-                               json.dumps({**best["metrics"], "run": best["run"]}, indent=1) + "\n")
-    if os.path.abspath(install) != os.path.abspath(best["checkpoint"]):
+    file_io.atomic_write_text(written["p2_per_image.json"], json.dumps(per_image, indent=1) + "\n")
+    file_io.atomic_write_text(written["p2_metrics_best.json"],
+                              json.dumps({**best["metrics"], "run": best["run"]}, indent=1) + "\n")
+    if not installs_in_place(best, install):
         with file_io.atomic_output(install) as tmp:
             shutil.copyfile(best["checkpoint"], tmp)
     # last: its presence says the whole choice was recorded
-    file_io.atomic_write_text(os.path.join(results, "p2_ckpt_best.txt"), best["checkpoint"] + "\n")
+    file_io.atomic_write_text(written["p2_ckpt_best.txt"], best["checkpoint"] + "\n")
 
 
 @io_utils.reports_input_errors
@@ -83,7 +122,8 @@ def main(argv=None) -> None:
     parser.add_argument("--install", default=io_utils.cache_dir(io_utils.P2_CHECKPOINT_NAME),
                         help="where the chosen checkpoint is copied (default: the cache's, %(default)s)")
     args = parser.parse_args(argv)
-    best = choose(args.results, args.runs)
+    found, best = choose(args.results, args.runs)
+    check_outputs(found, best, args.results, args.install)
     record(best, args.results, args.install)
     print(f"best run: {best['run']} (validation CIDEr {best['cider']:.4f}); {best['checkpoint']} -> {args.install}",
           file=sys.stderr)

@@ -267,6 +267,42 @@ def test_select_refuses_bad_input_and_records_nothing(tmp_path, damage, message)
     assert not (results / "p2_ckpt_best.txt").exists() and not install.exists()
 
 
+@pytest.mark.parametrize("install", ["ck/adapter.pt", "out/p2_metrics_adapter.json", "out/p2_ckpt_lora.txt",
+                                     "out/p2_per_image_prefix.json", "out/p2_per_image.json", "out/p2_ckpt_best.txt",
+                                     "symlink to ck/none.pt", "hard link to out/p2_metrics_lora.json",
+                                     "out/../ck/./prefix.pt", "new/"])
+def test_select_refuses_an_install_that_replaces_an_input_or_an_output_and_writes_nothing(tmp_path, install):
+    results, ckpts = tmp_path / "out", tmp_path / "ck"
+    for run, cider in zip(RUNS, (0.41, 0.93, 0.77, 0.95)):
+        write_run(results, ckpts, run, cider)
+    if install.startswith(("symlink", "hard link")):
+        target = tmp_path / install.split(" to ")[1]
+        link = tmp_path / "link.pt"
+        link.symlink_to(target) if install.startswith("symlink") else os.link(target, link)
+        install = "link.pt"
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    result = select(results, f"{tmp_path}/{install}")  # as typed: pathlib would drop the trailing "/"
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("writing it would replace that input" in result.stderr or "give each output its own path" in result.stderr
+            or "is a folder; expected a file name" in result.stderr), result.stderr
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.parametrize("install", ["ck/lora.pt", "ck/./lora.pt", "symlink", "hard link"])
+def test_select_may_install_onto_the_chosen_checkpoint_itself(tmp_path, install):
+    results, ckpts = tmp_path / "out", tmp_path / "ck"
+    for run, cider in zip(RUNS, (0.41, 0.93, 0.77, 0.95)):
+        write_run(results, ckpts, run, cider)
+    if install in ("symlink", "hard link"):
+        link = tmp_path / "link.pt"
+        link.symlink_to(ckpts / "lora.pt") if install == "symlink" else os.link(ckpts / "lora.pt", link)
+        install = "link.pt"
+    result = select(results, tmp_path / install)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / install).read_bytes() == (ckpts / "lora.pt").read_bytes() == b"checkpoint of lora"
+    assert (results / "p2_ckpt_best.txt").read_text().strip() == str(ckpts / "lora.pt")
+
+
 def test_select_refuses_a_run_named_twice(tmp_path):
     results, ckpts = tmp_path / "out", tmp_path / "ck"
     write_run(results, ckpts, "lora", 0.9)
