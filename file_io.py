@@ -401,7 +401,8 @@ def _file_id(path: str):
 
 
 def check_outputs_spare_inputs(outputs: dict, inputs: dict, reads_member=None) -> None:
-    """Raise InputError, before any work, when an output would replace an input or another output.
+    """Raise InputError, before any work, when an output cannot be written (`check_output_path`: a
+    folder, a name beyond NAME_MAX, a parent that is a file), or would replace an input or another output.
 
     `outputs` and `inputs` map what a path is for (an option name, "OUT_JSON") to the path. Files are
     compared as the file system sees them (os.stat's device and inode), so a symbolic link, a hard
@@ -409,6 +410,12 @@ def check_outputs_spare_inputs(outputs: dict, inputs: dict, reads_member=None) -
     same when their resolved paths are. An input that is a folder (an image
     folder) counts each file directly in it, or only those for which `reads_member(path)` is true.
     """
+    for label, path in outputs.items():
+        if path:
+            try:
+                check_output_path(path)
+            except InputError as error:
+                raise InputError(f"{label}: {error}") from None
     seen = {}
     for label, path in inputs.items():
         if not path:

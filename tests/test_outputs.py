@@ -109,6 +109,14 @@ def test_two_outputs_that_do_not_exist_yet_are_the_same_file_when_they_resolve_a
     assert not first.exists()
 
 
+@pytest.mark.parametrize("bad", ["a" * 256, "folder/", "a_file/below.json"])
+def test_every_output_is_checked_as_a_path_too_and_named_by_its_label(tmp_path, bad):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InputError, match=r"^figure of x: "):
+        file_io.check_outputs_spare_inputs({"OUT": str(tmp_path / "ok.json"), "figure of x": f"{tmp_path}/{bad}"}, {})
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
 # ---------------------------------------------------------------- stale temporaries
 
 def _dead_pid() -> int:

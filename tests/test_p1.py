@@ -755,3 +755,17 @@ def test_report_refuses_an_output_that_is_an_input_before_loading(victim, tiny_c
                         str(image)])
     assert str(error.value.code).startswith(f"error: --out-dir {name} ") and "is the input" in str(error.value.code)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["x" * 246 + ".png", "é" * 123 + ".png"], ids=["ascii250", "utf8x2"])
+def test_report_refuses_a_chart_name_beyond_name_max_before_loading(name, tmp_path, monkeypatch):
+    """A legal 250-byte image name makes p1_top5_<stem>.png longer than NAME_MAX: one line before CLIP
+    loads, never a traceback at the save after the work."""
+    monkeypatch.setattr(p1_report, "Classifier", lambda *args: pytest.fail("CLIP loaded before the check"))
+    image = save_images(tmp_path / "val", [name]) / name
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    with pytest.raises(SystemExit) as error:
+        p1_report.main(["top5", "--id2label", id2label, "--out-dir", str(tmp_path / "out"), str(image)])
+    message = str(error.value.code)
+    assert message.startswith("error: --out-dir p1_top5_") and "bytes long; the file system takes at most" in message
+    assert not (tmp_path / "out").exists()

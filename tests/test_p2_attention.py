@@ -311,6 +311,24 @@ def test_the_notebook_runs_headless_and_writes_attention_json_where_the_report_l
     check_notebook_outputs(run_notebook(monkeypatch, env), out, keys)
 
 
+def test_cli_refuses_a_figure_name_beyond_name_max_before_loading(report_images, tmp_path, monkeypatch):
+    """A legal 250-byte image name makes attention_<stem>.png longer than NAME_MAX: one line before the
+    model loads, never a traceback after the captioning."""
+    import shutil
+
+    monkeypatch.setattr(p2_attention, "load_model", lambda *args: pytest.fail("loaded before the check"))
+    image = tmp_path / ("x" * 246 + ".png")
+    shutil.copy(report_images[0], image)
+    (tmp_path / "decoder.bin").write_bytes(b"decoder")
+    (tmp_path / "ckpt.pt").write_bytes(b"checkpoint")
+    with pytest.raises(SystemExit) as error:
+        p2_attention.main(["--images", str(image), "--out-dir", str(tmp_path / "out"), "--decoder-weights",
+                           str(tmp_path / "decoder.bin"), "--checkpoint", str(tmp_path / "ckpt.pt")])
+    message = str(error.value.code)
+    assert message.startswith("error: --out-dir attention_x") and "bytes long; the file system takes" in message
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("victim", ["image", "decoder", "checkpoint"])
 def test_cli_refuses_an_output_that_is_an_input_before_loading(report_images, tmp_path, monkeypatch, victim):
     monkeypatch.setattr(p2_attention, "load_model", lambda *args: pytest.fail("loaded before the check"))
