@@ -25,6 +25,11 @@ tokenizer finds it):
 
 Every file is real: the entry points load them through their ordinary code paths.
 The Makefile's `demo` target runs this, then the course workflow on OUT_DIR.
+
+OUT_DIR must be new, hold no file, or be a demo's (OUT_DIR/.hw3_demo, written before
+anything else, or an earlier demo's hw3_data/demo.json): the demo's files carry the
+course's names (hw3_data/p2_data/train.json, report_notes.md), and a folder of real
+data or the repository itself is refused before anything is written.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ import synthetic
 # The demo's encoder: a timm ViT at toy size (32x32 input, 8x8 patches, width 64).
 DEMO_ENCODER = "vit_tiny_patch16_224"
 DEMO_ENCODER_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+MARKER = ".hw3_demo"  # in OUT_DIR: the demo may write there
 P1_CLASSES = dict(enumerate(synthetic.SHAPES))  # id -> the shape drawn
 EMPTY_SECTION = "(to be written after the results are in)"  # report_notes.md's placeholder
 DEMO_ANSWER = ("Demo: the numbers and figures of this report come from synthetic shape images and tiny random "
@@ -113,11 +119,34 @@ def write_notes(template: str, path: str) -> None:
         f.write(filled)
 
 
+def check_out_dir(out_dir: str) -> None:
+    """InputError unless OUT_DIR is new, holds no file (empty folders only), or is a demo's (see the
+    module's docstring): the demo would replace files of the course's names there."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise io_utils.InputError(f"demo folder {out_dir!r} is not a folder")
+    if os.path.lexists(os.path.join(out_dir, MARKER)) or os.path.isfile(os.path.join(out_dir, "hw3_data", "demo.json")):
+        return
+    for root, folders, files in os.walk(out_dir):
+        found = files + [f for f in folders if os.path.islink(os.path.join(root, f))]
+        if found:
+            raise io_utils.InputError(
+                f"demo folder {out_dir!r} holds files the demo did not write (e.g. {os.path.join(root, found[0])!r}); "
+                "the demo writes hw3_data/, models/ and report_notes.md with the course's names there: "
+                "give a new or empty folder")
+
+
 def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, lm_steps: int, lm_width: int,
           seed: int) -> None:
     data = os.path.join(out_dir, "hw3_data")
     p2 = os.path.join(data, "p2_data")
     notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "report_notes.md")
+    check_out_dir(out_dir)
+    file_io.check_outputs_spare_inputs({"the demo's notes": os.path.join(out_dir, "report_notes.md")},
+                                       {"the repository's notes": notes})
+    os.makedirs(out_dir, exist_ok=True)
+    file_io.atomic_write_text(os.path.join(out_dir, MARKER), "a folder demo.py writes into\n")
     steps = [
         ("Problem 1 images", lambda: write_p1(os.path.join(data, "p1_data"), p1_per_class, size,
                                               np.random.default_rng(seed))),
@@ -137,6 +166,7 @@ def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, 
     file_io.atomic_write_text(os.path.join(data, "demo.json"), json.dumps(settings, indent=1) + "\n")
 
 
+@io_utils.reports_input_errors
 def main(argv=None) -> None:
     io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

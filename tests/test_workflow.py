@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -308,6 +309,53 @@ def test_select_refuses_a_run_named_twice(tmp_path):
     write_run(results, ckpts, "lora", 0.9)
     result = select(results, tmp_path / "p2.pt", "--runs", "lora", "lora")
     assert result.returncode == 1 and "runs named twice" in result.stderr
+
+
+# ---------------------------------------------------------------- demo.py's folder
+
+@pytest.mark.parametrize("existing", ["hw3_data/p2_data/train.json", "report_notes.md", "the repository",
+                                      "a link to a folder"])
+def test_demo_refuses_a_folder_of_files_it_did_not_write_before_writing_anything(tmp_path, monkeypatch, existing):
+    """The demo's files carry the course's names: a folder of real data (or the repository, whose
+    report_notes.md is the demo's template) is refused, nothing in it replaced."""
+    import demo
+
+    monkeypatch.setattr(demo, "write_decoder", lambda *args: pytest.fail("the demo started writing"))
+    folder = tmp_path / "mine"
+    if existing == "the repository":
+        folder = REPO
+    elif existing == "a link to a folder":
+        folder.mkdir()
+        (folder / "data").symlink_to(tmp_path, target_is_directory=True)
+    else:
+        (folder / existing).parent.mkdir(parents=True, exist_ok=True)
+        (folder / existing).write_text("the user's own\n")
+    files = [Path(folder) / "report_notes.md"] if folder == REPO else [p for p in folder.rglob("*") if p.is_file()]
+    before = {p: p.read_bytes() for p in files}
+    with pytest.raises(SystemExit) as stop:
+        demo.main([str(folder), "--train", "2", "--val", "1", "--p1-per-class", "1", "--lm-steps", "1"])
+    assert str(stop.value).startswith(f"error: demo folder {str(folder)!r} holds files the demo did not write")
+    assert {p: p.read_bytes() for p in files} == before
+    assert not os.path.exists(os.path.join(folder, demo.MARKER))
+
+
+def test_demo_writes_into_a_new_an_empty_or_its_own_folder(tmp_path, monkeypatch):
+    import demo
+
+    written = []
+    def first_step(folder, *args):  # build stops at its first step: the folder was accepted
+        written.append(folder)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "write_p1", first_step)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "earlier" / "hw3_data").mkdir(parents=True)
+    (tmp_path / "earlier" / "hw3_data" / "demo.json").write_text("{}")
+    for folder in ("new", "empty", "earlier", "new"):  # the second "new": the demo's marker is there now
+        with pytest.raises(KeyboardInterrupt):
+            demo.build(str(tmp_path / folder), 2, 1, 1, 32, 1, 64, 0)
+        assert os.path.isfile(tmp_path / folder / demo.MARKER)
+    assert len(written) == 4
 
 
 # ---------------------------------------------------------------- the demo's report
