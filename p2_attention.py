@@ -218,6 +218,16 @@ def read_per_image(path: str) -> list:
     return rows
 
 
+def extremes(per_image: str) -> dict:
+    """{"top1": row, "last1": row}: the best and worst rows of --per-image by CLIPScore (by key on a tie)."""
+    rows = sorted(read_per_image(per_image), key=lambda r: (-r["clip_score"], r["key"]))
+    return {"top1": rows[0], "last1": rows[-1]}
+
+
+def extreme_png(out_dir: str, rank: str, key: str) -> str:
+    return os.path.join(out_dir, f"attention_{rank}_{key}.png")
+
+
 def extreme_figures(per_image: str, images_root: str, out_dir: str, model, tokenizer, device,
                     beam_size: int | None = None) -> dict:
     """Draw the best and worst image by CLIPScore; {"top1": record, "last1": record}.
@@ -226,12 +236,11 @@ def extreme_figures(per_image: str, images_root: str, out_dir: str, model, token
     with the figure's "png" and "tokens"; the figure's title is the caption
     generated now, which differs from the scored one only if the decoding does.
     """
-    rows = sorted(read_per_image(per_image), key=lambda r: (-r["clip_score"], r["key"]))
-    chosen = {"top1": rows[0], "last1": rows[-1]}
+    chosen = extremes(per_image)
     paths = image_io.find_images(images_root, sorted({row["key"] for row in chosen.values()}))
     records = {}
     for rank, row in chosen.items():
-        png = os.path.join(out_dir, f"attention_{rank}_{row['key']}.png")
+        png = extreme_png(out_dir, rank, row["key"])
         figure = figure_for(paths[row["key"]], png, model, tokenizer, device, beam_size)
         if figure["caption"] != row["caption"]:
             io_utils.warn(f"{row['key']!r} is captioned {figure['caption']!r} now, but was scored as "
@@ -410,9 +419,17 @@ def main(argv=None) -> None:
     outputs = {"--out-dir attention.json": os.path.join(args.out_dir, "attention.json"),
                **{f"--out-dir attention_{stem}.png": os.path.join(args.out_dir, f"attention_{stem}.png")
                   for stem in stems}}
-    file_io.check_outputs_spare_inputs(outputs, {
-        "--per-image": args.per_image, "--checkpoint": args.checkpoint, "--decoder-weights": args.decoder_weights,
-        "--encoder-weights": args.encoder_weights, **{f"--images {path!r}": path for path in stems.values()}})
+    inputs = {"--per-image": args.per_image, "--checkpoint": args.checkpoint,
+              "--decoder-weights": args.decoder_weights, "--encoder-weights": args.encoder_weights,
+              **{f"--images {path!r}": path for path in stems.values()}}
+    if args.per_image:  # the top-1 / last-1 figures and the images they are drawn from
+        chosen = extremes(args.per_image)
+        found = image_io.find_images(args.images_root, sorted({row["key"] for row in chosen.values()}))
+        for rank, row in chosen.items():
+            png = extreme_png(args.out_dir, rank, row["key"])
+            outputs[f"--out-dir {os.path.basename(png)}"] = png
+        inputs.update({f"--images-root {key!r}": path for key, path in found.items()})
+    file_io.check_outputs_spare_inputs(outputs, inputs)
     file_io.check_input_file(args.checkpoint, "checkpoint")
     if args.encoder_weights:
         file_io.check_input_file(args.encoder_weights, "encoder weights file")

@@ -329,6 +329,36 @@ def test_cli_refuses_a_figure_name_beyond_name_max_before_loading(report_images,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", ["long key", "figure is an image read"])
+def test_cli_checks_the_per_image_figures_before_loading(report_images, tmp_path, monkeypatch, case):
+    """--per-image's top-1 / last-1 figures are outputs too: a legal 250-byte image name makes
+    attention_top1_<key>.png too long, and a figure must not replace an image it is drawn from."""
+    import shutil
+
+    monkeypatch.setattr(p2_attention, "load_model", lambda *args: pytest.fail("loaded before the check"))
+    root = tmp_path / "images"
+    root.mkdir()
+    top = "k" * 246 if case == "long key" else "best"
+    last = "worst" if case == "long key" else f"attention_top1_{top}"  # the same folder is --out-dir below
+    shutil.copy(report_images[0], root / f"{top}.jpg")
+    shutil.copy(report_images[1], root / f"{last}.png")
+    (tmp_path / "per.json").write_text(json.dumps([{"key": top, "caption": "a", "clip_score": 0.9},
+                                                   {"key": last, "caption": "b", "clip_score": 0.1}]))
+    (tmp_path / "decoder.bin").write_bytes(b"decoder")
+    (tmp_path / "ckpt.pt").write_bytes(b"checkpoint")
+    before = {p: p.read_bytes() for p in root.iterdir()}
+    out_dir = tmp_path / "out" if case == "long key" else root
+    with pytest.raises(SystemExit) as error:
+        p2_attention.main(["--per-image", str(tmp_path / "per.json"), "--images-root", str(root), "--out-dir",
+                           str(out_dir), "--decoder-weights", str(tmp_path / "decoder.bin"), "--checkpoint",
+                           str(tmp_path / "ckpt.pt")])
+    message = str(error.value.code)
+    assert message.startswith("error: --out-dir attention_top1_")
+    assert ("bytes long; the file system takes at most" in message if case == "long key" else
+            "is the input --images-root" in message), message
+    assert {p: p.read_bytes() for p in root.iterdir()} == before
+
+
 @pytest.mark.parametrize("victim", ["image", "decoder", "checkpoint"])
 def test_cli_refuses_an_output_that_is_an_input_before_loading(report_images, tmp_path, monkeypatch, victim):
     monkeypatch.setattr(p2_attention, "load_model", lambda *args: pytest.fail("loaded before the check"))
