@@ -19,7 +19,8 @@ leaves a file that looks complete (and bash may not `rm` or `mv`); `discard`
 removes what a failed download left: the .part file, and the cache folders it
 leaves empty.
 
-    python3 hw3_cache.py part checkpoint       # print the .part path, create its folder
+    python3 hw3_cache.py part checkpoint       # check the target (no folder, no link), remove a leftover
+                                               # .part, create its folder, print the .part path
     python3 hw3_cache.py install checkpoint    # check the .part file, move it into place
     python3 hw3_cache.py discard checkpoint    # after a failed download: remove the .part file, empty folders
     python3 hw3_cache.py clip [NAME ...]       # CLIP weights (default: Problem 1's)
@@ -31,6 +32,7 @@ import argparse
 import os
 import sys
 
+import file_io
 import io_utils
 
 DOWNLOADS = ("checkpoint",)
@@ -48,6 +50,29 @@ def part(name: str) -> str:
     path = target(name) + ".part"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
+
+
+def check_target(name: str) -> None:
+    """InputError, before a download, unless `name`'s target and .part file can be written: neither is
+    a folder or under a file, and the target is no symbolic link (a download renamed over it would
+    replace the link, not the file it leads to: the user's own checkpoint, perhaps; so it is refused)."""
+    path = target(name)
+    for where in (path, path + ".part"):
+        file_io.check_output_path(where)
+    if os.path.islink(path):
+        raise io_utils.InputError(f"{path} is a symbolic link to {os.readlink(path)!r}: the download is not "
+                                  "installed over a link (nor through it, over the file it leads to); "
+                                  "remove or move the link, then download again")
+
+
+def start_download(name: str) -> str:
+    """`part`, for bash: the target checked, a .part left by an earlier try removed (wget -O would write
+    through a link there), its folder created."""
+    check_target(name)
+    path = target(name) + ".part"
+    if os.path.lexists(path):
+        os.remove(path)
+    return part(name)
 
 
 def discard(name: str) -> None:
@@ -72,6 +97,7 @@ def install_checkpoint() -> None:
     except Exception as error:  # noqa: BLE001
         discard("checkpoint")
         raise io_utils.InputError(f"the download of the checkpoint is not usable ({error}); nothing installed")
+    check_target("checkpoint")
     os.replace(path, target("checkpoint"))
     print(f"installed {target('checkpoint')}", file=sys.stderr)
 
@@ -140,7 +166,7 @@ def main(argv=None) -> None:
                              "HW3_P1_CLIP's default; ViT-B/32 is p2_evaluate.py's)")
     args = parser.parse_args(argv)
     if args.command == "part":
-        print(part(args.name))
+        print(start_download(args.name))
     elif args.command == "install":
         target(args.name)  # an unknown name is refused
         install_checkpoint()

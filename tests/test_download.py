@@ -156,6 +156,35 @@ def test_download_fills_the_places_the_scripts_read(tmp_path, cache, tiny_checkp
     assert not [n for _, _, names in os.walk(cache) for n in names if n.endswith(".part")]
 
 
+@pytest.mark.parametrize("case", ["target links to the user's file", "a leftover .part links to the user's file",
+                                  "target is a folder"])
+def test_download_never_writes_over_or_through_what_the_cache_holds(tmp_path, cache, tiny_checkpoint,
+                                                                    tiny_clip_archive, case):
+    """The user's own checkpoint behind a link in the cache stays as it is; a target that cannot take the
+    download is refused before downloading, in one line."""
+    place(encoder.cached_weights_path(TINY_VIT))  # already fetched: no network needed
+    mine = tmp_path / "runs" / "lora.pt"
+    place(str(mine), b"the user's trained run")
+    checkpoint = cache / "p2_checkpoint.pt"
+    if case == "target is a folder":
+        checkpoint.mkdir(parents=True)
+    else:
+        link = checkpoint if case.startswith("target") else cache / "p2_checkpoint.pt.part"
+        link.symlink_to(mine)
+    result, log = run_download(tmp_path, DRIVE_URL, tiny_checkpoint, tiny_clip_archive)
+    assert mine.read_bytes() == b"the user's trained run"
+    assert "Traceback" not in result.stderr
+    if case.startswith("a leftover"):
+        assert result.returncode == 0, result.stderr
+        assert checkpoint.read_bytes() == open(tiny_checkpoint, "rb").read()
+    else:
+        assert result.returncode == 1
+        assert not [e for e in log if e[0] in ("gdown", "wget")]  # refused before downloading
+        expected = "is a symbolic link to" if case.startswith("target") else "is a folder; expected a file name"
+        assert f"error: {'output path ' if 'folder' in case else ''}" in result.stderr and expected in result.stderr
+        assert os.path.islink(checkpoint) or os.path.isdir(checkpoint)
+
+
 def test_unset_checkpoint_url_is_loud_and_fails_after_the_rest(tmp_path, cache, tiny_checkpoint,
                                                                tiny_clip_archive):
     place(encoder.cached_weights_path(encoder.DEFAULT_ENCODER))
