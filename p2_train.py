@@ -91,7 +91,7 @@ from captioner import (
 )
 from cider import CiderD, tokenize
 from decoder import LORA_TARGETS
-from encoder import DEFAULT_ENCODER
+from encoder import DEFAULT_ENCODER, cached_weights_path
 from clipscore import clip_scores
 from file_io import process_exists
 from file_io import atomic_torch_save, atomic_write_text, check_output_path, check_outputs_spare_inputs
@@ -106,7 +106,7 @@ from p2_data import (
     make_batch,
     prepare_images,
 )
-from tokenizer import EOT_ID, BPETokenizer
+from tokenizer import EOT_ID, BPETokenizer, find_vocab_dir
 
 # Options --resume lets change: they decide what is logged, saved or measured, never a training step.
 # The learning rates may change too: a run that diverged continues from its last good state with a smaller one.
@@ -1148,8 +1148,13 @@ def check_outputs(args) -> None:
             longest = max(len(path) for path in outputs.values()) - len(args.out)
             hint = f" (the files beside --out add up to {longest} bytes to its name)" if "bytes long" in str(error) else ""
             raise InputError(f"{label}: {error}{hint}") from None
-    inputs = {"--decoder-weights": args.decoder_weights, "--encoder-weights": args.encoder_weights,
-              "--clip-model": args.clip_model if args.clipscore and os.path.isfile(args.clip_model) else None}
+    vocabulary = find_vocab_dir()
+    inputs = {"--decoder-weights": args.decoder_weights,
+              "--encoder-weights" if args.encoder_weights else "the encoder's cached weights":
+                  args.encoder_weights or cached_weights_path(args.encoder),
+              "--clip-model": args.clip_model if args.clipscore and os.path.isfile(args.clip_model) else None,
+              "GPT-2 vocabulary": os.path.join(vocabulary, "encoder.json"),
+              "GPT-2 merges": os.path.join(vocabulary, "vocab.bpe")}
     for split in ("train", "val"):
         inputs[f"--data-root's {split}.json"] = os.path.join(args.data_root, split + ".json")
         inputs[f"--data-root's {split} images"] = os.path.join(args.data_root, "images", split)

@@ -271,6 +271,35 @@ def test_an_out_whose_side_files_exceed_name_max_fails_before_any_work(tmp_path,
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("victim", ["encoder.json", "vocab.bpe", "cached encoder weights"])
+def test_out_never_replaces_the_vocabulary_or_the_cached_encoder_it_reads(tmp_path, small_setup, monkeypatch, victim):
+    """Inputs that no option names: GPT-2's vocabulary (the repository's, or $HW3_BPE_DIR's) and the
+    encoder's weights in the cache when --encoder-weights is not given."""
+    vocabulary = tmp_path / "gpt2"
+    vocabulary.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(os.path.join(REPO, name), vocabulary / name)
+    monkeypatch.setenv("HW3_BPE_DIR", str(vocabulary))
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "cache"))
+    setup = dict(small_setup)
+    if victim == "cached encoder weights":
+        path = tmp_path / "cache" / "timm" / f"{TINY_VIT}.pth"
+        path.parent.mkdir(parents=True)
+        shutil.copy(small_setup["encoder_weights"], path)
+        setup["encoder_args"] = ["--encoder", TINY_VIT, "--encoder-kwargs", json.dumps(TINY_VIT_KWARGS)]
+    else:
+        path = vocabulary / victim
+    before = path.read_bytes()
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(p2_train, "Captioner", built)
+    with pytest.raises(SystemExit, match="writing it would replace that input"):
+        run(train_args(setup, path.parent / "." / path.name, *QUICK))
+    assert path.read_bytes() == before
+
+
 @pytest.mark.parametrize("failure", ["ENOSPC", "torch's zip writer"])
 def test_a_full_disk_while_saving_is_one_error_and_keeps_the_last_state(tmp_path, small_setup, monkeypatch, failure):
     out = tmp_path / "m.pt"
