@@ -743,10 +743,13 @@ def main(argv=None) -> None:
     checkpoints = dict(args.checkpoint)
     if args.best_checkpoint:
         checkpoints["best"] = args.best_checkpoint
-    # every file in the results folders may be read, except an earlier report
+    # every file in the results folders may be read, except an earlier report; so are the runs' checkpoints
+    # (--checkpoint, else the path in p2_ckpt_<run>.txt) and their training logs
+    runs = checkpoint_paths(args.results, checkpoints) if os.path.isdir(args.results) else checkpoints
     check_outputs_spare_inputs({"--out": args.out}, {
         "--results": args.results, "--attention-dir": args.attention_dir, "--notes": args.notes,
-        **{f"--checkpoint {run}": path for run, path in checkpoints.items()}},
+        **{f"the checkpoint of run {run!r}": path for run, path in runs.items()},
+        **{f"the training log of run {run!r}": path + ".log.jsonl" for run, path in runs.items()}},
         reads_member=lambda path: not path.lower().endswith(".pdf"))
     pages = build(args.results, args.notes, args.out, checkpoints, args.attention_dir, args.synthetic)
     print(f"wrote {args.out} ({pages} pages)")

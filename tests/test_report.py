@@ -398,6 +398,30 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, monkeyp
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize("victim", ["checkpoint", "training log"])
+@pytest.mark.parametrize("spelling", ["same", "dotted", "hard link"])
+def test_an_output_that_is_a_checkpoint_named_in_the_results_is_refused(tmp_path, monkeypatch, victim, spelling):
+    """The runs' checkpoints the report reads through p2_ckpt_<run>.txt (no --checkpoint given) and their
+    <checkpoint>.log.jsonl are inputs: writing the PDF over one replaced the submitted model."""
+    monkeypatch.setattr(build_report, "build", lambda *args, **kwargs: pytest.fail("built before the check"))
+    results = tmp_path / "outputs"
+    results.mkdir()
+    (tmp_path / "ck").mkdir()
+    checkpoint = tmp_path / "ck" / "lora.pt"
+    checkpoint.write_bytes(b"checkpoint")
+    (tmp_path / "ck" / "lora.pt.log.jsonl").write_text('{"step": 0}\n')
+    (results / "p2_ckpt_lora.txt").write_text(f"{checkpoint}\n")
+    path = checkpoint if victim == "checkpoint" else tmp_path / "ck" / "lora.pt.log.jsonl"
+    before = path.read_bytes()
+    out = {"same": path, "dotted": tmp_path / "ck" / "." / path.name, "hard link": tmp_path / "report.pdf"}[spelling]
+    if spelling == "hard link":
+        os.link(path, out)
+    with pytest.raises(SystemExit) as error:
+        build_report.main(["--results", str(results), "--out", str(out)])
+    assert str(error.value.code).startswith(f"error: --out {str(out)!r} is the input the {victim} of run 'lora' ")
+    assert path.read_bytes() == before
+
+
 def test_an_earlier_report_in_the_results_folder_may_be_replaced(tmp_path, monkeypatch):
     monkeypatch.setattr(build_report, "build", lambda *args, **kwargs: 1)
     results = tmp_path / "outputs"
