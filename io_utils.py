@@ -13,7 +13,9 @@ can import this module cheaply.
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import math
 import os
 import sys
 
@@ -180,6 +182,52 @@ def free_cuda_memory(device) -> int:
     else:  # older torch: total less what torch has reserved (blind to other processes)
         free = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_reserved(device)
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+class Range:
+    """The values a numeric option takes: the parser's `type=` (a bad value gets argparse's one-line
+    `error: argument --lr: ...` at parse time), the text --help shows (`str(range)`), and the check
+    p2_train.py's --resume applies to a saved run's settings. NaN and infinities are never in a
+    range. `off`: a word (and 0) meaning "off", parsed as None."""
+
+    def __init__(self, kind, low=None, high=None, low_open=False, high_open=False, off=None):
+        self.kind, self.low, self.high, self.low_open, self.high_open, self.off = \
+            kind, low, high, low_open, high_open, off
+        self.__name__ = str(self)  # argparse names the type in some of its messages
+
+    def __str__(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        low, high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.low, self.high))
+        if self.low is not None and self.high is not None:
+            text = f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{what} {'>' if self.low_open else '>='} {low}"
+        else:
+            text = what
+        return text + (f", or 0 / {self.off} for off" if self.off else "")
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return self.off is not None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        # a float, never an int: float() of an int past 1e308 raises OverflowError
+        if isinstance(value, float) and (not math.isfinite(value) or (self.kind is int and not value.is_integer())):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and not self.high_open)
+
+    def __call__(self, text: str):
+        if self.off and text.strip().lower() in (self.off, "0", "0.0"):
+            return None
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not self.holds(value):
+            raise argparse.ArgumentTypeError(f"expected {self}, got {text!r}")
+        return value
 
 
 def env_number(name: str, cast, valid, allowed: str, default=None):
