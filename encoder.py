@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from file_io import atomic_torch_save
-from io_utils import cache_dir
+from io_utils import cache_dir, make_cache_folder
 from weights import assign_state, check_finite, skip_init, torch_load
 
 DEFAULT_ENCODER = "vit_large_patch14_clip_quickgelu_224.openai"
@@ -52,6 +52,7 @@ def download_weights(name: str) -> str:
     import timm
 
     path = cached_weights_path(name)
+    make_cache_folder(path)  # before the download
     source = name.replace("_clip_quickgelu_", "_clip_")
     print(f"downloading encoder weights {source!r} into {path}", file=sys.stderr)
     model = timm.create_model(source, pretrained=True)
