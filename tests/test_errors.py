@@ -595,3 +595,118 @@ def test_a_bpe_dir_passed_over_is_named_in_one_warning(tmp_path, monkeypatch, ca
     assert tokenizer.find_vocab_dir() == tokenizer.find_vocab_dir() == tokenizer.REPO_ROOT
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: HW3_BPE_DIR=")]
     assert len(warnings) == 1 and str(chosen) in warnings[0] and tokenizer.REPO_ROOT in warnings[0], warnings
+
+
+# ---------------------------------------------------------------------------
+# Weights files of another form: each damage on each reader (decoder_model.bin, the captioner
+# checkpoint, the encoder's weights), one line naming the file and what was expected
+# ---------------------------------------------------------------------------
+
+# How a state dict can be of another form, and the words the refusal must hold. int64 and complex
+# tensors used to load as if they were weights (rounded to 0, imaginary part dropped): a silent
+# nonsense run; a sparse tensor or a name that is no string failed deep in torch or timm.
+FORMS = {
+    "int64": (lambda s: {k: v.to(torch.int64) for k, v in s.items()}, "is of dtype int64"),
+    "complex": (lambda s: {k: v.to(torch.complex64) for k, v in s.items()}, "complex64"),
+    "sparse": (lambda s: {k: v.to_sparse() for k, v in s.items()}, "is a sparse_coo tensor; expected dense"),
+    "int names": (lambda s: {i: v for i, v in enumerate(s.values())}, "tensors are named by ints"),
+}
+
+
+def reshaped(state: dict, path, how: str) -> str:
+    torch.save(FORMS[how][0](state), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("how", FORMS)
+def test_decoder_weights_of_another_form_name_the_file(tiny_gpt2, tmp_path, how):
+    import decoder
+
+    path = reshaped(torch.load(tiny_gpt2[0]), tmp_path / "decoder_model.bin", how)
+    with pytest.raises(ValueError) as info:
+        decoder.load_gpt2_state(path)
+    assert str(info.value).startswith(path) and FORMS[how][1] in str(info.value), info.value
+
+
+@pytest.mark.parametrize("content, words", [
+    ("empty", "holds an empty dict; expected the course's decoder_model.bin"),
+    ("transformers", "is a `transformers` GPT2LMHeadModel state dict"),
+])
+def test_decoder_weights_empty_or_with_the_transformers_prefix_name_the_file(tiny_gpt2, tmp_path, content, words):
+    import decoder
+
+    path = str(tmp_path / "decoder_model.bin")
+    torch.save({} if content == "empty" else tiny_gpt2[1].state_dict(), path)
+    with pytest.raises(ValueError) as info:
+        decoder.load_gpt2_state(path)
+    assert str(info.value).startswith(path) and words in str(info.value), info.value
+
+
+def test_decoder_weights_still_take_fp16_bf16_and_the_mask_buffers(tiny_gpt2, tmp_path):
+    import decoder
+
+    state = torch.load(tiny_gpt2[0])
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        converted = {k: v.to(dtype) for k, v in state.items()}
+        converted["h.0.attn.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)  # older transformers' buffer
+        torch.save(converted, tmp_path / "w.bin")
+        assert set(decoder.load_gpt2_state(str(tmp_path / "w.bin"))) == set(state)
+
+
+def test_p2_train_decoder_weights_named_by_ints_is_one_line(tiny_gpt2, tiny_vit_file, tmp_path):
+    """Was an AttributeError traceback ('int' object has no attribute 'endswith')."""
+    import p2_train
+    from conftest import TINY_VIT, TINY_VIT_KWARGS
+
+    path = reshaped(torch.load(tiny_gpt2[0]), tmp_path / "decoder_model.bin", "int names")
+    message = error_line(p2_train.main, ["--print-params", "--decoder-weights", path, "--encoder", TINY_VIT,
+                                         "--encoder-weights", tiny_vit_file, "--encoder-kwargs",
+                                         json.dumps(TINY_VIT_KWARGS)])
+    assert path in message and "tensors are named by ints" in message, message
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory, tiny_gpt2, tiny_vit_file):
+    import captioner
+    from conftest import TINY_VIT, TINY_VIT_KWARGS
+
+    config = captioner.make_config("lora", encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS, lora_rank=2)
+    model = captioner.Captioner(config, tiny_gpt2[0], tiny_vit_file)
+    captioner.mark_trainable(model, verbose=False)
+    path = tmp_path_factory.mktemp("lora") / "lora.pt"
+    captioner.save_checkpoint(model, str(path))
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("how", FORMS)
+def test_a_checkpoint_of_another_form_names_the_file(lora_checkpoint, tmp_path, how):
+    import captioner
+
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(dict(lora_checkpoint, state_dict=FORMS[how][0](lora_checkpoint["state_dict"])), path)
+    with pytest.raises(ValueError) as info:
+        captioner.read_checkpoint(path)
+    assert str(info.value).startswith(path) and FORMS[how][1] in str(info.value), info.value
+
+
+@pytest.mark.parametrize("part, value", [("encoder", None), ("encoder", "vit"), ("decoder", "x"), ("decoder", [1])])
+def test_a_checkpoint_whose_config_parts_are_not_dicts_names_the_part(lora_checkpoint, tmp_path, part, value):
+    """Were "'str' object has no attribute 'get'" / "'NoneType' object is not subscriptable"."""
+    import captioner
+
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(dict(lora_checkpoint, config=dict(lora_checkpoint["config"], **{part: value})), path)
+    with pytest.raises(ValueError) as info:
+        captioner.read_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: config[{part!r}] is a {type(value).__name__}; expected a dict")
+
+
+@pytest.mark.parametrize("how", FORMS)
+def test_encoder_weights_of_another_form_name_the_file(tiny_vit_file, tmp_path, how):
+    from conftest import TINY_VIT, TINY_VIT_KWARGS
+    from encoder import ImageEncoder
+
+    path = reshaped(torch.load(tiny_vit_file), tmp_path / "vit.pth", how)
+    with pytest.raises(ValueError) as info:
+        ImageEncoder(TINY_VIT, weights=path, model_kwargs=TINY_VIT_KWARGS)
+    assert path in str(info.value) and FORMS[how][1] in str(info.value), info.value
