@@ -33,7 +33,7 @@ from decoder import (
 from encoder import DEFAULT_ENCODER, ImageEncoder
 from file_io import atomic_torch_save
 from tokenizer import EOT_ID
-from weights import assign_state, check_finite, skip_init, torch_load
+from weights import assign_state, check_finite, check_weight_tensors, skip_init, torch_load
 
 MAX_TRAINABLE = 35_000_000  # the course's limit, counted from the saved checkpoint
 CHECKPOINT_FORMAT = 1
@@ -269,10 +269,18 @@ def read_checkpoint(path: str) -> dict:
     config, state = checkpoint["config"], checkpoint["state_dict"]
     if config.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {config.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
-    not_tensors = sorted(k for k, v in state.items() if not torch.is_tensor(v))
+    not_tensors = sorted(repr(k) for k, v in state.items() if not torch.is_tensor(v))
     if not_tensors:
         raise ValueError(f"{path}: state_dict values that are not tensors: {not_tensors[:8]}")
+    check_weight_tensors(state, path)
     check_finite(state, path)
+    for part in ("encoder", "decoder"):
+        if not isinstance(config.get(part), dict):
+            raise ValueError(f"{path}: config[{part!r}] is {_what_it_holds(config.get(part))}; expected a dict "
+                             "(as p2_train.py saves)")
+    if not isinstance(config["encoder"].get("name"), str):
+        raise ValueError(f"{path}: config['encoder']['name'] is {_what_it_holds(config['encoder'].get('name'))}; "
+                         "expected the timm model name")
     decoder = config.get("decoder")
     n_ctx = decoder.get("n_ctx") if isinstance(decoder, dict) else None
     config["generation"] = check_generation(config.get("generation"), n_ctx if isinstance(n_ctx, int) else

@@ -245,7 +245,7 @@ def fetch(name: str, purpose: str = "") -> str:
     archive = _archive_path(name)
     if not (os.path.isfile(archive) and file_sha256(archive) == checksum):
         archive += ".part"
-        os.makedirs(os.path.dirname(archive), exist_ok=True)
+        io_utils.make_cache_folder(archive)
         print(f"downloading CLIP {name} from {url}", file=sys.stderr)
         try:
             found = _download(url, archive)

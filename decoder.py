@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import assign_state, check_finite, torch_load
+from weights import assign_state, check_finite, check_weight_tensors, torch_load
 
 # GPT-2 stores these four as Conv1D, weight (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -741,8 +741,20 @@ def load_gpt2_state(path: str, check_values: bool = True) -> dict:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} holds {_describe_non_tensors(state)}; expected the course's decoder_model.bin, "
                          "a flat dict of GPT-2 tensors (wte.weight, wpe.weight, h.N.*, ln_f.*)")
+    if not state:
+        raise ValueError(f"{path} holds an empty dict; expected the course's decoder_model.bin, a flat dict of "
+                         "GPT-2 tensors (wte.weight, wpe.weight, h.N.*, ln_f.*)")
+    check_weight_tensors(state, path, floating=False)  # string names, dense: before the names are read
+    if any(k.startswith("transformer.") for k in state):
+        raise ValueError(f"{path} is a `transformers` GPT2LMHeadModel state dict (keys 'transformer.wte.weight', "
+                         "...); expected the course's decoder_model.bin layout without the 'transformer.' prefix "
+                         "(GPT2Model's state_dict: wte, wpe, h.N.*, ln_f)")
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_BUFFERS)}
-    shape = infer_gpt2_shape(state)
+    check_weight_tensors(state, path)  # every GPT-2 weight floating-point (the mask buffers above are bool)
+    try:
+        shape = infer_gpt2_shape(state)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     if shape["vocab_size"] != GPT2_SMALL["vocab_size"]:  # the tokenizer's ids index these rows
         raise ValueError(f"{path}: wte.weight has {shape['vocab_size']} rows, expected GPT-2's "
                          f"{GPT2_SMALL['vocab_size']} (one per token of its vocabulary; a copy padded to a "

@@ -166,24 +166,35 @@ def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, 
     file_io.atomic_write_text(os.path.join(data, "demo.json"), json.dumps(settings, indent=1) + "\n")
 
 
+# The options' ranges, checked when parsed: synthetic.py draws on images of 16 pixels or more; the
+# upper bounds keep a typo from asking for gigabytes; the seed is p2_train.py's range.
+ONE_OR_MORE, STEPS = io_utils.Range(int, 1), io_utils.Range(int, 0)
+SIZE, WIDTH = io_utils.Range(int, 16, 1024), io_utils.Range(int, 64, 1024)
+SEED = io_utils.Range(int, 0, 2 ** 31 - 1)
+
+
 @io_utils.reports_input_errors
 def main(argv=None) -> None:
     io_utils.quiet_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write into (created; the Makefile's demo/)")
-    parser.add_argument("--train", type=int, default=200, help="captioning training images (default %(default)s)")
-    parser.add_argument("--val", type=int, default=40, help="captioning validation images (default %(default)s)")
-    parser.add_argument("--p1-per-class", type=int, default=6,
-                        help="Problem 1 images per class (default %(default)s)")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default %(default)s)")
-    parser.add_argument("--lm-steps", type=int, default=150,
-                        help="optimiser steps teaching the tiny GPT-2 the captions (default %(default)s)")
-    parser.add_argument("--lm-width", type=int, default=64,
-                        help="the tiny GPT-2's width in channels, a multiple of 64 (default %(default)s; "
+    parser.add_argument("--train", type=ONE_OR_MORE, default=200,
+                        help=f"captioning training images, {ONE_OR_MORE} (default %(default)s)")
+    parser.add_argument("--val", type=ONE_OR_MORE, default=40,
+                        help=f"captioning validation images, {ONE_OR_MORE} (default %(default)s)")
+    parser.add_argument("--p1-per-class", type=ONE_OR_MORE, default=6,
+                        help=f"Problem 1 images per class, {ONE_OR_MORE} (default %(default)s)")
+    parser.add_argument("--size", type=SIZE, default=32, help=f"image side in pixels, {SIZE} (default %(default)s)")
+    parser.add_argument("--lm-steps", type=STEPS, default=150,
+                        help=f"optimiser steps teaching the tiny GPT-2 the captions, {STEPS} (default %(default)s)")
+    parser.add_argument("--lm-width", type=WIDTH, default=64,
+                        help=f"the tiny GPT-2's width in channels, {WIDTH} and a multiple of 64 (default %(default)s; "
                              "the 50257-way output dominates training)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed of the images, captions and models (default %(default)s)")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help=f"random seed of the images, captions and models, {SEED} (default %(default)s)")
     args = parser.parse_args(argv)
+    if args.lm_width % 64:
+        parser.error(f"argument --lm-width: expected a multiple of 64 (GPT-2's head width), got {args.lm_width}")
     build(args.out_dir, args.train, args.val, args.p1_per_class, args.size, args.lm_steps, args.lm_width, args.seed)
 
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from file_io import atomic_torch_save
-from io_utils import cache_dir
-from weights import assign_state, check_finite, skip_init, torch_load
+from io_utils import cache_dir, make_cache_folder
+from weights import assign_state, check_finite, check_weight_tensors, skip_init, torch_load
 
 DEFAULT_ENCODER = "vit_large_patch14_clip_quickgelu_224.openai"
 
@@ -52,6 +52,7 @@ def download_weights(name: str) -> str:
     import timm
 
     path = cached_weights_path(name)
+    make_cache_folder(path)  # before the download
     source = name.replace("_clip_quickgelu_", "_clip_")
     print(f"downloading encoder weights {source!r} into {path}", file=sys.stderr)
     model = timm.create_model(source, pretrained=True)
@@ -127,6 +128,7 @@ def read_state_dict(path: str, check: bool = True) -> dict:
                 state = state[key]
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    check_weight_tensors(state, path, floating=False)  # before timm's filter reads the names
     if check:
         check_finite(state, path)
     return state

@@ -48,7 +48,7 @@ def target(name: str) -> str:
 def part(name: str) -> str:
     """Where wget/gdown write `name` before `install` checks it; its folder is created."""
     path = target(name) + ".part"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    io_utils.make_cache_folder(path)
     return path
 
 

@@ -13,7 +13,9 @@ can import this module cheaply.
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import math
 import os
 import sys
 
@@ -68,9 +70,28 @@ def reports_input_errors(main):
 
 
 def cache_dir(*parts: str, repo: str = REPO_ROOT) -> str:
-    """Folder for downloaded weights: $HW3_CACHE, else `cache/` in the repository `repo`."""
+    """Folder for downloaded weights: $HW3_CACHE, else `cache/` in the repository `repo`. Only a
+    write checks it (make_cache_folder): a run given every file it needs does not use the cache."""
     root = os.environ.get("HW3_CACHE") or os.path.join(repo, "cache")
     return os.path.join(root, *parts)
+
+
+def make_cache_folder(path: str) -> None:
+    """Create the folder of `path`, a file about to be downloaded into the cache; InputError naming
+    the folder and $HW3_CACHE when it cannot be created or written to (read-only, no permission)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    root = os.environ.get("HW3_CACHE")
+    if root and os.path.lexists(root) and not os.path.isdir(root):
+        raise InputError(f"HW3_CACHE={root!r} is not a folder; expected the folder for downloaded weights "
+                         "(created when missing)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        problem = None if os.access(folder, os.W_OK | os.X_OK) else "no permission to write in it"
+    except OSError as error:
+        problem = error.strerror or str(error)
+    if problem:
+        raise InputError(f"cannot write the cache folder {folder!r} ({problem}); set HW3_CACHE to a "
+                         "writable folder")
 
 
 def remove_empty_cache_folders(path: str) -> None:
@@ -182,18 +203,73 @@ def free_cuda_memory(device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
-def env_number(name: str, cast, valid, allowed: str, default=None):
-    """$name as cast(value), or `default` when unset; InputError for a value that is not `allowed`."""
+class Range:
+    """The values a numeric option takes: the parser's `type=` (a bad value gets argparse's one-line
+    `error: argument --lr: ...` at parse time), the text --help shows (`str(range)`), and the check
+    p2_train.py's --resume applies to a saved run's settings. NaN and infinities are never in a
+    range, nor an integer past sys.maxsize (Python's ranges and slices, and torch's sizes, take none).
+    `off`: a word (and 0) meaning "off", parsed as None. env_number reads environment values with it."""
+
+    def __init__(self, kind, low=None, high=None, low_open=False, high_open=False, off=None):
+        self.kind, self.low, self.high, self.low_open, self.high_open, self.off = \
+            kind, low, high, low_open, high_open, off
+        self.__name__ = str(self)  # argparse names the type in some of its messages
+
+    def __str__(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        low, high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.low, self.high))
+        if self.low is not None and self.high is not None:
+            text = f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{what} {'>' if self.low_open else '>='} {low}"
+        else:
+            text = what
+        return text + (f", or 0 / {self.off} for off" if self.off else "")
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return self.off is not None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, int) and abs(value) > sys.maxsize:
+            return False
+        # a float, never an int: float() of an int past 1e308 raises OverflowError
+        if isinstance(value, float) and (not math.isfinite(value) or (self.kind is int and not value.is_integer())):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and not self.high_open)
+
+    def parse(self, text: str):
+        """`text` as a value of the range; ValueError saying what was expected."""
+        if self.off and text.strip().lower() in (self.off, "0", "0.0"):
+            return None
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not self.holds(value):
+            too_big = isinstance(value, int) and abs(value) > sys.maxsize and self.high is None
+            raise ValueError(f"{self}" + (f", at most {sys.maxsize}" if too_big else ""))
+        return value
+
+    def __call__(self, text: str):
+        try:
+            return self.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"expected {error}, got {text!r}") from None
+
+
+def env_number(name: str, allowed: Range, default=None):
+    """$name as a value of the Range `allowed`, or `default` when unset or empty; InputError naming
+    the variable, its value and the range for any other value (nan, inf, -1, 1e30, 'abc', ...)."""
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     try:
-        number = cast(value)
-    except ValueError:
-        number = None
-    if number is None or not valid(number):
-        raise InputError(f"{name}={value!r} is not {allowed}")
-    return number
+        return allowed.parse(value)
+    except ValueError as error:
+        raise InputError(f"{name}={value!r} is not {error}") from None
 
 
 def strip_extension(name: str) -> str:

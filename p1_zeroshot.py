@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # torch and CLIP load in the functions that use them: `--help
 
 DEFAULT_MODELS = "ViT-L/14,ViT-L/14@336px"
 DEFAULT_BATCH = 64
+BATCH = io_utils.Range(int, 1)  # $HW3_P1_BATCH: images per CLIP batch
 # 64 images are 128 views with the flip, enough rows to keep a ViT-L's matrix products large; a larger
 # batch delays the first, which one loader worker prepares alone (256: 6 s on an H200, bench/RESULTS.md).
 MAX_CUDA_BATCH = 64
@@ -173,21 +174,29 @@ def model_specs(value: str | None = None) -> list[str]:
     """The CLIP models to ensemble: `value`, else $HW3_P1_CLIP, else the default.
 
     Each entry is checked before anything is loaded; an unknown name that is
-    not a file either raises InputError with the list of known names.
+    not a file either raises InputError with the list of known names, and so
+    does a model given twice (by name, or as the same file by two paths): it
+    would load twice and weigh double in the ensemble.
     """
     if value is None:
         value = os.environ.get("HW3_P1_CLIP") or DEFAULT_MODELS
     specs = [s.strip() for s in value.split(",") if s.strip()]
     if not specs:
         raise io_utils.InputError(f"no CLIP model given in {value!r}")
+    seen = {}
     for spec in specs:
         clip_weights.check_spec(spec)
+        same = os.path.realpath(spec) if os.path.isfile(spec) else spec
+        if same in seen:
+            raise io_utils.InputError(f"CLIP model {spec!r} is given twice in {value!r} (as {seen[same]!r} "
+                                      "before); list each model of the ensemble once")
+        seen[same] = spec
     return specs
 
 
 def batch_size() -> int:
     """$HW3_P1_BATCH as a positive integer (default 64)."""
-    return io_utils.env_number("HW3_P1_BATCH", int, lambda v: v >= 1, "a positive integer", DEFAULT_BATCH)
+    return io_utils.env_number("HW3_P1_BATCH", BATCH, DEFAULT_BATCH)
 
 
 def image_bytes(model, element_bytes: int = 2) -> int:
@@ -206,7 +215,7 @@ def image_bytes(model, element_bytes: int = 2) -> int:
 def image_batch(models, device) -> int:
     """Images per batch: $HW3_P1_BATCH, else on CUDA as many as MEMORY_SHARE of the free memory holds
     for the hungriest model (at most MAX_CUDA_BATCH), else DEFAULT_BATCH."""
-    chosen = io_utils.env_number("HW3_P1_BATCH", int, lambda v: v >= 1, "a positive integer")
+    chosen = io_utils.env_number("HW3_P1_BATCH", BATCH)
     if chosen is not None or device.type != "cuda":
         return chosen or DEFAULT_BATCH
     per_image = max(image_bytes(model) for model, _ in models)

@@ -341,8 +341,9 @@ def parse_args(argv=None):
     p.add_argument("--encoder-weights", default=os.environ.get("HW3_P2_ENCODER_WEIGHTS") or None,
                    help="local encoder weights file ($HW3_P2_ENCODER_WEIGHTS when set; default: as p2_inference.py "
                         "finds them, the file the checkpoint was trained with, else the cache)")
-    p.add_argument("--beam-size", type=int,
-                   help="beam size, 1 = greedy (default: the checkpoint's decoding settings)")
+    p.add_argument("--beam-size", type=io_utils.Range(int, 1),
+                   help="beam size, 1 = greedy, an integer >= 1 and at most captioner.MAX_BEAM (default: the "
+                        "checkpoint's decoding settings)")
     args = p.parse_args(argv)
     from captioner import MAX_BEAM
 

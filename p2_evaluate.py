@@ -43,7 +43,7 @@ import clip_weights
 from clipscore import clip_scores, load_clip
 from file_io import atomic_write_text, check_output_path, check_outputs_spare_inputs, load_references, read_json
 from image_io import find_images, to_rgb
-from io_utils import InputError, pick_device, quiet_known_warnings, reports_input_errors, strip_extension, warn
+from io_utils import InputError, Range, pick_device, quiet_known_warnings, reports_input_errors, strip_extension, warn
 
 # Characters Java's PTB tokenizer takes as line breaks besides "\n" (which
 # pycocoevalcap already replaces): left in a caption they shift every later
@@ -232,6 +232,9 @@ def cider_pycoco(preds: dict, refs: dict):
 # ---------------------------------------------------------------------------
 
 
+BATCH, WORKERS = Range(int, 1), Range(int, 0)  # checked when parsed
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pred_file", required=True, help="JSON {image name without extension: caption}")
@@ -244,8 +247,9 @@ def parse_args(argv=None):
     p.add_argument("--metrics-out", metavar="FILE",
                    help="write the scores as JSON {cider, clipscore, n_images, pred_file, annotation_file} "
                         "(null for a skipped metric); build_report.py reads it (default: not written)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per CLIP batch (default %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="image loading processes (default 4 on CUDA, 0 on CPU)")
+    p.add_argument("--batch-size", type=BATCH, default=64, help=f"images per CLIP batch, {BATCH} (default %(default)s)")
+    p.add_argument("--workers", type=WORKERS, default=None,
+                   help=f"image loading processes, {WORKERS} (default: on CUDA every core but one, up to 12; 0 on CPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where CLIP runs (default %(default)s: CUDA when torch sees a GPU)")
     p.add_argument("--no-cider", action="store_true", help="skip CIDEr (and Java)")
@@ -257,8 +261,6 @@ def parse_args(argv=None):
         p.error("--images_root is required for CLIPScore (or pass --no-clipscore)")
     if args.per_image and args.no_clipscore:
         p.error("--per-image lists images by CLIPScore; drop --no-clipscore")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
     return args
 
 

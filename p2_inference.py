@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # torch and the model load after the arguments are parsed: `-
     import torch
 
 DEFAULT_BATCH = 32  # images decoded together on the CPU
+BATCH = io_utils.Range(int, 1)  # $HW3_P2_BATCH: images decoded together
 READ_BATCH = 64  # images read and encoded together on CUDA
 # Share of the free GPU memory the decoding batch may fill (`Captioner.decoding_bytes`); the rest
 # is for the encoder's activations, the allocator's slack and what the estimate leaves out.
@@ -104,19 +105,18 @@ def generation_overrides() -> dict:
     """Decoding settings from the environment; None keeps the checkpoint's."""
     from captioner import MAX_BEAM, MAX_LENGTH_PENALTY
 
-    number = io_utils.env_number
+    number, Range = io_utils.env_number, io_utils.Range
     return {
-        "beam_size": number("HW3_P2_BEAM", int, lambda v: 1 <= v <= MAX_BEAM, f"an integer from 1 to {MAX_BEAM}"),
-        "max_len": number("HW3_P2_MAX_LEN", int, lambda v: v >= 1, "a positive integer"),
-        "length_penalty": number("HW3_P2_LENGTH_PENALTY", float, lambda v: 0 <= v <= MAX_LENGTH_PENALTY,
-                                 f"a number from 0 to {MAX_LENGTH_PENALTY:g}"),
+        "beam_size": number("HW3_P2_BEAM", Range(int, 1, MAX_BEAM)),
+        "max_len": number("HW3_P2_MAX_LEN", Range(int, 1)),
+        "length_penalty": number("HW3_P2_LENGTH_PENALTY", Range(float, 0, MAX_LENGTH_PENALTY)),
     }
 
 
 def decoding_batch(model, generation: dict, device, n_images: int) -> int:
     """Images decoded together: $HW3_P2_BATCH, else on CUDA as many as MEMORY_SHARE of the free
     memory holds (at most all of them), else DEFAULT_BATCH."""
-    chosen = io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer")
+    chosen = io_utils.env_number("HW3_P2_BATCH", BATCH)
     if chosen is not None:
         return chosen
     if device.type != "cuda":
@@ -179,8 +179,8 @@ def main(argv=None) -> None:
 
     # Every cheap check first, so a bad argument fails before the models load.
     overrides = generation_overrides()
-    io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer")
-    use_graph = io_utils.env_number("HW3_P2_CUDA_GRAPH", int, lambda v: v in (0, 1), "0 or 1", 1) == 1
+    io_utils.env_number("HW3_P2_BATCH", BATCH)
+    use_graph = io_utils.env_number("HW3_P2_CUDA_GRAPH", io_utils.Range(int, 0, 1), 1) == 1
     profile_path = os.environ.get("HW3_P2_PROFILE") or None
     checkpoint = io_utils.existing_p2_checkpoint()
     if not os.path.isfile(args.decoder_weights):

@@ -95,7 +95,7 @@ from encoder import DEFAULT_ENCODER, cached_weights_path
 from clipscore import clip_scores
 from file_io import process_exists
 from file_io import atomic_torch_save, atomic_write_text, check_output_path, check_outputs_spare_inputs
-from io_utils import InputError, loader_workers, pick_device, quiet_known_warnings, warn
+from io_utils import InputError, Range, loader_workers, pick_device, quiet_known_warnings, warn
 from weights import torch_load
 from p2_data import (
     IGNORE_INDEX,
@@ -119,51 +119,6 @@ DEFAULT_EPOCHS = 5
 
 
 # -- options ------------------------------------------------------------------------------------
-
-
-class Range:
-    """The values a numeric option takes: the parser's `type=` (a bad value gets argparse's one-line
-    `error: argument --lr: ...`), the text --help shows, and the check --resume applies to a saved
-    run's settings. NaN and infinities are never in a range. `off`: a word (and 0) meaning "off",
-    parsed as None."""
-
-    def __init__(self, kind, low=None, high=None, low_open=False, high_open=False, off=None):
-        self.kind, self.low, self.high, self.low_open, self.high_open, self.off = \
-            kind, low, high, low_open, high_open, off
-        self.__name__ = str(self)  # argparse names the type in some of its messages
-
-    def __str__(self) -> str:
-        what = "an integer" if self.kind is int else "a number"
-        low, high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.low, self.high))
-        if self.low is not None and self.high is not None:
-            text = f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-        elif self.low is not None:
-            text = f"{what} {'>' if self.low_open else '>='} {low}"
-        else:
-            text = what
-        return text + (f", or 0 / {self.off} for off" if self.off else "")
-
-    def holds(self, value) -> bool:
-        if value is None:
-            return self.off is not None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
-        if self.kind is int and not float(value).is_integer():
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or value < self.high or (value == self.high and not self.high_open)
-
-    def __call__(self, text: str):
-        if self.off and text.strip().lower() in (self.off, "0", "0.0"):
-            return None
-        try:
-            value = self.kind(text)
-        except ValueError:
-            value = None
-        if value is None or not self.holds(value):
-            raise argparse.ArgumentTypeError(f"expected {self}, got {text!r}")
-        return value
 
 
 POSITIVE = Range(float, 0, low_open=True)

@@ -433,6 +433,9 @@ def run_checks(args) -> list:
     return results
 
 
+SAMPLES, SLOWDOWN = io_utils.Range(int, 2), io_utils.Range(float, 0, low_open=True)  # checked when parsed
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -444,18 +447,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--p1-images", help="P1 image folder (default: generated)")
     parser.add_argument("--id2label", help="id2label.json for --p1-images (default: generated with them)")
     parser.add_argument("--p2-images", help="P2 image folder (default: generated)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                        help="images generated per problem when no folder is given (default %(default)s)")
-    parser.add_argument("--slowdown", type=float, default=1.0,
-                        help="factor on the measured times to estimate the graders' RTX 2080 Ti (default "
+    parser.add_argument("--samples", type=SAMPLES, default=DEFAULT_SAMPLES,
+                        help=f"images generated per problem when no folder is given, {SAMPLES} (default %(default)s)")
+    parser.add_argument("--slowdown", type=SLOWDOWN, default=1.0,
+                        help=f"factor on the measured times to estimate the graders' RTX 2080 Ti, {SLOWDOWN} (default "
                              "%(default)s: this GPU's times; 18 is conservative from an H100, whose fp16 "
                              "tensor throughput is ~18x a 2080 Ti's)")
     parser.add_argument("--skip-run", action="store_true", help="do not run hw3_1.sh and hw3_2.sh")
     args = parser.parse_args(argv)
     if bool(args.p1_images) != bool(args.id2label):
         parser.error("--p1-images and --id2label go together")
-    if args.samples < 2:
-        parser.error("--samples must be at least 2")
     return args
 
 

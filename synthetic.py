@@ -27,6 +27,8 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
+import io_utils
+
 COLORS = {
     "red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
     "yellow": (240, 220, 30), "white": (245, 245, 245), "black": (15, 15, 15),
@@ -253,10 +255,13 @@ def pretrain_caption_lm(captions: list, steps: int = 150, seed: int = 0, n_layer
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Write a synthetic captioning set in the p2_data layout.")
     parser.add_argument("out_dir", help="folder to write the set into (created)")
-    parser.add_argument("--train", type=int, default=500, help="training images (default %(default)s)")
-    parser.add_argument("--val", type=int, default=100, help="validation images (default %(default)s)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    # checked when parsed: make_dataset's own limits, a size bound that keeps a typo from asking for
+    # gigabytes, and p2_train.py's seed range
+    count, size, seed = io_utils.Range(int, 0), io_utils.Range(int, 16, 1024), io_utils.Range(int, 0, 2 ** 31 - 1)
+    parser.add_argument("--train", type=count, default=500, help=f"training images, {count} (default %(default)s)")
+    parser.add_argument("--val", type=count, default=100, help=f"validation images, {count} (default %(default)s)")
+    parser.add_argument("--size", type=size, default=64, help=f"image side in pixels, {size} (default %(default)s)")
+    parser.add_argument("--seed", type=seed, default=0, help=f"random seed, {seed} (default %(default)s)")
     args = parser.parse_args(argv)
     summary = make_dataset(args.out_dir, args.train, args.val, args.size, args.seed)
     for split in ("train", "val"):

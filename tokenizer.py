@@ -69,17 +69,25 @@ FIX = (f"restore the repository's copies (`git checkout -- {ENCODER_FILE} {MERGE
        "folder holding both")
 
 
+_PASSED_OVER = set()  # $HW3_BPE_DIR values find_vocab_dir has warned about
+
+
 def find_vocab_dir() -> str:
     """The first folder holding both encoder.json and vocab.bpe.
 
     Looked for in $HW3_BPE_DIR, then next to this file (the repository root,
-    where they are committed).
+    where they are committed); a $HW3_BPE_DIR passed over is named in a warning.
     InputError listing the folders when none holds both.
     """
-    candidates = [os.environ.get("HW3_BPE_DIR"), REPO_ROOT]
-    candidates = [c for c in candidates if c]
+    chosen = os.environ.get("HW3_BPE_DIR")
+    candidates = [c for c in (chosen, REPO_ROOT) if c]
     for folder in candidates:
         if all(os.path.isfile(os.path.join(folder, n)) for n in (ENCODER_FILE, MERGES_FILE)):
+            if chosen and folder != chosen and chosen not in _PASSED_OVER:
+                _PASSED_OVER.add(chosen)  # once per run, though the run looks more than once
+                problem = ("is a file, not a folder" if os.path.isfile(chosen) else
+                           f"holds no {ENCODER_FILE} and {MERGES_FILE}" if os.path.isdir(chosen) else "does not exist")
+                io_utils.warn(f"HW3_BPE_DIR={chosen!r} {problem}; using the GPT-2 vocabulary in {folder!r}")
             return folder
     raise io_utils.InputError(
         f"OpenAI's GPT-2 vocabulary ({ENCODER_FILE} and {MERGES_FILE}) not found in any of: "

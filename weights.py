@@ -93,6 +93,9 @@ def assign_state(module: nn.Module, state: dict, source: str, device=None, cause
         if tuple(tensor.shape) != tuple(old.shape):
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(old.shape)}: {cause}")
+        if old.is_floating_point() and not tensor.is_floating_point():  # the cast below would keep no weight
+            raise ValueError(f"{source}: tensor {name!r} is of dtype {str(tensor.dtype).replace('torch.', '')}; "
+                             "the model's weights are floating-point")
     with torch.no_grad():
         for name, tensor in state.items():
             old = targets[name]
@@ -224,6 +227,32 @@ def torch_load(path: str, mmap: bool = False):
             first = message.splitlines()[0].split(". ")[0] if message else ""
             reason = f"damaged or truncated: {type(error).__name__}: {first}"
         raise NotWeightsFile(path, reason) from None
+
+
+def check_weight_tensors(state: dict, source: str, floating: bool = True) -> None:
+    """Raise ValueError unless `state` is a dict of tensors a model can take as they are: named by
+    strings, dense and (with `floating`) of a floating-point dtype (fp16, bf16, fp32, fp64). A copy
+    cast to integers loads without complaint (every small weight rounds to 0), a complex one drops
+    its imaginary part, and a sparse one or a name that is no string fails deep in torch or timm
+    with a message naming neither file nor tensor. (assign_state checks the dtypes where a file
+    may also hold integer buffers.)"""
+    odd = [k for k in state if not isinstance(k, str)]
+    if odd:
+        raise ValueError(f"{source}: tensors are named by {type(odd[0]).__name__}s (e.g. {odd[0]!r}); expected a "
+                         "state dict, tensors named by strings")
+    not_tensors = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        raise ValueError(f"{source}: {not_tensors[0]!r} is a {type(state[not_tensors[0]]).__name__}, not a "
+                         "tensor; expected a state dict of tensors")
+    for name, tensor in state.items():
+        if tensor.layout != torch.strided:
+            problem = f"a {str(tensor.layout).replace('torch.', '')} tensor"
+        elif floating and not tensor.is_floating_point():
+            problem = f"of dtype {str(tensor.dtype).replace('torch.', '')}"
+        else:
+            continue
+        expected = "dense floating-point weights (float32, float16, bfloat16 or float64)" if floating else "dense tensors"
+        raise ValueError(f"{source}: tensor {name!r} is {problem}; expected {expected}")
 
 
 def check_finite(state: dict, source: str) -> None:

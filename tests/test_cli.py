@@ -128,6 +128,43 @@ def test_every_option_has_a_help_line_that_shows_its_default(script, monkeypatch
     assert problems_of(parser_of(script, monkeypatch)) == []
 
 
+# What a hostile tester types for a number (issue 24): each is refused when parsed, in one line, or is in range.
+HOSTILE_NUMBERS = ["nan", "inf", "-inf", "-1", "0", "1e30", "", "abc", "1" * 400, "2.5"]
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if os.sep not in s])
+def test_every_numeric_option_is_checked_against_its_range_when_parsed(script, monkeypatch):
+    """A bare `type=int` / `type=float` takes nan, -1 or 0 and fails later (a traceback from
+    numpy's seed, Pillow's empty image, the DataLoader) or runs nonsense: every number is an
+    io_utils.Range, whose text the help line shows."""
+    from io_utils import Range
+
+    parser = parser_of(script, monkeypatch)
+    for where, owner, action in walk(parser):
+        if not isinstance(action, argparse.Action):
+            continue
+        assert action.type not in (int, float), f"{script} {where}: type={action.type.__name__}, not a Range"
+        if not isinstance(action.type, Range):
+            continue
+        help_text = " ".join(owner._get_formatter()._expand_help(action).split())
+        assert str(action.type) in help_text, (script, where, help_text)
+        for text in HOSTILE_NUMBERS:
+            try:
+                value = action.type(text)
+            except argparse.ArgumentTypeError:
+                continue
+            assert action.type.holds(value), (script, where, text, value)
+
+
+def test_a_huge_integer_is_refused_in_one_line_not_a_traceback():
+    """int('1' * 400) is a valid Python int that float() cannot hold."""
+    for script, option in [("p2_train.py", "--batch-size"), ("demo.py", "--seed")]:
+        done = subprocess.run([sys.executable, script, *(["x"] if script == "demo.py" else []), option, "1" * 400],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_the_environment_variables_the_script_reads_with_their_defaults(script, monkeypatch):
     with open(os.path.join(REPO, script), encoding="utf-8") as f:  # read, not set for a child process

@@ -502,3 +502,211 @@ def test_inference_decoder_weights_that_are_a_folder(inference_inputs):
     (inference_inputs / "decoder_model.bin").mkdir()
     message = error_line(p2_inference.main, inference_argv(inference_inputs))
     assert "decoder_model.bin' is a folder; expected a file" in message, message
+
+
+# ---------------------------------------------------------------------------
+# The graders' environment variables: one line naming the variable, its value and what it takes
+# ---------------------------------------------------------------------------
+
+# Refused by every numeric variable below (io_utils.env_number): 10**20 is past sys.maxsize, which
+# Python's slices take no more than (a traceback from itertools.islice in the batching, before).
+BAD_NUMBERS = ["nan", "inf", "-1", "1e30", "1e999", "abc", "0x10", "9" * 20, "1" * 400]
+
+
+@pytest.mark.parametrize("value", BAD_NUMBERS)
+@pytest.mark.parametrize("name", ["HW3_P2_BATCH", "HW3_P2_BEAM", "HW3_P2_MAX_LEN", "HW3_P2_LENGTH_PENALTY",
+                                  "HW3_P2_CUDA_GRAPH"])
+def test_inference_refuses_a_bad_environment_number_before_loading(inference_inputs, monkeypatch, name, value):
+    import p2_inference
+
+    monkeypatch.setenv(name, value)
+    argv = inference_argv(inference_inputs)
+    message = error_line(p2_inference.main, argv)
+    assert message.startswith(f"error: {name}={value!r} is not "), message
+    assert not os.path.exists(argv[1])
+
+
+@pytest.mark.parametrize("value", BAD_NUMBERS)
+def test_p1_refuses_a_bad_batch_before_loading(tmp_path, monkeypatch, tiny_clip_file, value):
+    import p1_zeroshot
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "0_1.png")
+    (tmp_path / "id2label.json").write_text('{"0": "circle"}', encoding="utf-8")
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_P1_BATCH", value)
+    message = error_line(p1_zeroshot.main, [tmp_path / "images", tmp_path / "id2label.json", tmp_path / "p1.csv"])
+    assert message.startswith(f"error: HW3_P1_BATCH={value!r} is not an integer >= 1"), message
+
+
+def test_env_number_names_the_range_and_takes_what_is_in_it(monkeypatch):
+    allowed = io_utils.Range(int, 1)
+    for value, expected in [("", None), ("  ", None), ("7", 7), (" 7 ", 7), (str(2 ** 63 - 1), 2 ** 63 - 1)]:
+        monkeypatch.setenv("HW3_X", value)
+        assert io_utils.env_number("HW3_X", allowed) == expected
+    monkeypatch.setenv("HW3_X", str(2 ** 63))
+    with pytest.raises(io_utils.InputError, match=r"HW3_X='9223372036854775808' is not an integer >= 1, at most "):
+        io_utils.env_number("HW3_X", allowed)
+
+
+@pytest.mark.parametrize("spelling", ["name", "path", "path by another route"])
+def test_p1_refuses_a_model_listed_twice_in_the_ensemble(tmp_path, monkeypatch, tiny_clip_file, spelling):
+    """It would load twice (two ViT-L on a 2080 Ti) and count double in the ensemble."""
+    import p1_zeroshot
+
+    first = {"name": "ViT-B/32", "path": tiny_clip_file}.get(spelling, tiny_clip_file)
+    second = {"name": "ViT-B/32", "path": tiny_clip_file}.get(
+        spelling, os.path.join(os.path.dirname(tiny_clip_file), "..", os.path.basename(os.path.dirname(tiny_clip_file)),
+                               os.path.basename(tiny_clip_file)))
+    monkeypatch.setenv("HW3_P1_CLIP", f"{first}, ,{second}")
+    with pytest.raises(io_utils.InputError, match="is given twice in"):
+        p1_zeroshot.model_specs()
+    monkeypatch.setenv("HW3_P1_CLIP", f"{first},")
+    assert p1_zeroshot.model_specs() == [first]
+
+
+@pytest.mark.parametrize("how", ["a file", "under a file", "not writable"])
+@pytest.mark.parametrize("argv", [["part", "checkpoint"], ["clip", "ViT-B/32"]], ids=["part", "clip"])
+def test_a_cache_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, how, argv):
+    import hw3_cache
+
+    (tmp_path / "afile").write_text("x")
+    cache = {"a file": tmp_path / "afile", "under a file": tmp_path / "afile" / "cache",
+             "not writable": tmp_path / "cache"}[how]
+    monkeypatch.setenv("HW3_CACHE", str(cache))
+    if how == "not writable":  # chmod does not stop root: the check asks os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: False)
+    message = error_line(hw3_cache.main, argv)
+    expected = "is not a folder" if how == "a file" else "set HW3_CACHE to a writable folder"
+    assert str(cache) in message and expected in message, message
+
+
+@pytest.mark.parametrize("how", ["a file", "missing", "an empty folder"])
+def test_a_bpe_dir_passed_over_is_named_in_one_warning(tmp_path, monkeypatch, capsys, how):
+    import tokenizer
+
+    chosen = tmp_path / "vocab"
+    if how == "a file":
+        chosen.write_text("x")
+    elif how == "an empty folder":
+        chosen.mkdir()
+    monkeypatch.setenv("HW3_BPE_DIR", str(chosen))
+    monkeypatch.setattr(tokenizer, "_PASSED_OVER", set())
+    assert tokenizer.find_vocab_dir() == tokenizer.find_vocab_dir() == tokenizer.REPO_ROOT
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: HW3_BPE_DIR=")]
+    assert len(warnings) == 1 and str(chosen) in warnings[0] and tokenizer.REPO_ROOT in warnings[0], warnings
+
+
+# ---------------------------------------------------------------------------
+# Weights files of another form: each damage on each reader (decoder_model.bin, the captioner
+# checkpoint, the encoder's weights), one line naming the file and what was expected
+# ---------------------------------------------------------------------------
+
+# How a state dict can be of another form, and the words the refusal must hold. int64 and complex
+# tensors used to load as if they were weights (rounded to 0, imaginary part dropped): a silent
+# nonsense run; a sparse tensor or a name that is no string failed deep in torch or timm.
+FORMS = {
+    "int64": (lambda s: {k: v.to(torch.int64) for k, v in s.items()}, "is of dtype int64"),
+    "complex": (lambda s: {k: v.to(torch.complex64) for k, v in s.items()}, "complex64"),
+    "sparse": (lambda s: {k: v.to_sparse() for k, v in s.items()}, "is a sparse_coo tensor; expected dense"),
+    "int names": (lambda s: {i: v for i, v in enumerate(s.values())}, "tensors are named by ints"),
+}
+
+
+def reshaped(state: dict, path, how: str) -> str:
+    torch.save(FORMS[how][0](state), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("how", FORMS)
+def test_decoder_weights_of_another_form_name_the_file(tiny_gpt2, tmp_path, how):
+    import decoder
+
+    path = reshaped(torch.load(tiny_gpt2[0]), tmp_path / "decoder_model.bin", how)
+    with pytest.raises(ValueError) as info:
+        decoder.load_gpt2_state(path)
+    assert str(info.value).startswith(path) and FORMS[how][1] in str(info.value), info.value
+
+
+@pytest.mark.parametrize("content, words", [
+    ("empty", "holds an empty dict; expected the course's decoder_model.bin"),
+    ("transformers", "is a `transformers` GPT2LMHeadModel state dict"),
+])
+def test_decoder_weights_empty_or_with_the_transformers_prefix_name_the_file(tiny_gpt2, tmp_path, content, words):
+    import decoder
+
+    path = str(tmp_path / "decoder_model.bin")
+    torch.save({} if content == "empty" else tiny_gpt2[1].state_dict(), path)
+    with pytest.raises(ValueError) as info:
+        decoder.load_gpt2_state(path)
+    assert str(info.value).startswith(path) and words in str(info.value), info.value
+
+
+def test_decoder_weights_still_take_fp16_bf16_and_the_mask_buffers(tiny_gpt2, tmp_path):
+    import decoder
+
+    state = torch.load(tiny_gpt2[0])
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        converted = {k: v.to(dtype) for k, v in state.items()}
+        converted["h.0.attn.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)  # older transformers' buffer
+        torch.save(converted, tmp_path / "w.bin")
+        assert set(decoder.load_gpt2_state(str(tmp_path / "w.bin"))) == set(state)
+
+
+def test_p2_train_decoder_weights_named_by_ints_is_one_line(tiny_gpt2, tiny_vit_file, tmp_path):
+    """Was an AttributeError traceback ('int' object has no attribute 'endswith')."""
+    import p2_train
+    from conftest import TINY_VIT, TINY_VIT_KWARGS
+
+    path = reshaped(torch.load(tiny_gpt2[0]), tmp_path / "decoder_model.bin", "int names")
+    message = error_line(p2_train.main, ["--print-params", "--decoder-weights", path, "--encoder", TINY_VIT,
+                                         "--encoder-weights", tiny_vit_file, "--encoder-kwargs",
+                                         json.dumps(TINY_VIT_KWARGS)])
+    assert path in message and "tensors are named by ints" in message, message
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory, tiny_gpt2, tiny_vit_file):
+    import captioner
+    from conftest import TINY_VIT, TINY_VIT_KWARGS
+
+    config = captioner.make_config("lora", encoder=TINY_VIT, encoder_kwargs=TINY_VIT_KWARGS, lora_rank=2)
+    model = captioner.Captioner(config, tiny_gpt2[0], tiny_vit_file)
+    captioner.mark_trainable(model, verbose=False)
+    path = tmp_path_factory.mktemp("lora") / "lora.pt"
+    captioner.save_checkpoint(model, str(path))
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("how", FORMS)
+def test_a_checkpoint_of_another_form_names_the_file(lora_checkpoint, tmp_path, how):
+    import captioner
+
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(dict(lora_checkpoint, state_dict=FORMS[how][0](lora_checkpoint["state_dict"])), path)
+    with pytest.raises(ValueError) as info:
+        captioner.read_checkpoint(path)
+    assert str(info.value).startswith(path) and FORMS[how][1] in str(info.value), info.value
+
+
+@pytest.mark.parametrize("part, value", [("encoder", None), ("encoder", "vit"), ("decoder", "x"), ("decoder", [1])])
+def test_a_checkpoint_whose_config_parts_are_not_dicts_names_the_part(lora_checkpoint, tmp_path, part, value):
+    """Were "'str' object has no attribute 'get'" / "'NoneType' object is not subscriptable"."""
+    import captioner
+
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(dict(lora_checkpoint, config=dict(lora_checkpoint["config"], **{part: value})), path)
+    with pytest.raises(ValueError) as info:
+        captioner.read_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: config[{part!r}] is a {type(value).__name__}; expected a dict")
+
+
+@pytest.mark.parametrize("how", FORMS)
+def test_encoder_weights_of_another_form_name_the_file(tiny_vit_file, tmp_path, how):
+    from conftest import TINY_VIT, TINY_VIT_KWARGS
+    from encoder import ImageEncoder
+
+    path = reshaped(torch.load(tiny_vit_file), tmp_path / "vit.pth", how)
+    with pytest.raises(ValueError) as info:
+        ImageEncoder(TINY_VIT, weights=path, model_kwargs=TINY_VIT_KWARGS)
+    assert path in str(info.value) and FORMS[how][1] in str(info.value), info.value

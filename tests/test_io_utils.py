@@ -148,8 +148,8 @@ def test_library_errors_are_input_errors_not_exits(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="contains no files"):
         image_io.list_files(str(tmp_path))
     monkeypatch.setenv("HW3_P2_BATCH", "zero")
-    with pytest.raises(InputError, match="HW3_P2_BATCH='zero' is not a positive integer"):
-        io_utils.env_number("HW3_P2_BATCH", int, lambda v: v >= 1, "a positive integer")
+    with pytest.raises(InputError, match="HW3_P2_BATCH='zero' is not an integer >= 1"):
+        io_utils.env_number("HW3_P2_BATCH", io_utils.Range(int, 1))
 
 
 def test_entry_points_turn_input_errors_into_a_message():
