@@ -58,7 +58,12 @@ def check_target(name: str) -> None:
     replace the link, not the file it leads to: the user's own checkpoint, perhaps; so it is refused)."""
     path = target(name)
     for where in (path, path + ".part"):
-        file_io.check_output_path(where)
+        try:
+            file_io.check_output_path(where)
+        except io_utils.InputError as error:
+            if os.path.isdir(where):  # the file's own place is taken: moving that folder is the fix
+                raise
+            raise io_utils.InputError(f"{error}; set HW3_CACHE to a writable folder") from None
     if os.path.islink(path):
         raise io_utils.InputError(f"{path} is a symbolic link to {os.readlink(path)!r}: the download is not "
                                   "installed over a link (nor through it, over the file it leads to); "

@@ -410,7 +410,7 @@ def test_report_a_checkpoint_whose_config_lacks_the_encoder_is_one_line(report_i
                            "generation": {"beam_size": 1, "max_len": 5, "length_penalty": 0.0}},
                 "state_dict": {}}, checkpoint)
     message = error_line(build_report.main, report_argv(report_inputs, "--checkpoint", f"best={checkpoint}"))
-    assert str(checkpoint) in message and "expected a captioner checkpoint" in message, message
+    assert str(checkpoint) in message and "config['encoder'] is a NoneType; expected a dict" in message, message
 
 
 def test_report_skips_log_lines_that_are_no_record_naming_file_and_line(tmp_path, capsys):

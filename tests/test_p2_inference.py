@@ -207,7 +207,10 @@ def test_decoder_weights_of_another_layout_are_an_error(env, tmp_path):
     folder = save_images(tmp_path / "images", {"a.jpg": "RGB"})
     out = tmp_path / "pred.json"
     torch.save({"transformer.wte.weight": torch.zeros(10, 128)}, tmp_path / "hf.bin")
-    assert "not a GPT-2 decoder state dict" in run_main([folder, out, tmp_path / "hf.bin"])
+    message = run_main([folder, out, tmp_path / "hf.bin"])
+    assert str(tmp_path / "hf.bin") in message and "GPT2LMHeadModel state dict" in message, message
+    torch.save({"encoder.weight": torch.zeros(10, 128)}, tmp_path / "other.bin")
+    assert "not a GPT-2 decoder state dict: no 'wte.weight'" in run_main([folder, out, tmp_path / "other.bin"])
     assert "do not exist" in run_main([folder, out, tmp_path / "absent.bin"])
     assert not out.exists()
 
