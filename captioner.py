@@ -281,8 +281,7 @@ def read_checkpoint(path: str) -> dict:
     if not isinstance(config["encoder"].get("name"), str):
         raise ValueError(f"{path}: config['encoder']['name'] is {_what_it_holds(config['encoder'].get('name'))}; "
                          "expected the timm model name")
-    decoder = config.get("decoder")
-    n_ctx = decoder.get("n_ctx") if isinstance(decoder, dict) else None
+    n_ctx = config["decoder"].get("n_ctx")
     config["generation"] = check_generation(config.get("generation"), n_ctx if isinstance(n_ctx, int) else
                                             GPT2_SMALL["n_ctx"], f"{path}: generation settings")
     return checkpoint

@@ -58,12 +58,7 @@ def check_target(name: str) -> None:
     replace the link, not the file it leads to: the user's own checkpoint, perhaps; so it is refused)."""
     path = target(name)
     for where in (path, path + ".part"):
-        try:
-            file_io.check_output_path(where)
-        except io_utils.InputError as error:
-            if os.path.isdir(where):  # the file's own place is taken: moving that folder is the fix
-                raise
-            raise io_utils.InputError(f"{error}; set HW3_CACHE to a writable folder") from None
+        file_io.check_output_path(where)
     if os.path.islink(path):
         raise io_utils.InputError(f"{path} is a symbolic link to {os.readlink(path)!r}: the download is not "
                                   "installed over a link (nor through it, over the file it leads to); "
@@ -71,13 +66,13 @@ def check_target(name: str) -> None:
 
 
 def start_download(name: str) -> str:
-    """`part`, for bash: the target checked, a .part left by an earlier try removed (wget -O would write
-    through a link there), its folder created."""
+    """`part`, for bash: its folder created (a cache that cannot be written is named first), the target
+    checked, a .part left by an earlier try removed (wget -O would write through a link there)."""
+    path = part(name)
     check_target(name)
-    path = target(name) + ".part"
     if os.path.lexists(path):
         os.remove(path)
-    return part(name)
+    return path
 
 
 def discard(name: str) -> None:
