@@ -160,14 +160,14 @@ class Captioner(nn.Module):
         """Memory one image takes while its captions are decoded with `generation`, activations
         stored in `element_bytes` (2 under fp16 autocast): its image tokens and their per-block
         cross-attention keys and values, the K beams' key/value cache for max_len positions
-        (and one block's reordering copy), and a step's logits [K, V] in fp16 and three fp32
-        forms (float, log-softmax, scores)."""
+        (and one block's keys and values selected for attention, `KVCache.write`) with its row
+        indices, and a step's logits [K, V] in fp16 and three fp32 forms (float, log-softmax, scores)."""
         cfg = self.decoder.cfg
         S = self.encoder.grid[0] * self.encoder.grid[1] + self.encoder.prefix_tokens
         K, T = generation["beam_size"], generation["max_len"]
         cross = sum(cfg.has_cross(i) for i in range(cfg.n_layer))
         image = S * (self.encoder.width + cfg.n_embd * (2 * cross + 1)) * element_bytes
-        cache = K * T * cfg.n_embd * 2 * (cfg.n_layer + 1) * element_bytes
+        cache = K * T * (cfg.n_embd * 2 * (cfg.n_layer + 1) * element_bytes + 8)
         logits = K * cfg.vocab_size * (element_bytes + 3 * 4)
         return image + cache + logits
 

@@ -217,35 +217,48 @@ def sample_next(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, genera
 
 
 class KVCache:
-    """Self-attention keys and values of N sequences for `length` positions, one [2, N, H, LC, D]
-    tensor per block (keys, values), zeros until written.
+    """Self-attention keys and values of N sequences for `length` positions, one [2, H, N, LC, D]
+    tensor per block (keys, values; heads outermost), zeros until written, and `rows` [N, LC]: the
+    cache row that holds sequence n's key and value at position p.
 
-    Decoding writes each new position in place and reorders the rows in place when beams
-    change parents, so the tensors never move: what a captured CUDA graph needs. A block's
-    tensor is allocated at its first write, in the dtype of what is written (fp16 under
-    autocast). Positions not yet written hold zeros or an old row's values; attention masks
-    them (a zero weight times a finite value adds nothing).
+    Decoding writes each new position in place, in the row of the sequence that made it. When
+    beams change parents only `rows` is reordered (N x LC indices); each block then selects every
+    sequence's keys and values from the rows its ancestors wrote, as whole D-wide rows, instead
+    of moving every key of every block in place at every step (twice the bytes). Nothing moves
+    in memory: what a captured CUDA graph needs. A block's tensor is allocated at its first
+    write, in the dtype of what is written (fp16 under autocast). Positions not yet written hold
+    zeros or an old row's values; attention masks them (a zero weight times a finite value adds
+    nothing).
     """
 
     def __init__(self, n_layer: int, length: int):
         self.length = length
         self.layers = [None] * n_layer
+        self.rows = None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple:
-        """k, v [N, H, T, D] at positions pos [T] -> every position's keys and values, [N, H, LC, D] each"""
+        """k, v [N, H, T, D] at positions pos [T] -> every position's keys and values of each
+        sequence, [H, N, LC, D] each (heads outermost: selected, a new tensor)"""
+        N, H, T, D = k.shape
+        LC = self.length
+        if self.rows is None:
+            self.rows = torch.arange(N, device=k.device).unsqueeze(1).repeat(1, LC)
         if self.layers[layer] is None:
-            N, H, _, D = k.shape
-            self.layers[layer] = k.new_zeros(2, N, H, self.length, D)
+            self.layers[layer] = k.new_zeros(2, H, N, LC, D)
         kv = self.layers[layer]
-        kv[0].index_copy_(2, pos, k)
-        kv[1].index_copy_(2, pos, v)
-        return kv[0], kv[1]
+        kv[0].index_copy_(2, pos, k.transpose(0, 1))
+        kv[1].index_copy_(2, pos, v.transpose(0, 1))
+        # the new positions are the writers' own rows (the same for every block: writing it again costs N x T)
+        self.rows.index_copy_(1, pos, torch.arange(N, device=k.device).unsqueeze(1).expand(N, T))
+        flat = (self.rows * LC + torch.arange(LC, device=k.device)).view(-1)  # [N * LC] rows of [2, H, N * LC, D]
+        keys, values = kv.view(2, H, N * LC, D).index_select(2, flat).view(2, H, N, LC, D)
+        return keys, values
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Row n becomes old row rows[n] (beam search's parents), in place."""
-        for kv in self.layers:
-            if kv is not None:
-                kv.copy_(kv.index_select(1, rows))
+        """Sequence n continues old sequence rows[n] (beam search's parents): it takes that
+        sequence's ancestry."""
+        if self.rows is not None:
+            self.rows.copy_(self.rows.index_select(0, rows))
 
 
 class SelfAttention(nn.Module):
@@ -268,15 +281,18 @@ class SelfAttention(nn.Module):
         N, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (_heads(z, self.n_head) for z in (q, k, v))  # [N, H, T, D]
-        key_pos = pos
-        if cache is not None:
-            kv, layer = cache
-            k, v = kv.write(layer, k, v, pos)  # [N, H, LC, D]
-            key_pos = torch.arange(kv.length, device=x.device)
         scale = 1.0 / math.sqrt(q.size(-1))
-        att = (q @ k.transpose(-2, -1)) * scale  # [N, H, T, keys]
-        att = att.masked_fill(key_pos[None, :] > pos[:, None], float("-inf")).softmax(dim=-1)
-        y = att.to(v.dtype) @ v  # [N, H, T, D]
+        if cache is None:
+            att = (q @ k.transpose(-2, -1)) * scale  # [N, H, T, T]
+            att = att.masked_fill(pos[None, :] > pos[:, None], float("-inf")).softmax(dim=-1)
+            y = att.to(v.dtype) @ v  # [N, H, T, D]
+        else:
+            kv, layer = cache
+            k, v = kv.write(layer, k, v, pos)  # [H, N, LC, D]: the cache's order, so no copy of it
+            key_pos = torch.arange(kv.length, device=x.device)
+            att = (q.transpose(0, 1) @ k.transpose(-2, -1)) * scale  # [H, N, T, LC]
+            att = att.masked_fill(key_pos[None, :] > pos[:, None], float("-inf")).softmax(dim=-1)
+            y = (att.to(v.dtype) @ v).transpose(0, 1)  # [N, H, T, D]
         if prefix is not None:
             pk, pv = (z.view(1, -1, self.n_head, C // self.n_head).transpose(1, 2) for z in prefix)  # [1, H, P, D]
             patt = ((q @ pk.transpose(-2, -1).to(q.dtype)) * scale).softmax(dim=-1)  # [N, H, T, P]
@@ -304,24 +320,35 @@ class CrossAttention(nn.Module):
         nn.init.zeros_(self.c_proj.bias)
 
     def memory(self, img: torch.Tensor):
-        """img [B, S, C] (already projected) -> (k, v), each [B, H, S, D]"""
+        """img [B, S, C] (already projected) -> (keys transposed [B, H, D, S], values [B, H, S, D]).
+
+        Both are stored contiguous in the layout the two products read: a head view of the
+        projection would be copied by every product, i.e. at every decoding step, in every block.
+        """
         k, v = self.kv(img).split(img.size(-1), dim=2)
-        return _heads(k, self.n_head), _heads(v, self.n_head)
+        return _heads(k, self.n_head).transpose(-2, -1).contiguous(), _heads(v, self.n_head).contiguous()
 
     def forward(self, x, memory):
-        """x [N, T, C] with N = B * K, beams of one image adjacent; memory (k, v) [B, H, S, D].
-        Returns x plus what it read from the image [N, T, C] (the residual included, as
-        in `Adapter`) and the attention [N, H, T, S]."""
-        k, v = memory
+        """x [N, T, C] with N = B * K, beams of one image adjacent; memory (keys transposed
+        [B, H, D, S], values [B, H, S, D]) from `memory`. Returns x plus what it read from the
+        image [N, T, C] (the residual included, as in `Adapter`) and the attention with the
+        beams folded, [B, H, K * T, S] (`unfold_beams` gives [N, H, T, S])."""
+        kt, v = memory
         N, T, C = x.shape
-        B, H, S, D = k.shape
+        B, H, D, S = kt.shape
         K = N // B
         q = self.q(self.ln(x)).view(B, K, T, H, D).permute(0, 3, 1, 2, 4).reshape(B, H, K * T, D)
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(D)).softmax(dim=-1)  # [B, H, K * T, S]
+        att = ((q @ kt) / math.sqrt(D)).softmax(dim=-1)  # [B, H, K * T, S]
         y = att.to(v.dtype) @ v  # [B, H, K * T, D]
         y = y.view(B, H, K, T, D).permute(0, 2, 3, 1, 4).reshape(N, T, C)
-        att = att.view(B, H, K, T, S).transpose(1, 2).reshape(N, H, T, S)
         return x + self.c_proj(y), att
+
+    @staticmethod
+    def unfold_beams(att: torch.Tensor, n: int) -> torch.Tensor:
+        """`forward`'s attention [B, H, K * T, S] -> [N, H, T, S] for N = B * K = n sequences."""
+        B, H, KT, S = att.shape
+        K = n // B
+        return att.view(B, H, K, KT // K, S).transpose(1, 2).reshape(n, H, KT // K, S)
 
 
 class NoCrossAttention(nn.Module):
@@ -435,7 +462,7 @@ class Decoder(nn.Module):
         (a captured step reads it from the device).
 
         Returns logits [N, T, V] and the last cross-attention block's attention
-        [N, H, T, S] (None without cross-attention).
+        [N, H, T, S] (None without cross-attention; unfolded only for that block).
         """
         N, T = idx.shape
         limit = self.cfg.n_ctx if cache is None else min(cache.length, self.cfg.n_ctx)
@@ -450,7 +477,7 @@ class Decoder(nn.Module):
             x, att = block(x, pos, memory[i], None if cache is None else (cache, i), prefixes[i])
             last_att = att if att is not None else last_att
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head, [N, T, V]
-        return logits, last_att
+        return logits, None if last_att is None else CrossAttention.unfold_beams(last_att, N)
 
     # -- decoding -------------------------------------------------------------
 
@@ -470,7 +497,7 @@ class Decoder(nn.Module):
         """
         B, dev = feats.size(0), feats.device
         N = B * n
-        memory = self.memory(feats)  # [B, H, S, D] per block, shared by the n samples of each image
+        memory = self.memory(feats)  # per block (keys, values), shared by the n samples of each image
         cache = KVCache(self.cfg.n_layer, max_len)
         token = torch.full((N, 1), eot, dtype=torch.long, device=dev)
         alive = torch.ones(N, dtype=torch.bool, device=dev)
@@ -573,7 +600,7 @@ class BeamSearch:
     def __init__(self, decoder: Decoder, feats: torch.Tensor, beam_size: int, max_len: int, eot: int,
                  length_penalty: float):
         self.decoder = decoder
-        self.memory = decoder.memory(feats)  # [B, H, S, D] per block, shared by an image's beams
+        self.memory = decoder.memory(feats)  # per block (keys, values), shared by an image's beams
         self.B, self.K, self.max_len, self.eot, self.lp = feats.size(0), beam_size, max_len, eot, float(length_penalty)
         B, K, dev = self.B, self.K, feats.device
         self.cache = KVCache(decoder.cfg.n_layer, max_len)

@@ -192,6 +192,28 @@ def test_key_value_cache_matches_full_forward(tiny_gpt2, case):
         torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
 
 
+def test_reordering_the_cache_moves_indices_not_keys():
+    """Beams changing parents reorder only the row indices; the keys each sequence then sees are
+    its new parent's, at every position written so far, and the stored keys stay where they are
+    (a captured CUDA graph reads them there)."""
+    torch.manual_seed(0)
+    cache = KVCache(1, 4)
+    N, H, D = 3, 2, 5
+    for t in range(2):
+        cache.write(0, torch.randn(N, H, 1, D), torch.randn(N, H, 1, D), torch.tensor([t]))
+    stored = cache.layers[0].clone()
+    before, _ = cache.write(0, torch.zeros(N, H, 0, D), torch.zeros(N, H, 0, D), torch.tensor([], dtype=torch.long))
+    parents = torch.tensor([2, 2, 0])
+    cache.reorder(parents)
+    assert torch.equal(cache.layers[0], stored)
+    after, _ = cache.write(0, torch.zeros(N, H, 0, D), torch.zeros(N, H, 0, D), torch.tensor([], dtype=torch.long))
+    assert torch.equal(after[:, :, :2], before[:, parents, :2])  # [H, N, LC, D]: sequence n sees parent n's keys
+    new = torch.randn(N, H, 1, D)
+    keys, _ = cache.write(0, new, torch.randn(N, H, 1, D), torch.tensor([2]))
+    assert torch.equal(keys[:, :, 2], new[:, :, 0].transpose(0, 1))  # its own key at the new position
+    assert torch.equal(keys[:, :, :2], before[:, parents, :2])
+
+
 def uncached_greedy(decoder, feats, max_len, eot):
     """The textbook decoder: one image at a time, the whole prefix recomputed every step."""
     captions = []

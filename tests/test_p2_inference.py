@@ -379,8 +379,8 @@ def test_decoding_batch_comes_from_the_override_the_cpu_default_or_free_gpu_memo
 
 def test_decoding_bytes_covers_what_a_search_holds(checkpoint, tiny_vit_file, decoder_weights):
     """The estimate is at least the image tokens, the per-block image keys/values and the filled
-    key/value cache that a real search holds per image, and exceeds them by no more than a step's
-    logits and one block's reordering copy."""
+    key/value cache (with its row indices) that a real search holds per image, and exceeds them by
+    no more than a step's logits and one block's keys and values selected for attention."""
     from decoder import BeamSearch
     from tokenizer import EOT_ID
 
@@ -390,7 +390,7 @@ def test_decoding_bytes_covers_what_a_search_holds(checkpoint, tiny_vit_file, de
     search = BeamSearch(model.decoder, feats, gen["beam_size"], gen["max_len"], EOT_ID, 0.0)
     search.run()
     held = feats.nbytes + sum(t.nbytes for m in search.memory if m for t in m)
-    held += sum(kv.nbytes for kv in search.cache.layers)
+    held += sum(kv.nbytes for kv in search.cache.layers) + search.cache.rows.nbytes
     held += feats.size(0) * feats.size(1) * model.decoder.cfg.n_embd * 4  # visual_proj's output
     per_image = held / feats.size(0)
     estimate = model.decoding_bytes(gen, element_bytes=4)
