@@ -20,7 +20,10 @@ being the benchmarks in this folder with their own flags:
   p2_train      bench_p2_train.py: every preset with and without the feature cache under an 11 GB
                 memory fraction, and the SCST step;
   load          bench_load.py: building the full-size encoder from its weights file against
-                reading the file, on this machine's CPU.
+                reading the file, on this machine's CPU;
+  decode        bench_decode.py: the full-size decoder's beam search over 1404 images' random
+                image tokens in one batch, eager and as a CUDA graph (captions must be equal),
+                and the operations that take a step's GPU time.
 
 Writes DIR/gpu_check.json ({"sections": {name: {ok, error, problems, seconds, command, result}}})
 and DIR/gpu_check.log (every section's output), and prints a summary. Where a target of
@@ -43,10 +46,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "bench")
 sys.path.insert(0, REPO)
 
-SECTIONS = ("smoke", "p2_inference", "p1", "p2_train", "load")
+SECTIONS = ("smoke", "p2_inference", "p1", "p2_train", "load", "decode")
 # Time caps per section (seconds), full size then --small; the whole run must end within 8 minutes on an H200.
 CAPS = {"smoke": (150, 240), "p2_inference": (150, 240), "p1": (120, 120), "p2_train": (200, 300),
-        "load": (120, 120)}
+        "load": (120, 120), "decode": (90, 120)}
 # issues 13 and 23, H100-class GPU: seconds in process (model load included) and as the graders' process
 TARGETS = {"p2_inference_s": 5.0, "p2_process_s": 5.0, "p1_s": 8.0, "p1_process_s": 8.0, "train_peak_gib": 10.0,
            "encoder_build_over_read": 1.5}
@@ -102,6 +105,10 @@ def bench_command(name: str, small: bool, cuda: bool, out_json: str) -> list:
     py = sys.executable
     if name == "load":
         return [py, os.path.join(BENCH, "bench_load.py"), *(["--small"] if small else []), "--out-json", out_json]
+    if name == "decode":
+        sizes = ["--images", "2", "--steps", "1"] if small else ["--images", "1404"]
+        return [py, os.path.join(BENCH, "bench_decode.py"), *sizes, "--device", "cuda" if cuda else "cpu",
+                "--out-json", out_json]
     if name == "p1":
         return [py, os.path.join(BENCH, "bench_p1.py"), "--n-images", "8" if small else "2500",
                 *(["--small"] if small else []), "--out-json", out_json]
@@ -117,6 +124,8 @@ def bench_problems(name: str, result: dict) -> list:
     """What a benchmark's JSON records as failed (it goes on after a failed setting)."""
     if name == "p2_inference" and result.get("graph_equals_eager") is False:
         return [f"captions with CUDA graphs differ from eager decoding, e.g. {result['graph_differs_from_eager']}"]
+    if name == "decode" and result.get("graph_equals_eager") is False:
+        return ["bench_decode: captions with a CUDA graph differ from eager decoding"]
     if name != "p2_train":
         return []
     problems = []
@@ -272,6 +281,12 @@ def summary_lines(report: dict) -> list:
             for dtype, x in r["results"].items():
                 lines.append(f"      {dtype}: read {x['read_s']} s, build {x['build_s']} s ({x['build_over_read']}x; "
                              f"before issue 23 {x['before_s']} s, {x['before_over_read']}x)")
+        if name == "decode" and r:
+            lines.append(f"      {r['images']} images x {r['beams']} beams, {r['steps']} steps: eager {r['search_s']} s "
+                         f"({r['per_step_ms']} ms/step), CUDA graph {r.get('graph_capture_s')} s with the capture, "
+                         f"{r.get('graph_warm_s')} s warm; captions equal: {r.get('graph_equals_eager')}")
+            for op in r["top_ops"][:5]:
+                lines.append(f"      {op['ms_per_step']:8.2f} ms/step {op['op']} {op['shapes'][:70]}")
         if name == "p2_train" and r:
             for x in r["results"]:
                 xe, scst = x.get("xe", {}), x.get("scst", {})

@@ -14,7 +14,7 @@ def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
                             timeout=900, check=False)
     report = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     sections = report["sections"]
-    assert list(sections) == ["smoke", "p2_inference", "p1", "p2_train", "load"]
+    assert list(sections) == ["smoke", "p2_inference", "p1", "p2_train", "load", "decode"]
     for name, section in sections.items():
         assert section["ok"] and section["error"] is None and section["problems"] == [], (name, section)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -27,6 +27,8 @@ def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
     assert set(p2["profile"]["seconds"]) == {"load", "read", "encode", "decode", "text", "write"}
     assert sections["p1"]["result"]["process_seconds"] > 0
     assert set(sections["load"]["result"]["results"]) == {"fp32", "fp16"}
+    decode = sections["decode"]["result"]
+    assert decode["images"] == 2 and decode["steps"] >= 1 and decode["top_ops"][0]["ms_per_step"] > 0
     assert sections["p1"]["result"]["n_images"] == 8
     train = sections["p2_train"]["result"]["results"]
     assert {(r["peft"], r["feature_cache"]) for r in train} == {
