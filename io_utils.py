@@ -260,6 +260,11 @@ class Range:
             raise argparse.ArgumentTypeError(f"expected {error}, got {text!r}") from None
 
 
+# --workers (p2_train, p2_evaluate): data-loading processes. Past 64 a count is a typo, not a setting
+# (`--workers 4000` would fork until the machine refuses); loader_workers never picks more than 12.
+WORKERS = Range(int, 0, 64)
+
+
 def env_number(name: str, allowed: Range, default=None):
     """$name as a value of the Range `allowed`, or `default` when unset or empty; InputError naming
     the variable, its value and the range for any other value (nan, inf, -1, 1e30, 'abc', ...)."""

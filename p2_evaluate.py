@@ -43,7 +43,7 @@ import clip_weights
 from clipscore import clip_scores, load_clip
 from file_io import atomic_write_text, check_output_path, check_outputs_spare_inputs, load_references, read_json
 from image_io import find_images, to_rgb
-from io_utils import InputError, Range, pick_device, quiet_known_warnings, reports_input_errors, strip_extension, warn
+from io_utils import WORKERS, InputError, Range, pick_device, quiet_known_warnings, reports_input_errors, strip_extension, warn
 
 # Characters Java's PTB tokenizer takes as line breaks besides "\n" (which
 # pycocoevalcap already replaces): left in a caption they shift every later
@@ -232,7 +232,7 @@ def cider_pycoco(preds: dict, refs: dict):
 # ---------------------------------------------------------------------------
 
 
-BATCH, WORKERS = Range(int, 1), Range(int, 0)  # checked when parsed
+BATCH = Range(int, 1)  # checked when parsed
 
 
 def parse_args(argv=None):

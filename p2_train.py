@@ -95,7 +95,7 @@ from encoder import DEFAULT_ENCODER, cached_weights_path
 from clipscore import clip_scores
 from file_io import process_exists
 from file_io import atomic_torch_save, atomic_write_text, check_output_path, check_outputs_spare_inputs
-from io_utils import InputError, Range, loader_workers, pick_device, quiet_known_warnings, warn
+from io_utils import WORKERS, InputError, Range, loader_workers, pick_device, quiet_known_warnings, warn
 from weights import torch_load
 from p2_data import (
     IGNORE_INDEX,
@@ -132,7 +132,7 @@ RANGES = {
     "epochs": COUNT, "max_steps": COUNT, "batch_size": SIZE, "lr": POSITIVE, "min_lr_ratio": FRACTION,
     "warmup_fraction": FRACTION, "warmup_steps": COUNT, "weight_decay": Range(float, 0),
     "label_smoothing": Range(float, 0, 1, high_open=True), "grad_clip": Range(float, 0, low_open=True, off="none"),
-    "seed": Range(int, 0, 2 ** 31 - 1), "workers": COUNT,
+    "seed": Range(int, 0, 2 ** 31 - 1), "workers": WORKERS,
     "cross_layers": COUNT, "adapter_dim": SIZE, "adapter_layers": COUNT, "prefix_len": SIZE, "prefix_hidden": COUNT,
     "lora_rank": SIZE, "lora_alpha": POSITIVE, "lora_dropout": Range(float, 0, 1, high_open=True),
     "scst_epochs": COUNT, "scst_max_steps": COUNT, "scst_lr": POSITIVE, "scst_batch_size": SIZE,

@@ -651,3 +651,15 @@ def test_a_full_disk_while_saving_the_metrics_is_one_line_and_keeps_the_old_file
                                        "--no-clipscore", "--metrics-out", out])
     assert message.startswith("error: no space left on ") and message.endswith(f" writing {out} (1 MB needed)")
     assert out.read_text() == "old"
+
+
+@pytest.mark.parametrize("workers", ["-1", "65", "4000"])
+def test_worker_counts_beyond_reason_fail_when_parsed(workers, capsys):
+    """--workers 4000 would fork until the machine refuses: a typo gets argparse's one line."""
+    import p2_evaluate
+
+    with pytest.raises(SystemExit) as stop:
+        p2_evaluate.main(["--pred_file", "p.json", "--images_root", "images", "--annotation_file", "a.json",
+                          "--workers", workers])
+    assert stop.value.code == 2
+    assert f"argument --workers: expected an integer in [0, 64], got '{workers}'" in capsys.readouterr().err
