@@ -16,8 +16,9 @@ tokenizer finds it):
   OUT_DIR/hw3_data/p3_data/images/{bike,girl,sheep,ski,umbrella}.jpg
   OUT_DIR/models/tiny_clip.pt
                      a random CLIP of OpenAI's architecture at toy size (Problem 1, CLIPScore)
-  <cache>/timm/<DEMO_ENCODER>.pth
-                     a random timm ViT where the encoder looks for its weights ($HW3_CACHE)
+  OUT_DIR/cache/timm/<DEMO_ENCODER>.pth
+                     a random timm ViT, in the demo's own cache: the entry points find it with
+                     HW3_CACHE=OUT_DIR/cache (`make demo` sets it); the user's cache is never written
   OUT_DIR/report_notes.md
                      the repository's notes, every section still empty saying it is a demo
   OUT_DIR/hw3_data/demo.json
@@ -95,14 +96,15 @@ def write_clip(path: str) -> None:
     torch.save(model.state_dict(), path)
 
 
-def write_encoder() -> str:
+def write_encoder(cache: str) -> str:
+    """A random DEMO_ENCODER where the encoder looks for its weights under the cache root `cache`."""
     import timm
     import torch
 
     import encoder
 
     torch.manual_seed(0)
-    path = encoder.cached_weights_path(DEMO_ENCODER)
+    path = encoder.cached_weights_path(DEMO_ENCODER, root=cache)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(timm.create_model(DEMO_ENCODER, pretrained=False, **DEMO_ENCODER_KWARGS).state_dict(), path)
     return path
@@ -154,7 +156,7 @@ def build(out_dir: str, n_train: int, n_val: int, p1_per_class: int, size: int, 
         ("p3_data images", lambda: synthetic.make_report_images(os.path.join(data, "p3_data", "images"), 64, seed)),
         ("tiny GPT-2 (caption language)", lambda: write_decoder(p2, lm_steps, lm_width, seed)),
         ("tiny CLIP", lambda: write_clip(os.path.join(out_dir, "models", "tiny_clip.pt"))),
-        ("tiny ViT", write_encoder),
+        ("tiny ViT", lambda: write_encoder(os.path.join(out_dir, "cache"))),
         ("report notes", lambda: write_notes(notes, os.path.join(out_dir, "report_notes.md"))),
     ]
     for i, (what, step) in enumerate(steps, 1):

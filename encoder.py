@@ -36,8 +36,10 @@ from weights import assign_state, check_finite, check_weight_tensors, skip_init,
 DEFAULT_ENCODER = "vit_large_patch14_clip_quickgelu_224.openai"
 
 
-def cached_weights_path(name: str) -> str:
-    return cache_dir("timm", name.replace("/", "_") + ".pth")
+def cached_weights_path(name: str, root: str | None = None) -> str:
+    """Where the cache under `root` (default: $HW3_CACHE, else the repository's) keeps `name`'s weights."""
+    file = name.replace("/", "_") + ".pth"
+    return os.path.join(root, "timm", file) if root else cache_dir("timm", file)
 
 
 def download_weights(name: str) -> str:

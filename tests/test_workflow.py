@@ -358,6 +358,23 @@ def test_demo_writes_into_a_new_an_empty_or_its_own_folder(tmp_path, monkeypatch
     assert len(written) == 4
 
 
+def test_demo_writes_its_random_vit_into_its_own_cache_only(tmp_path, monkeypatch):
+    """Run by hand, the demo must not leave a random ViT under a real model's name in the user's cache
+    ($HW3_CACHE or the repository's cache/): it writes OUT_DIR/cache, where HW3_CACHE=OUT_DIR/cache finds it."""
+    import demo
+    import encoder
+
+    users = tmp_path / "users_cache"
+    monkeypatch.setenv("HW3_CACHE", str(users))
+    repo_file = os.path.join(REPO, "cache", "timm", demo.DEMO_ENCODER + ".pth")
+    repo_before = os.path.getmtime(repo_file) if os.path.exists(repo_file) else None
+    written = demo.write_encoder(str(tmp_path / "out" / "cache"))
+    assert not users.exists()
+    assert (os.path.getmtime(repo_file) if os.path.exists(repo_file) else None) == repo_before
+    monkeypatch.setenv("HW3_CACHE", str(tmp_path / "out" / "cache"))
+    assert written == encoder.cached_weights_path(demo.DEMO_ENCODER) and os.path.isfile(written)
+
+
 # ---------------------------------------------------------------- the demo's report
 
 
