@@ -259,6 +259,25 @@ def _what_it_holds(obj) -> str:
     return f"a {type(obj).__name__}"
 
 
+# The decoder setting that sizes each method: a method is present when its size is not 0.
+PEFT_SIZES = {"adapter": "adapter_dim", "prefix": "prefix_len", "lora": "lora_rank"}
+
+
+def check_peft_label(config: dict, path: str) -> None:
+    """ValueError unless config['peft'] names the one method the decoder settings build (or 'none' for
+    none): the model is built from the settings, the reports name it by the label, so a label that
+    disagrees would describe another model than the one that captions."""
+    label = config.get("peft")
+    if label not in PEFT_PRESETS:
+        raise ValueError(f"{path}: config['peft'] is {label!r}; expected one of {sorted(PEFT_PRESETS)} "
+                         "(as p2_train.py saves)")
+    built = sorted(m for m, size in PEFT_SIZES.items() if config["decoder"].get(size))
+    if built != ([] if label == "none" else [label]):
+        sizes = ", ".join(f"{PEFT_SIZES[m]}={config['decoder'][PEFT_SIZES[m]]}" for m in built) or "no method"
+        raise ValueError(f"{path}: config['peft'] is {label!r} but its decoder settings build {sizes}: the label "
+                         "and the model disagree (a checkpoint edited by hand?)")
+
+
 def read_checkpoint(path: str) -> dict:
     """A checkpoint file, checked: {config, state_dict} of finite tensors, its format and decoding settings."""
     checkpoint = torch_load(path)
@@ -278,6 +297,7 @@ def read_checkpoint(path: str) -> dict:
         if not isinstance(config.get(part), dict):
             raise ValueError(f"{path}: config[{part!r}] is {_what_it_holds(config.get(part))}; expected a dict "
                              "(as p2_train.py saves)")
+    check_peft_label(config, path)
     if not isinstance(config["encoder"].get("name"), str):
         raise ValueError(f"{path}: config['encoder']['name'] is {_what_it_holds(config['encoder'].get('name'))}; "
                          "expected the timm model name")

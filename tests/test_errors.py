@@ -701,6 +701,27 @@ def test_a_checkpoint_whose_config_parts_are_not_dicts_names_the_part(lora_check
     assert str(info.value).startswith(f"{path}: config[{part!r}] is a {type(value).__name__}; expected a dict")
 
 
+@pytest.mark.parametrize("label, decoder, message", [
+    ("adapter", {}, "config['peft'] is 'adapter' but its decoder settings build lora_rank=2"),
+    ("none", {}, "config['peft'] is 'none' but its decoder settings build lora_rank=2"),
+    ("lora", {"adapter_dim": 8}, "config['peft'] is 'lora' but its decoder settings build adapter_dim=8, lora_rank=2"),
+    ("lora", {"lora_rank": 0}, "config['peft'] is 'lora' but its decoder settings build no method"),
+    ("LoRA", {}, "config['peft'] is 'LoRA'; expected one of ['adapter', 'lora', 'none', 'prefix']"),
+    (None, {}, "config['peft'] is None; expected one of"),
+])
+def test_a_checkpoint_whose_peft_label_disagrees_with_its_model_is_refused(lora_checkpoint, tmp_path, label, decoder,
+                                                                         message):
+    """The model is built from the decoder settings and the report names it by the label: they must agree."""
+    import captioner
+
+    path = str(tmp_path / "ckpt.pt")
+    config = dict(lora_checkpoint["config"], peft=label, decoder={**lora_checkpoint["config"]["decoder"], **decoder})
+    torch.save(dict(lora_checkpoint, config=config), path)
+    with pytest.raises(ValueError) as info:
+        captioner.read_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: {message}"), info.value
+
+
 @pytest.mark.parametrize("how", FORMS)
 def test_encoder_weights_of_another_form_name_the_file(tiny_vit_file, tmp_path, how):
     from conftest import TINY_VIT, TINY_VIT_KWARGS
