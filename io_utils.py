@@ -14,10 +14,12 @@ can import this module cheaply.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 P2_CHECKPOINT_NAME = "p2_checkpoint.pt"
@@ -189,6 +191,34 @@ def loader_workers(device) -> int:
     the one that drives it, up to 12 (decoding and resizing images is what keeps a GPU waiting);
     none on the CPU, where the workers would only compete with the model for the cores."""
     return max(1, min(12, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+
+
+class PhaseTimer:
+    """Wall time per phase of a run (p1_zeroshot's and p2_inference's profiles). With `sync` on CUDA
+    each phase ends with a synchronisation, so that its GPU work is counted in it and not in the next
+    (a profile); without, phases overlap. `seconds`: phase -> seconds, summed over its entries."""
+
+    def __init__(self, device, sync: bool):
+        import torch
+
+        self.sync = torch.cuda.synchronize if sync and device.type == "cuda" else (lambda: None)
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+    def profile(self, **extra) -> str:
+        """The profile as JSON text: {"seconds": {phase: seconds}, **extra}."""
+        import json
+
+        return json.dumps({"seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **extra}, indent=2) + "\n"
 
 
 def free_cuda_memory(device) -> int:

@@ -43,7 +43,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from typing import TYPE_CHECKING
 
 import image_io
@@ -76,7 +75,7 @@ def caption_batch(model, feats: torch.Tensor, tokenizer, names: list, generation
     tokens can decode to nothing: such an image is decoded again greedily, and
     gets FALLBACK_CAPTION only if that is empty too. A caption too long for
     CLIP's context (which crashes the course's CLIPScore script) loses its last
-    words. Each change is a warning naming the file (`names`). `timer` (a PhaseTimer)
+    words. Each change is a warning naming the file (`names`). `timer` (an io_utils.PhaseTimer)
     counts the search as "decode" and the rest as "text".
     """
     from captioner import caption_text
@@ -123,26 +122,6 @@ def decoding_batch(model, generation: dict, device, n_images: int) -> int:
         return DEFAULT_BATCH
     per_image = model.decoding_bytes(generation, element_bytes=2)  # fp16 autocast on CUDA
     return max(1, min(n_images, int(io_utils.free_cuda_memory(device) * MEMORY_SHARE) // per_image))
-
-
-class PhaseTimer:
-    """Wall time per phase of a run. With `sync` on CUDA each phase ends with a synchronisation, so
-    that its GPU work is counted in it and not in the next (a profile); without, phases overlap."""
-
-    def __init__(self, device, sync: bool):
-        import torch
-
-        self.sync = torch.cuda.synchronize if sync and device.type == "cuda" else (lambda: None)
-        self.seconds = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def image_keys(folder: str, names: list) -> dict:
@@ -203,7 +182,7 @@ def main(argv=None) -> None:
 
     device = io_utils.pick_device()
     use_graph = use_graph and device.type == "cuda"
-    timer = PhaseTimer(device, sync=profile_path is not None)
+    timer = io_utils.PhaseTimer(device, sync=profile_path is not None)
     try:
         with timer("load"):
             model = load_checkpoint(checkpoint, args.decoder_weights,
@@ -259,13 +238,11 @@ def main(argv=None) -> None:
           f"{device.type}, {batch_size} images per decoding batch"
           f"{', CUDA graph' if use_graph else ''})", file=sys.stderr)
     if profile_path:
-        profile = {"seconds": {k: round(v, 3) for k, v in timer.seconds.items()}, "images": len(results),
-                   "batch": batch_size, "read_batch": read_size, "cuda_graph": use_graph, "device": device.type,
-                   "decoding_bytes_per_image": model.decoding_bytes(generation, 2 if device.type == "cuda" else 4),
-                   "generation": generation}
-        if device.type == "cuda":
-            profile["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
-        file_io.atomic_write_text(profile_path, json.dumps(profile, indent=2) + "\n")
+        cuda = device.type == "cuda"
+        peak = {"peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)} if cuda else {}
+        file_io.atomic_write_text(profile_path, timer.profile(
+            images=len(results), batch=batch_size, read_batch=read_size, cuda_graph=use_graph, device=device.type,
+            decoding_bytes_per_image=model.decoding_bytes(generation, 2 if cuda else 4), generation=generation, **peak))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,24 @@ def test_image_embeddings_and_probs_match_direct(tiny_clip_file, tmp_path):
     assert torch.allclose(twice, got, atol=1e-6)
 
 
+def test_profile_names_every_phase_and_is_an_output(tiny_clip_file, tmp_path, monkeypatch):
+    """HW3_P1_PROFILE: where a run's time goes (what the GPU check reads); it never replaces an input."""
+    folder = save_images(tmp_path / "images", ["a.png", "b.png", "c.png"])
+    id2label = write_json(tmp_path / "id2label.json", ID2LABEL)
+    monkeypatch.setenv("HW3_P1_CLIP", tiny_clip_file)
+    monkeypatch.setenv("HW3_P1_BATCH", "2")
+    monkeypatch.setenv("HW3_P1_PROFILE", str(tmp_path / "profile.json"))
+    zs.main([str(folder), id2label, str(tmp_path / "pred.csv")])
+    profile = json.loads((tmp_path / "profile.json").read_text(encoding="utf-8"))
+    assert set(profile["seconds"]) == {"load", "text", "read", "encode", "write"}
+    assert all(s >= 0 for s in profile["seconds"].values())
+    assert profile["images"] == 3 and profile["batch"] == 2 and profile["models"] == [tiny_clip_file]
+    monkeypatch.setenv("HW3_P1_PROFILE", id2label)
+    with pytest.raises(SystemExit, match="error: HW3_P1_PROFILE .* is the input ID2LABEL"):
+        zs.main([str(folder), id2label, str(tmp_path / "pred2.csv")])
+    assert json.loads(open(id2label, encoding="utf-8").read()) == ID2LABEL
+
+
 def test_class_text_is_encoded_once_per_run(tiny_clip_file, tmp_path, monkeypatch):
     from clip.model import CLIP
 
