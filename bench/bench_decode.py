@@ -11,10 +11,11 @@ Then, in this process, eager (`decoder.BeamSearch` without a CUDA graph):
   profile  STEPS further steps under torch.profiler: the operations that took the most time,
            with their input shapes, per step.
 
-`--decoder FILE` loads another copy of decoder.py (e.g. an earlier commit's: `git show
-COMMIT:decoder.py > old.py`) so the code as it was can be measured and its captions compared.
+`--decoder FILE` measures another copy of decoder.py (e.g. an earlier commit's: `git show
+COMMIT:decoder.py > old.py`); `--compare FILE` also times FILE's search on the same weights and
+image tokens in this process and says whether its captions equal the measured decoder's.
 
-    python3 bench/bench_decode.py [--images 16] [--device cpu] [--decoder FILE] [--out-json FILE]
+    python3 bench/bench_decode.py [--images 16] [--device cpu] [--decoder FILE] [--compare FILE] [--out-json FILE]
 """
 import argparse
 import hashlib
@@ -37,8 +38,8 @@ from tokenizer import EOT_ID  # noqa: E402
 ENCODER_WIDTH, IMAGE_TOKENS = 1024, 257  # timm's ViT-L/14 CLIP tower at 224 pixels
 
 
-def load_decoder_module(path: str):
-    spec = importlib.util.spec_from_file_location("decoder_under_test", path)
+def load_decoder_module(path: str, name: str = "decoder_under_test"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -57,6 +58,23 @@ def build(module, device) -> "torch.nn.Module":
     return decoder.eval().to(device)
 
 
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_search(module, decoder, feats, device) -> tuple:
+    """One eager batched beam search of `module`'s BeamSearch: (seconds, steps, captions)."""
+    K, T, lp = GENERATION["beam_size"], GENERATION["max_len"], GENERATION["length_penalty"]
+    module.BeamSearch(decoder, feats[:1], K, 2, EOT_ID, lp).run()  # warm-up: allocator, thread pools
+    sync(device)
+    start = time.perf_counter()
+    search = module.BeamSearch(decoder, feats, K, T, EOT_ID, lp)
+    captions = search.run()
+    sync(device)
+    return time.perf_counter() - start, int(search.t), captions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16, help="images decoded together (default 16)")
@@ -64,6 +82,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu; fp16 autocast on cuda)")
     parser.add_argument("--decoder", default=os.path.join(REPO, "decoder.py"),
                         help="the decoder.py to measure (default: this repository's)")
+    parser.add_argument("--compare", metavar="FILE",
+                        help="another decoder.py (e.g. an earlier commit's) to time on the same weights and "
+                             "image tokens, its captions compared (default: none)")
     parser.add_argument("--top", type=int, default=10, help="operations listed (default 10)")
     parser.add_argument("--out-json", help="also write the numbers here (default: printed only)")
     args = parser.parse_args()
@@ -73,37 +94,34 @@ def main() -> None:
     feats = torch.randn(args.images, IMAGE_TOKENS, ENCODER_WIDTH, generator=torch.Generator().manual_seed(2)).to(device)
     K, T, lp = GENERATION["beam_size"], GENERATION["max_len"], GENERATION["length_penalty"]
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     with torch.no_grad(), autocast(device):
-        BeamSearch = module.BeamSearch
-        BeamSearch(decoder, feats[:1], K, 2, EOT_ID, lp).run()  # warm-up: allocator, thread pools
-        sync()
-        start = time.perf_counter()
-        search = BeamSearch(decoder, feats, K, T, EOT_ID, lp)
-        captions = search.run()
-        sync()
-        seconds = time.perf_counter() - start
-        steps = int(search.t)
+        seconds, steps, captions = timed_search(module, decoder, feats, device)
         graph = {}
         if device.type == "cuda":  # the graders' path: the step captured once, then replayed
             for run in ("graph_capture_s", "graph_warm_s"):
-                sync()
+                sync(device)
                 start = time.perf_counter()
                 replayed = decoder.beam_search(feats, K, T, EOT_ID, lp, cuda_graph=True)
-                sync()
+                sync(device)
                 graph[run] = round(time.perf_counter() - start, 3)
             graph["graph_equals_eager"] = replayed == captions
         from torch.profiler import ProfilerActivity, profile
 
-        search = BeamSearch(decoder, feats, K, T, EOT_ID, lp)
+        search = module.BeamSearch(decoder, feats, K, T, EOT_ID, lp)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(args.steps):
                 search.step()
-            sync()
+            sync(device)
+        del search
+        compared = {}
+        if args.compare:
+            other = load_decoder_module(os.path.abspath(args.compare), "decoder_compared")
+            other_seconds, other_steps, other_captions = timed_search(other, build(other, device), feats, device)
+            compared = {"compare": {"decoder": os.path.abspath(args.compare), "search_s": round(other_seconds, 3),
+                                    "per_step_ms": round(1000 * other_seconds / max(other_steps, 1), 1),
+                                    "captions_equal": other_captions == captions}}
+
     def self_ms(event) -> float:
         """Time spent in the operation itself, on the GPU for CUDA (`self_cuda_time_total` before torch 2.4)."""
         if device.type != "cuda":
@@ -118,6 +136,7 @@ def main() -> None:
         "search_s": round(seconds, 3), "per_step_ms": round(1000 * seconds / max(steps, 1), 1),
         "captions_sha256": hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16],
         **graph,
+        **compared,
         "profiled_step_ms": round(sum(map(self_ms, events)) / args.steps, 1),
         "top_ops": [{"op": e.key, "ms_per_step": round(self_ms(e) / args.steps, 2),
                      "calls_per_step": e.count // args.steps, "shapes": str(e.input_shapes)[:120]} for e in top],

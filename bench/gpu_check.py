@@ -23,7 +23,8 @@ being the benchmarks in this folder with their own flags:
                 reading the file, on this machine's CPU;
   decode        bench_decode.py: the full-size decoder's beam search over 1404 images' random
                 image tokens in one batch, eager and as a CUDA graph (captions must be equal),
-                and the operations that take a step's GPU time.
+                and the operations that take a step's GPU time; with --decoder-before FILE also
+                that decoder.py's search on the same inputs (captions must be equal).
 
 Writes DIR/gpu_check.json ({"sections": {name: {ok, error, problems, seconds, command, result}}})
 and DIR/gpu_check.log (every section's output), and prints a summary. Where a target of
@@ -101,14 +102,14 @@ def read_json(path: str):
 # -- the benchmarks ---------------------------------------------------------------------------
 
 
-def bench_command(name: str, small: bool, cuda: bool, out_json: str) -> list:
+def bench_command(name: str, small: bool, cuda: bool, out_json: str, decoder_before: str | None = None) -> list:
     py = sys.executable
     if name == "load":
         return [py, os.path.join(BENCH, "bench_load.py"), *(["--small"] if small else []), "--out-json", out_json]
     if name == "decode":
         sizes = ["--images", "2", "--steps", "1"] if small else ["--images", "1404"]
         return [py, os.path.join(BENCH, "bench_decode.py"), *sizes, "--device", "cuda" if cuda else "cpu",
-                "--out-json", out_json]
+                *(["--compare", decoder_before] if decoder_before else []), "--out-json", out_json]
     if name == "p1":
         return [py, os.path.join(BENCH, "bench_p1.py"), "--n-images", "8" if small else "2500",
                 *(["--small"] if small else []), "--out-json", out_json]
@@ -124,8 +125,13 @@ def bench_problems(name: str, result: dict) -> list:
     """What a benchmark's JSON records as failed (it goes on after a failed setting)."""
     if name == "p2_inference" and result.get("graph_equals_eager") is False:
         return [f"captions with CUDA graphs differ from eager decoding, e.g. {result['graph_differs_from_eager']}"]
-    if name == "decode" and result.get("graph_equals_eager") is False:
-        return ["bench_decode: captions with a CUDA graph differ from eager decoding"]
+    if name == "decode":
+        problems = []
+        if result.get("graph_equals_eager") is False:
+            problems.append("bench_decode: captions with a CUDA graph differ from eager decoding")
+        if result.get("compare", {}).get("captions_equal") is False:
+            problems.append(f"bench_decode: captions differ from {result['compare']['decoder']}'s")
+        return problems
     if name != "p2_train":
         return []
     problems = []
@@ -268,6 +274,9 @@ def summary_lines(report: dict) -> list:
         if name == "p1" and r:
             lines.append(f"      {r['n_images']} images in {r['seconds']} s ({r['images_per_s']}/s), peak {r['peak_gpu_mb']} MB;"
                          f" bash hw3_1.sh {r.get('process_seconds')} s")
+            profile, process = r.get("profile") or {}, r.get("process_profile") or {}
+            lines.append(f"      phases {profile.get('seconds')}, batch {profile.get('batch')}; "
+                         f"as a process {process.get('seconds')}")
         if name == "p2_inference" and r:
             lines.append(f"      {r['n_images']} images in {r['seconds']} s, peak {r['peak_gpu_mb']} MB, naive "
                          f"{r['naive_seconds_for_n_images']} s: speed-up {r['speedup']}x; bash hw3_2.sh "
@@ -276,7 +285,8 @@ def summary_lines(report: dict) -> list:
             lines.append(f"      phases {profile.get('seconds')}, batch {profile.get('batch')}, CUDA graph "
                          f"{profile.get('cuda_graph')}; eager {r.get('eager_seconds')} s, captions equal: "
                          f"{r.get('graph_equals_eager')}; warm {r.get('warm_seconds')} s {r.get('warm_profile')}")
-            lines.append(f"      a new process's start-up: {r.get('startup_profile')}")
+            lines.append(f"      a new process's start-up: {r.get('startup_profile')}; its phases "
+                         f"{r.get('process_profile')}")
         if name == "load" and r:
             for dtype, x in r["results"].items():
                 lines.append(f"      {dtype}: read {x['read_s']} s, build {x['build_s']} s ({x['build_over_read']}x; "
@@ -285,6 +295,10 @@ def summary_lines(report: dict) -> list:
             lines.append(f"      {r['images']} images x {r['beams']} beams, {r['steps']} steps: eager {r['search_s']} s "
                          f"({r['per_step_ms']} ms/step), CUDA graph {r.get('graph_capture_s')} s with the capture, "
                          f"{r.get('graph_warm_s')} s warm; captions equal: {r.get('graph_equals_eager')}")
+            if r.get("compare"):
+                c = r["compare"]
+                lines.append(f"      {c['decoder']}: {c['search_s']} s ({c['per_step_ms']} ms/step), captions equal: "
+                             f"{c['captions_equal']}")
             for op in r["top_ops"][:5]:
                 lines.append(f"      {op['ms_per_step']:8.2f} ms/step {op['op']} {op['shapes'][:70]}")
         if name == "p2_train" and r:
@@ -313,7 +327,14 @@ def main(argv=None) -> int:
                         help="the parts to run, in this order (default: all)")
     parser.add_argument("--budget-s", type=float, default=470.0,
                         help="the whole run's time; a section gets the smaller of its cap and what is left (470)")
+    parser.add_argument("--decoder-before", metavar="FILE",
+                        help="an earlier decoder.py for the decode section to time and compare captions with "
+                             "(e.g. `git show 9a9847f:decoder.py > bench/decoder_before.py`, carried; default: none)")
     args = parser.parse_args(argv)
+    if args.decoder_before and not os.path.isfile(args.decoder_before):
+        parser.error(f"argument --decoder-before: {args.decoder_before!r} is not a file")
+    if args.decoder_before:
+        args.decoder_before = os.path.abspath(args.decoder_before)
 
     import torch
 
@@ -344,8 +365,9 @@ def main(argv=None) -> int:
                     section["result"] = smoke(args.small, cuda, os.path.join(tmp, "smoke"), log, deadline)
                 else:
                     out_json = os.path.join(tmp, name + ".json")
-                    section["command"] = " ".join(bench_command(name, args.small, cuda, "OUT.json"))
-                    run(bench_command(name, args.small, cuda, out_json), deadline - time.time(), log, name)
+                    command = bench_command(name, args.small, cuda, out_json, args.decoder_before)
+                    section["command"] = " ".join(command).replace(out_json, "OUT.json")
+                    run(command, deadline - time.time(), log, name)
                     section["result"] = read_json(out_json)
                     section["problems"] = bench_problems(name, section["result"])
                 section["ok"] = not section["problems"]

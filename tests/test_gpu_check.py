@@ -9,7 +9,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
     out = tmp_path / "check"
-    result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), "--small", "--out", str(out)],
+    # --decoder-before: this repository's own decoder.py, so its captions must be equal
+    result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), "--small", "--out", str(out),
+                             "--decoder-before", os.path.join(REPO, "decoder.py")],
                             cwd=REPO, env={**os.environ, "HW3_BPE_DIR": bpe_dir}, capture_output=True, text=True,
                             timeout=900, check=False)
     report = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
@@ -25,10 +27,15 @@ def test_gpu_check_small_runs_every_section(tmp_path, bpe_dir):
     p2 = sections["p2_inference"]["result"]
     assert p2["n_images"] == 4 and p2["graph_equals_eager"] is True and p2["process_seconds"] > 0
     assert set(p2["profile"]["seconds"]) == {"load", "read", "encode", "decode", "text", "write"}
-    assert sections["p1"]["result"]["process_seconds"] > 0
+    assert set(p2["process_profile"]) == set(p2["profile"]["seconds"])  # the process's phases, beside its total
+    p1 = sections["p1"]["result"]
+    assert p1["process_seconds"] > 0
+    assert set(p1["profile"]["seconds"]) == set(p1["process_profile"]["seconds"]) == {
+        "load", "text", "read", "encode", "write"}
     assert set(sections["load"]["result"]["results"]) == {"fp32", "fp16"}
     decode = sections["decode"]["result"]
     assert decode["images"] == 2 and decode["steps"] >= 1 and decode["top_ops"][0]["ms_per_step"] > 0
+    assert decode["compare"]["captions_equal"] is True and decode["compare"]["search_s"] > 0
     assert sections["p1"]["result"]["n_images"] == 8
     train = sections["p2_train"]["result"]["results"]
     assert {(r["peft"], r["feature_cache"]) for r in train} == {
@@ -63,3 +70,20 @@ def test_targets_are_judged_from_the_measurements_and_out_of_memory_misses():
     assert found["train_peak_gib"]["measured"] == 9.5 and found["train_peak_gib"]["met"] is False
     sections["p2_train"]["result"]["results"].pop()
     assert gpu_check.targets(sections)["train_peak_gib"]["met"] is True
+
+
+def test_a_decoder_whose_captions_differ_is_a_problem():
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu_check
+
+    command = gpu_check.bench_command("decode", False, True, "out.json", "/x/old_decoder.py")
+    assert command[command.index("--compare") + 1] == "/x/old_decoder.py" and "1404" in command
+    assert "--compare" not in gpu_check.bench_command("decode", False, True, "out.json")
+    same = {"graph_equals_eager": True, "compare": {"decoder": "/x/old_decoder.py", "captions_equal": True}}
+    assert gpu_check.bench_problems("decode", same) == []
+    differ = {"graph_equals_eager": False, "compare": {"decoder": "/x/old_decoder.py", "captions_equal": False}}
+    assert gpu_check.bench_problems("decode", differ) == [
+        "bench_decode: captions with a CUDA graph differ from eager decoding",
+        "bench_decode: captions differ from /x/old_decoder.py's"]
