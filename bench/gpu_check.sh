@@ -5,6 +5,8 @@
 #   bash bench/gpu_check.sh --out DIR              # GPU machine (H100/H200): about 5 minutes, within 8
 #   bash bench/gpu_check.sh --small --out DIR      # toy sizes on the CPU: checks that it still runs (CI)
 #   bash bench/gpu_check.sh --fetch-wheels         # here, with a package registry: fill .whl/ (see below)
+#   bash bench/gpu_check.sh --out DIR --decoder-before bench/decoder_before.py   # also an earlier decoder.py
+#                                                  # (git show COMMIT:decoder.py > bench/decoder_before.py, carried)
 #
 # The GPU machine has no network and its own Python (3.12) with torch but without clip-anytorch, ftfy,
 # wcwidth and the graders' timm 0.9.10; setuptools < 81 keeps `import clip` (pkg_resources) working.
