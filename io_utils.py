@@ -201,6 +201,7 @@ class PhaseTimer:
     def __init__(self, device, sync: bool):
         import torch
 
+        self.device = device
         self.sync = torch.cuda.synchronize if sync and device.type == "cuda" else (lambda: None)
         self.seconds = {}
 
@@ -213,12 +214,17 @@ class PhaseTimer:
             self.sync()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
-
     def profile(self, **extra) -> str:
-        """The profile as JSON text: {"seconds": {phase: seconds}, **extra}."""
+        """The profile as JSON text: {"seconds": {phase: seconds}, **extra}, and on CUDA the peak
+        memory allocated ("peak_allocated_mb")."""
         import json
 
-        return json.dumps({"seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **extra}, indent=2) + "\n"
+        import torch
+
+        profile = {"seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **extra}
+        if self.device.type == "cuda":
+            profile["peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+        return json.dumps(profile, indent=2) + "\n"
 
 
 def free_cuda_memory(device) -> int:

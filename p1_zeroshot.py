@@ -375,11 +375,8 @@ def main(argv=None) -> None:
         labels = [class_ids[k] for k in probs.argmax(dim=1).tolist()]
         file_io.atomic_write_text(args.out_csv, predictions_csv([os.path.basename(p) for p in kept], labels))
     if profile_path:
-        import torch
-
-        peak = {"peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)} if device.type == "cuda" else {}
         file_io.atomic_write_text(profile_path, timer.profile(images=len(kept), batch=batch, models=specs,
-                                                              device=device.type, **peak))
+                                                              device=device.type))
     print(f"wrote {len(kept)} predictions to {args.out_csv} "
           f"({len(names) - len(kept)} files skipped; models {', '.join(specs)}; {device.type})",
           file=sys.stderr)

@@ -238,11 +238,10 @@ def main(argv=None) -> None:
           f"{device.type}, {batch_size} images per decoding batch"
           f"{', CUDA graph' if use_graph else ''})", file=sys.stderr)
     if profile_path:
-        cuda = device.type == "cuda"
-        peak = {"peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)} if cuda else {}
+        element_bytes = 2 if device.type == "cuda" else 4
         file_io.atomic_write_text(profile_path, timer.profile(
             images=len(results), batch=batch_size, read_batch=read_size, cuda_graph=use_graph, device=device.type,
-            decoding_bytes_per_image=model.decoding_bytes(generation, 2 if cuda else 4), generation=generation, **peak))
+            decoding_bytes_per_image=model.decoding_bytes(generation, element_bytes), generation=generation))
 
 
 if __name__ == "__main__":
