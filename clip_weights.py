@@ -322,13 +322,14 @@ def architecture(state: dict, source: str) -> dict:
 
 
 def _empty_model(state: dict, source: str):
-    """clip.model.CLIP at the size `state` gives, its tensors allocated but not initialised."""
+    """clip.model.CLIP at the size `state` gives, not initialised, its tensors on the meta device
+    (weights.without_data): their names, shapes and dtypes, no memory."""
     from clip.model import CLIP
 
-    from weights import skip_init
+    from weights import skip_init, without_data
 
     with skip_init():
-        return CLIP(**architecture(state, source))
+        return without_data(CLIP(**architecture(state, source)))
 
 
 def weights_of(state: dict, source: str, from_archive: bool) -> dict:
@@ -351,7 +352,11 @@ def weights_of(state: dict, source: str, from_archive: bool) -> dict:
 def build(state: dict, source: str, device):
     """clip.model.CLIP holding `state` (from `read_state`) as clip.load(..., jit=False) gives it: the
     layers clip.model.convert_weights names in fp16 (so weights pass through fp16, as there), the whole
-    model cast to fp32 on the CPU. No random initialisation (weights.skip_init)."""
+    model cast to fp32 on the CPU. No random initialisation (weights.skip_init).
+
+    clip.load converts the new model's layers to fp16 before it copies the weights in. Here the
+    conversion runs on a model without data (`_empty_model`), so no uninitialised memory is cast; it
+    only sets the dtype in which each of the file's tensors is then put in place."""
     from clip.model import convert_weights
 
     from weights import assign_state

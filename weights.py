@@ -63,6 +63,22 @@ def skip_init(enabled: bool = True):
             setattr(owner, name, original)
 
 
+def without_data(module: nn.Module) -> nn.Module:
+    """`module` (returned) with each parameter and buffer replaced by a meta tensor of its shape and
+    dtype: it holds no memory, and a dtype conversion on it costs nothing. `assign_state` then puts
+    a file's tensors in, each in the dtype the module has come to hold there. (torch 1.12's
+    Module.to cannot move to the meta device: `.data` cannot change device type.)"""
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None:
+                owner._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                       requires_grad=param.requires_grad)
+        for name, buffer in owner._buffers.items():
+            if buffer is not None:
+                owner._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device="meta")
+    return module
+
+
 def _owner(module: nn.Module, name: str) -> tuple:
     """'blocks.3.attn.qkv.weight' -> (the submodule blocks.3.attn.qkv, 'weight')"""
     path, _, leaf = name.rpartition(".")
@@ -99,13 +115,24 @@ def assign_state(module: nn.Module, state: dict, source: str, device=None, cause
     with torch.no_grad():
         for name, tensor in state.items():
             old = targets[name]
-            new = tensor.to(device=old.device if device is None else device, dtype=old.dtype).contiguous()
+            new = _moved(tensor, old.device if device is None else device, old.dtype).contiguous()
             owner, leaf = _owner(module, name)
             if isinstance(old, nn.Parameter):
                 owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
             else:
                 owner._buffers[leaf] = new
     return sorted(set(targets) - set(state))
+
+
+def _moved(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+    """`tensor` on `device` as `dtype`. Across devices the cast runs on the side where the elements
+    are smaller, so the fewer bytes cross: an fp16 file's tensor for an fp32 model goes to the GPU
+    as fp16 and widens there (a blocking `tensor.to(device, dtype)` would widen it on the CPU first)."""
+    if torch.device(device) == tensor.device:
+        return tensor.to(dtype=dtype)
+    if tensor.element_size() <= torch.empty(0, dtype=dtype).element_size():
+        return tensor.to(device=device).to(dtype=dtype)
+    return tensor.to(dtype=dtype).to(device=device)
 
 
 def _not_a_torch_file(head: bytes) -> str:

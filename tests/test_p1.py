@@ -536,6 +536,23 @@ def test_clip_is_built_without_random_initialisation(tiny_clip_file, monkeypatch
         assert torch.equal(tensor, state[name]), name
 
 
+def test_clip_off_the_cpu_holds_the_dtypes_clip_load_gives_it(tiny_clip_file):
+    """Off the CPU clip.load keeps the layers clip.model.convert_weights names in fp16, the rest in
+    fp32. load_clip runs that conversion on a model without data, then puts the weights in: the
+    dtypes must be clip.load's (the meta device stands in for a GPU, where no cast to fp32 follows)."""
+    import clip_weights
+    from clip.model import CLIP, convert_weights
+
+    state = clip_weights.read_state(tiny_clip_file, tiny_clip_file)
+    model = clip_weights.build(state, tiny_clip_file, torch.device("meta"))
+    reference = CLIP(**clip_weights.architecture(state, tiny_clip_file))
+    convert_weights(reference)
+    dtypes = {name: t.dtype for name, t in reference.state_dict().items()}
+    assert {name: t.dtype for name, t in model.state_dict().items()} == dtypes
+    assert {torch.float16, torch.float32} <= set(dtypes.values())
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+
+
 # ---------------------------------------------------------------- report helper
 
 def test_report_accuracy_equals_direct_counts(tiny_clip_file, tmp_path, monkeypatch):

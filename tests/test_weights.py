@@ -9,7 +9,7 @@ from conftest import TINY_VIT, TINY_VIT_KWARGS
 from captioner import load_checkpoint, read_checkpoint
 from decoder import load_gpt2_state
 from encoder import ImageEncoder
-from weights import assign_state, skip_init
+from weights import assign_state, skip_init, without_data
 
 
 def test_skip_init_draws_nothing_and_restores_initialisation():
@@ -51,6 +51,34 @@ def test_assign_state_fills_converts_and_reports_what_is_left():
         assign_state(model, {"2.weight": torch.zeros(1)}, "file.pth")
     with pytest.raises(ValueError, match=r"^f: tensor '0.weight' has shape \(4, 4\), the model expects \(3, 4\): why$"):
         assign_state(model, {"0.weight": torch.zeros(4, 4), "0.bias": torch.zeros(7)}, "f", cause="why")  # the first
+
+
+def test_without_data_keeps_names_shapes_dtypes_and_holds_no_memory():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).half()
+    model[0].bias.requires_grad_(False)
+    before = {name: (t.shape, t.dtype, t.requires_grad) for name, t in model.state_dict(keep_vars=True).items()}
+    assert without_data(model) is model
+    after = model.state_dict(keep_vars=True)
+    assert {name: (t.shape, t.dtype, t.requires_grad) for name, t in after.items()} == before
+    assert {t.device.type for t in after.values()} == {"meta"}  # parameters and buffers (running_mean...)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    model.float()  # a conversion changes dtypes only
+    assert model[0].weight.dtype == torch.float32 and model[0].weight.device.type == "meta"
+
+
+def test_assign_state_across_devices_gives_the_model_s_dtype_on_the_target():
+    """An fp16 file's tensor for an fp32 model, and an fp32 file's for an fp16 model, put on another
+    device (meta stands in for a GPU): each arrives in the model's dtype and shape."""
+    model = without_data(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).half()))
+    state = {"0.weight": torch.randn(3, 4, dtype=torch.float16), "0.bias": torch.randn(3),
+             "1.weight": torch.randn(2, 3), "1.bias": torch.randn(2, dtype=torch.float16)}
+    assert assign_state(model, state, "file.pth", device=torch.device("meta")) == []
+    assert [(p.dtype, p.device.type, tuple(p.shape)) for p in model.parameters()] == [
+        (torch.float32, "meta", (3, 4)), (torch.float32, "meta", (3,)),
+        (torch.float16, "meta", (2, 3)), (torch.float16, "meta", (2,))]
+    assign_state(model, state, "file.pth", device=torch.device("cpu"))  # and with data, the values
+    assert torch.equal(model[0].weight, state["0.weight"].float())
+    assert torch.equal(model[1].weight, state["1.weight"].half())
 
 
 def test_encoder_built_without_initialisation_equals_the_initialised_one(tiny_vit_file):
