@@ -13,6 +13,13 @@ on the CPU, alternately and REPEATS times each:
 The target is build / read <= 1.5 (median times). Page cache: the file was just written, so every
 read comes from memory, as the graders' second run would.
 
+The same for Problem 1's CLIP (ViT-L/14, saved in fp16 as OpenAI's files hold it, as bench_p1.py
+saves it): read, build (`clip_weights.load_clip(file, device)`: the weights put in place, then the
+layers clip.model.convert_weights names cast to fp16, then on the CPU the whole model to fp32) and
+convert_first (the order clip.load uses and load_clip used before 2026-12-05: the uninitialised
+layers cast to fp16, then the weights put in). On CUDA both builds are also timed onto the GPU (`build_cuda`: an fp16 file's tensors cross as fp16
+and are widened there, `weights.assign_state`).
+
     python3 bench/bench_load.py [--out-json FILE]
     python3 bench/bench_load.py --small      # the test suite's tiny ViT: does it run?
 """
@@ -29,6 +36,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import clip_weights
+from bench_p1 import SMALL as SMALL_CLIP, VIT_L14, save_model
 from encoder import DEFAULT_ENCODER, ImageEncoder
 from file_io import atomic_write_text
 from weights import torch_load
@@ -47,10 +56,47 @@ def build_before(name: str, kwargs: dict, path: str):
     return model
 
 
+def clip_convert_first(path: str):
+    """CLIP built in the order clip.load uses (and load_clip did before): the empty model's layers cast
+    to fp16 (clip.model.convert_weights), then the weights put in, then fp32 on the CPU."""
+    from clip.model import CLIP, convert_weights
+
+    from weights import assign_state, skip_init
+
+    state = clip_weights.read_state(path, path)
+    with skip_init():
+        model = CLIP(**clip_weights.architecture(state, path))
+    convert_weights(model)
+    assign_state(model, state, path)
+    return model.float()
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def bench_clip(config: dict, tmp: str) -> dict:
+    """read / build / convert_first (and build_cuda on CUDA) of a CLIP saved in fp16, medians of REPEATS."""
+    path = os.path.join(tmp, "clip_fp16.pt")
+    save_model(config, path)
+    cpu = torch.device("cpu")
+    runs = {"read": lambda: torch_load(path), "build": lambda: clip_weights.load_clip(path, cpu),
+            "convert_first": lambda: clip_convert_first(path)}
+    if torch.cuda.is_available():
+        runs["build_cuda"] = lambda: clip_weights.load_clip(path, torch.device("cuda"))
+    times = {k: [] for k in runs}
+    for _ in range(REPEATS):
+        for name, run in runs.items():
+            times[name].append(timed(run))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"file_mb": round(os.path.getsize(path) / 2**20, 1), **{f"{k}_s": round(v, 3) for k, v in median.items()},
+            "build_over_read": round(median["build"] / median["read"], 2),
+            "convert_first_over_read": round(median["convert_first"] / median["read"], 2),
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 
 def main():
@@ -69,11 +115,16 @@ def main():
         for dtype in ("fp32", "fp16"):
             path = os.path.join(tmp, f"encoder_{dtype}.pth")
             torch.save(state if dtype == "fp32" else {k: v.half() for k, v in state.items()}, path)
-            times = {"read": [], "build": [], "before": []}
+            runs = {"read": lambda: torch_load(path),
+                    "build": lambda: ImageEncoder(name, weights=path, model_kwargs=kwargs),
+                    "before": lambda: build_before(name, kwargs, path)}
+            if torch.cuda.is_available():
+                runs["build_cuda"] = lambda: ImageEncoder(name, weights=path, model_kwargs=kwargs,
+                                                          device=torch.device("cuda"))
+            times = {k: [] for k in runs}
             for _ in range(REPEATS):
-                times["read"].append(timed(lambda: torch_load(path)))
-                times["build"].append(timed(lambda: ImageEncoder(name, weights=path, model_kwargs=kwargs)))
-                times["before"].append(timed(lambda: build_before(name, kwargs, path)))
+                for run_name, run in runs.items():
+                    times[run_name].append(timed(run))
             median = {k: statistics.median(v) for k, v in times.items()}
             results[dtype] = {"file_mb": round(os.path.getsize(path) / 2**20, 1),
                               **{f"{k}_s": round(v, 3) for k, v in median.items()},
@@ -81,7 +132,9 @@ def main():
                               "before_over_read": round(median["before"] / median["read"], 2),
                               "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
         del state
+        clip_result = bench_clip(SMALL_CLIP if args.small else VIT_L14, tmp)
     result = {"encoder": name, "repeats": REPEATS, "results": results, "target_build_over_read": 1.5,
+              "clip": {"model": "toy CLIP" if args.small else "ViT-L/14 (random weights, fp16 file)", **clip_result},
               "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     print(json.dumps(result, indent=2))
