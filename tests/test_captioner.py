@@ -18,6 +18,7 @@ from captioner import (
 )
 from decoder import parameter_group
 from encoder import ImageEncoder
+from weights import torch_load
 
 PEFT_OVERRIDES = {  # tiny versions of each preset
     "none": {},
@@ -150,7 +151,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_vit_file, tiny_gpt2, peft):
     path = str(tmp_path / "model.pt")
     total = save_checkpoint(model, path)
 
-    checkpoint = torch.load(path, weights_only=True)  # tensors and plain containers only
+    checkpoint = torch_load(path)  # tensors and plain containers only
     assert set(checkpoint) == {"config", "state_dict"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if peft == "prefix":  # the reparameterisation MLP is folded into the prefixes
@@ -390,7 +391,7 @@ def trained_from_a_file(tmp_path, monkeypatch, tiny_vit_file, tiny_gpt2):
 def test_a_checkpoint_records_the_encoder_file_it_was_trained_with(trained_from_a_file):
     import hashlib
 
-    config = torch.load(trained_from_a_file["path"], weights_only=True)["config"]
+    config = torch_load(trained_from_a_file["path"])["config"]
     weights = trained_from_a_file["weights"]
     assert config["encoder"]["weights_file"] == {
         "path": str(weights.resolve()), "bytes": weights.stat().st_size,

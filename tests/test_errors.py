@@ -7,6 +7,7 @@ caption; a CLIP or captioner file that is not one; a training log with lines tha
 records; no GPT-2 vocabulary for hw3_2.sh. The entry points run in process (`main(argv)`), which
 is what their command lines call.
 """
+import inspect
 import json
 import os
 
@@ -613,6 +614,15 @@ FORMS = {
 }
 
 
+def refusal(how: str) -> str:
+    """The words a reader's refusal of a state dict reshaped `how` holds. A torch without the weights-only
+    load (the graders' 1.12.1) reads through weights.RestrictedPickle, which refuses a sparse tensor's
+    rebuild function before anything is built (the conservative choice there) and says so."""
+    if how == "sparse" and "weights_only" not in inspect.signature(torch.load).parameters:
+        return "objects other than tensors and plain containers: torch._utils._rebuild_sparse_tensor"
+    return FORMS[how][1]
+
+
 def reshaped(state: dict, path, how: str) -> str:
     torch.save(FORMS[how][0](state), path)
     return str(path)
@@ -625,7 +635,7 @@ def test_decoder_weights_of_another_form_name_the_file(tiny_gpt2, tmp_path, how)
     path = reshaped(torch.load(tiny_gpt2[0]), tmp_path / "decoder_model.bin", how)
     with pytest.raises(ValueError) as info:
         decoder.load_gpt2_state(path)
-    assert str(info.value).startswith(path) and FORMS[how][1] in str(info.value), info.value
+    assert str(info.value).startswith(path) and refusal(how) in str(info.value), info.value
 
 
 @pytest.mark.parametrize("content, words", [
@@ -675,7 +685,7 @@ def lora_checkpoint(tmp_path_factory, tiny_gpt2, tiny_vit_file):
     captioner.mark_trainable(model, verbose=False)
     path = tmp_path_factory.mktemp("lora") / "lora.pt"
     captioner.save_checkpoint(model, str(path))
-    return torch.load(path, weights_only=False)
+    return torch.load(path)
 
 
 @pytest.mark.parametrize("how", FORMS)
@@ -686,7 +696,7 @@ def test_a_checkpoint_of_another_form_names_the_file(lora_checkpoint, tmp_path, 
     torch.save(dict(lora_checkpoint, state_dict=FORMS[how][0](lora_checkpoint["state_dict"])), path)
     with pytest.raises(ValueError) as info:
         captioner.read_checkpoint(path)
-    assert str(info.value).startswith(path) and FORMS[how][1] in str(info.value), info.value
+    assert str(info.value).startswith(path) and refusal(how) in str(info.value), info.value
 
 
 @pytest.mark.parametrize("part, value", [("encoder", None), ("encoder", "vit"), ("decoder", "x"), ("decoder", [1])])
@@ -730,4 +740,4 @@ def test_encoder_weights_of_another_form_name_the_file(tiny_vit_file, tmp_path, 
     path = reshaped(torch.load(tiny_vit_file), tmp_path / "vit.pth", how)
     with pytest.raises(ValueError) as info:
         ImageEncoder(TINY_VIT, weights=path, model_kwargs=TINY_VIT_KWARGS)
-    assert path in str(info.value) and FORMS[how][1] in str(info.value), info.value
+    assert path in str(info.value) and refusal(how) in str(info.value), info.value

@@ -13,6 +13,7 @@ import p2_train
 from captioner import Captioner, load_checkpoint, make_config, mark_trainable, trainable_state
 from cider import CiderD, tokenize
 from file_io import load_references
+from weights import torch_load
 
 
 def read_log(checkpoint):
@@ -46,7 +47,7 @@ def test_a_tiny_model_learns_the_synthetic_set(trained_checkpoint, captioning_se
 
 
 def test_checkpoint_holds_exactly_the_trainable_tensors(trained_checkpoint, captioning_setup):
-    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint = torch_load(trained_checkpoint)
     assert set(checkpoint) == {"config", "state_dict"}
     model = Captioner(checkpoint["config"], captioning_setup["decoder_weights"],
                       encoder_weights=captioning_setup["encoder_weights"])
