@@ -169,10 +169,15 @@ def grader_modules(repo: str = REPO_ROOT) -> list[str]:
             continue
         seen.add(path)
         with open(path, encoding="utf-8") as f:
-            for name in imported_names(f.read()):
-                candidate = os.path.join(repo, name + ".py")
-                if os.path.isfile(candidate):
-                    todo.append(candidate)
+            source = f.read()
+        try:
+            names = imported_names(source)
+        except SyntaxError:  # syntax this Python cannot parse (e.g. `match` on 3.8): ruff names it
+            names = set()
+        for name in names:
+            candidate = os.path.join(repo, name + ".py")
+            if os.path.isfile(candidate):
+                todo.append(candidate)
     return sorted(seen)
 
 
