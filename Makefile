@@ -22,6 +22,13 @@ CHECK_ARGS ?=
 # (CUDA_VISIBLE_DEVICES per run); empty: every run sees the machine's GPUs, i.e. uses the first.
 GPUS ?=
 
+# `make test-graders`: the tests on the graders' stack, in a virtual environment of its own. A Python 3.8
+# on PATH or installed by pyenv; PyPI's torch 1.12.1 (a CUDA 10.2 build, which also runs on the CPU).
+GRADERS_PYTHON ?= $(firstword $(shell for p in python3.8 $$HOME/.pyenv/versions/3.8*/bin/python3.8; do \
+    "$$p" -c "" 2>/dev/null && echo "$$p"; done))
+GRADERS_VENV ?= .venv-graders
+GRADERS_STACK := torch==1.12.1 torchvision==0.13.1
+
 # The course data (Google Drive, fetched with gdown). GPT-2's vocabulary is committed (encoder.json, vocab.bpe).
 DATA_GDRIVE_ID := 11rP6KmR5Qwjhx0rfag0b5TZGBTRuPtQR
 
@@ -75,7 +82,7 @@ DATA_FILES := $(ID2LABEL) $(TRAIN_JSON) $(VAL_JSON) $(DECODER) $(P3_IMAGES)
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: help data weights train report check demo test
+.PHONY: help data weights train report check demo test test-graders print-graders-python
 # checkpoints, predictions and scores are results, never intermediates to delete
 .SECONDARY:
 
@@ -96,12 +103,15 @@ help:
 	@echo "  make demo     all of the above on synthetic data and tiny random models into \$$(DEMO_DIR)/, offline on a"
 	@echo "                CPU (no input; clears every HW3_* variable of your shell); about 10-20 minutes"
 	@echo "  make test     the tests (python3 -m pytest -q); tens of minutes on 2 CPU cores"
+	@echo "  make test-graders  the same tests on the graders' stack (Python 3.8, $(GRADERS_STACK), timm"
+	@echo "                0.9.10) in \$$(GRADERS_VENV), made on first use (about 2 GB, a minute); tens of minutes"
 	@echo "  make help     this list (also plain make)"
 	@echo ""
 	@echo "Variables (now):"
 	@echo "  DATA=$(DATA)  OUT=$(OUT)  CKPT=$(CKPT)  FEATURES=$(FEATURES)  DEVICE=$(DEVICE)"
 	@echo "  REPORT=$(REPORT)  NOTES=$(NOTES)  PYTHON=$(PYTHON)  DEMO_DIR=$(DEMO_DIR)"
 	@echo "  GPUS=$(GPUS)  (0,1,...: one GPU per training run, round robin; empty: the default GPU)"
+	@echo "  GRADERS_PYTHON=$(GRADERS_PYTHON)  GRADERS_VENV=$(GRADERS_VENV)"
 	@echo "  TRAIN_ARGS, EVAL_ARGS, REPORT_ARGS, CHECK_ARGS: extra options of p2_train.py, p2_evaluate.py,"
 	@echo "  build_report.py, selfcheck.py"
 
@@ -206,6 +216,25 @@ endif
 
 test:
 	$(PYTHON) -m pytest -q
+
+# The venv is a result file like the others: remade when the requirements change. The tests' own
+# `python3` and `bash hw3_*.sh` find the venv's interpreter first on PATH.
+$(GRADERS_VENV)/installed: requirements.txt requirements-dev.txt
+	@if [ -z "$(GRADERS_PYTHON)" ]; then echo "error: no Python 3.8 found (python3.8 on PATH or" \
+	  "~/.pyenv/versions/3.8*); install one (e.g. pyenv install 3.8) or set GRADERS_PYTHON=/path/to/python3.8" >&2; exit 1; fi
+	@"$(GRADERS_PYTHON)" -c "import sys; sys.exit(sys.version_info[:2] != (3, 8))" || { \
+	  echo "error: GRADERS_PYTHON=$(GRADERS_PYTHON) is not Python 3.8" >&2; exit 1; }
+	"$(GRADERS_PYTHON)" -m venv --clear $(GRADERS_VENV)
+	$(GRADERS_VENV)/bin/python -m pip install -q --disable-pip-version-check $(GRADERS_STACK) -r requirements-dev.txt
+	$(GRADERS_VENV)/bin/python -c "import torch, timm; assert (torch.__version__.split('+')[0], timm.__version__) \
+	  == ('1.12.1', '0.9.10'), (torch.__version__, timm.__version__)"
+	touch $@
+
+print-graders-python:
+	@echo $(GRADERS_PYTHON)
+
+test-graders: $(GRADERS_VENV)/installed
+	PATH="$(abspath $(GRADERS_VENV))/bin:$$PATH" python3 -m pytest -q
 
 # ---------------------------------------------------------------- the demo
 

@@ -105,12 +105,39 @@ def test_bare_make_and_make_help_list_targets_and_variables(args, tmp_path):
     result = make(*args, f"DATA={tmp_path}/data")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for target in ("data", "weights", "train", "report", "check", "demo", "test", "help"):
+    for target in ("data", "weights", "train", "report", "check", "demo", "test", "test-graders", "help"):
         assert f"  make {target} " in out, target
-    for variable in ("DATA=", "OUT=", "CKPT=", "DEVICE=", "GPUS=", "DEMO_DIR=", "TRAIN_ARGS"):
+    for variable in ("DATA=", "OUT=", "CKPT=", "DEVICE=", "GPUS=", "DEMO_DIR=", "TRAIN_ARGS", "GRADERS_PYTHON="):
         assert variable in out, variable
     assert "HW3_*" in out  # the demo clears the user's settings, and says so
     assert "gdown" not in result.stdout.replace("with gdown", "") and not (tmp_path / "data").exists()
+
+
+@needs_make
+def test_make_test_graders_installs_the_graders_stack_and_runs_the_tests_in_it(tmp_path):
+    venv = tmp_path / "venv"
+    lines = make("-n", "test-graders", "GRADERS_PYTHON=/opt/python3.8", f"GRADERS_VENV={venv}").stdout.splitlines()
+    assert any(line.startswith(f'"/opt/python3.8" -m venv --clear {venv}') for line in lines), lines
+    install = [line for line in lines if " -m pip install " in line]
+    assert len(install) == 1 and install[0].startswith(f"{venv}/bin/python ") and all(
+        pin in install[0].split() for pin in ("torch==1.12.1", "torchvision==0.13.1", "requirements-dev.txt"))
+    assert lines[-1] == f'PATH="{venv}/bin:$PATH" python3 -m pytest -q'
+    with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
+        assert "timm==0.9.10" in f.read().split()  # the third pin comes with the requirements
+
+
+@needs_make
+@pytest.mark.parametrize("python, words", [
+    (sys.executable, f"GRADERS_PYTHON={sys.executable} is not Python 3.8"),
+    ("", "no Python 3.8 found"),
+])
+def test_make_test_graders_refuses_a_python_that_is_not_3_8(tmp_path, python, words):
+    if python and sys.version_info[:2] == (3, 8):
+        pytest.skip("this Python is 3.8")
+    venv = tmp_path / "venv"
+    result = make("test-graders", f"GRADERS_PYTHON={python}", f"GRADERS_VENV={venv}")
+    assert result.returncode != 0 and f"error: {words}" in result.stderr, result.stderr
+    assert not venv.exists()
 
 
 @needs_make
