@@ -72,20 +72,25 @@ def tik(bpe_dir):
 
 
 def _local_tiktoken(tiktoken, bpe_dir):
+    """tiktoken's own "gpt2" constructor (its pattern, its pinned hashes of OpenAI's files), its loader
+    pointed at the local files instead of OpenAI's addresses. Taking the pattern from the constructor
+    works on every tiktoken: 0.7 (the last for Python 3.8) writes it inline, later ones name it."""
     try:
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-        from tiktoken_ext.openai_public import r50k_pat_str
-    except ImportError as e:
+        import tiktoken_ext.openai_public as public
+        real = public.data_gym_to_mergeable_bpe_ranks
+    except (ImportError, AttributeError) as e:
         pytest.skip(f"tiktoken cannot download 'gpt2' offline and lacks its loader: {e}")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(bpe_dir, "vocab.bpe"),
-        encoder_json_file=os.path.join(bpe_dir, "encoder.json"),
-        # The hashes tiktoken itself pins for OpenAI's gpt2 files.
-        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    )
-    return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={EOT: 50256}, explicit_n_vocab=50257)
+
+    def from_local_files(vocab_bpe_file, encoder_json_file, **hashes):
+        return real(os.path.join(bpe_dir, os.path.basename(vocab_bpe_file)),
+                    os.path.join(bpe_dir, os.path.basename(encoder_json_file)), **hashes)
+
+    public.data_gym_to_mergeable_bpe_ranks = from_local_files
+    try:
+        spec = public.gpt2()
+    finally:
+        public.data_gym_to_mergeable_bpe_ranks = real
+    return tiktoken.Encoding(**dict(spec, name="gpt2-local"))
 
 
 def test_course_examples(bpe):
