@@ -1,8 +1,9 @@
-"""Static checks of what the graders run: their script rules and their Python stack.
+"""Checks of what the graders run: their script rules and their Python stack.
 
 A violation of the course's script rules can cost every point, and the
-graders run Python 3.8 + torch 1.12.1, which cannot be installed on our
-machines. Both are therefore checked statically:
+graders run Python 3.8 + torch 1.12.1 + timm 0.9.10. Checked here, on any
+Python (and again under `make test-graders`, which runs the tests on that
+stack itself):
 
 1. every `hw3_*.sh` obeys the rules: bash only, Python run as `python3`,
    none of rm, sudo, cp, mv, mkdir, cd, pip or CUDA_VISIBLE_DEVICES,
@@ -10,7 +11,12 @@ machines. Both are therefore checked statically:
 2. every Python module the scripts reach (their `python3 X.py` targets and,
    transitively, the repository modules those import) passes
    `vermin --target=3.8-` and `ruff --target-version py38`, and uses no
-   torch API newer than 1.12 unless the line says it is guarded.
+   torch API newer than 1.12 unless the line says it is guarded;
+3. every name those modules take from the graders' pinned libraries (torch,
+   torchvision, timm, clip: `torch.cuda.graph`, `F.layer_norm`,
+   `timm.models.model_entrypoint`...) exists in the installed release, unless
+   its line says it is guarded. Under `make test-graders` the installed
+   releases are the graders' own (torch 1.12.1, timm 0.9.10).
 
     python3 script_rules.py            # check this repository, exit 1 on a violation
 """
@@ -19,12 +25,14 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
+import importlib
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 
 from io_utils import REPO_ROOT
 
@@ -193,6 +201,87 @@ def check_torch_apis(path: str) -> list[str]:
     return problems
 
 
+PINNED_LIBRARIES = ("torch", "torchvision", "timm", "clip")
+
+
+def library_names(source: str) -> list[tuple[int, int, str]]:
+    """(first line, last line, dotted name) of every name `source` takes from PINNED_LIBRARIES: what it
+    imports from them, and each attribute chain read from such an import or its alias (`F.linear`
+    after `import torch.nn.functional as F`). Names bound at any depth count for the whole module."""
+    tree = ast.parse(source)
+    aliases, found = {}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in PINNED_LIBRARIES:
+                    found.add((node.lineno, node.end_lineno, alias.name))
+                    bound = alias.asname or alias.name.split(".")[0]
+                    aliases[bound] = alias.name if alias.asname else bound
+        elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+              and node.module.split(".")[0] in PINNED_LIBRARIES):
+            for alias in node.names:
+                found.add((node.lineno, node.end_lineno, f"{node.module}.{alias.name}"))
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            parts, base = [], node
+            while isinstance(base, ast.Attribute):
+                parts.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in aliases:
+                found.add((node.lineno, node.end_lineno, ".".join([aliases[base.id], *reversed(parts)])))
+    return sorted(found)
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether `dotted` names something in the installed library: attributes, or submodules to import."""
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], 2):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            return False
+    return True
+
+
+def check_library_names(paths: list[str]) -> list[str]:
+    """Each name `paths` take from the pinned libraries that the installed release lacks, unless its
+    lines say "guarded". Importing them here says nothing of use (clip's pkg_resources warning...)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _missing_library_names(paths)
+
+
+def _missing_library_names(paths: list[str]) -> list[str]:
+    problems, versions = [], {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        try:
+            names = library_names(source)
+        except SyntaxError:  # named by ruff
+            continue
+        lines = source.splitlines()
+        for first, last, dotted in names:
+            if any("guarded" in line for line in lines[first - 1:last]):
+                continue
+            root = dotted.split(".")[0]
+            if root not in versions:
+                try:
+                    versions[root] = getattr(importlib.import_module(root), "__version__", "(no version)")
+                except ImportError:
+                    versions[root] = None
+                    problems.append(f"{root} is not installed (pip install -r requirements.txt)")
+            if versions[root] is not None and not _resolves(dotted):
+                problems.append(f"{os.path.basename(path)}:{first}: `{dotted}` does not exist in {root} "
+                                f"{versions[root]}; add a fallback and mark the line `# guarded`")
+    return problems
+
+
 def _run_tool(argv: list[str]) -> list[str]:
     executable = shutil.which(argv[0])
     if executable is None:
@@ -204,7 +293,7 @@ def _run_tool(argv: list[str]) -> list[str]:
 
 
 def check_python38(paths: list[str]) -> list[str]:
-    """vermin, ruff and the torch-API scan over `paths`."""
+    """vermin, ruff, the torch-API scan and the pinned libraries' names over `paths`."""
     if not paths:
         return []
     problems = []
@@ -215,7 +304,7 @@ def check_python38(paths: list[str]) -> list[str]:
                            "--no-cache", "--quiet", *paths])
     for path in paths:
         problems += check_torch_apis(path)
-    return problems
+    return problems + check_library_names(paths)
 
 
 def check_repository(repo: str = REPO_ROOT) -> list[str]:
