@@ -63,33 +63,44 @@ def hf(bpe_dir):
 
 
 @pytest.fixture(scope="module")
-def tik(bpe_dir):
+def tik(bpe_dir, tmp_path_factory):
     tiktoken = pytest.importorskip("tiktoken")
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception:  # noqa: BLE001 - offline the download fails: build it from the local files
-        return _local_tiktoken(tiktoken, bpe_dir)
+        return _local_tiktoken(tiktoken, bpe_dir, str(tmp_path_factory.mktemp("tiktoken_cache")))
 
 
-def _local_tiktoken(tiktoken, bpe_dir):
+def _local_tiktoken(tiktoken, bpe_dir, cache_dir):
     """tiktoken's own "gpt2" constructor (its pattern, its pinned hashes of OpenAI's files), its loader
     pointed at the local files instead of OpenAI's addresses. Taking the pattern from the constructor
-    works on every tiktoken: 0.7 (the last for Python 3.8) writes it inline, later ones name it."""
+    works on every tiktoken: 0.7 (the last for Python 3.8) writes it inline, later ones name it. The
+    files are read into a fresh cache, so their hashes are checked (a cache entry from another run,
+    keyed by path, is never taken), and read with open(): tiktoken 0.7 reads a local path through
+    blobfile, which it does not install."""
     try:
+        import tiktoken.load as load
         import tiktoken_ext.openai_public as public
-        real = public.data_gym_to_mergeable_bpe_ranks
+        real_ranks, real_read = public.data_gym_to_mergeable_bpe_ranks, load.read_file
     except (ImportError, AttributeError) as e:
         pytest.skip(f"tiktoken cannot download 'gpt2' offline and lacks its loader: {e}")
 
     def from_local_files(vocab_bpe_file, encoder_json_file, **hashes):
-        return real(os.path.join(bpe_dir, os.path.basename(vocab_bpe_file)),
-                    os.path.join(bpe_dir, os.path.basename(encoder_json_file)), **hashes)
+        return real_ranks(os.path.join(bpe_dir, os.path.basename(vocab_bpe_file)),
+                          os.path.join(bpe_dir, os.path.basename(encoder_json_file)), **hashes)
 
-    public.data_gym_to_mergeable_bpe_ranks = from_local_files
-    try:
+    def read_file(blobpath):
+        if "://" in blobpath:
+            return real_read(blobpath)
+        with open(blobpath, "rb") as f:
+            return f.read()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(public, "data_gym_to_mergeable_bpe_ranks", from_local_files)
+        patch.setattr(load, "read_file", read_file)
+        patch.setenv("TIKTOKEN_CACHE_DIR", cache_dir)
         spec = public.gpt2()
-    finally:
-        public.data_gym_to_mergeable_bpe_ranks = real
+    assert os.listdir(cache_dir), "tiktoken's loader did not read the files through its checked cache"
     return tiktoken.Encoding(**dict(spec, name="gpt2-local"))
 
 
