@@ -154,6 +154,9 @@ class ImageEncoder(nn.Module):
         # where the weights come from, decided (a missing file reported) before the ViT is built
         found = find_weights(name, weights, recorded) if pretrained and timm.is_model(name) else None
         self.named_file = found if found is not None and found != cached_weights_path(name) else None
+        # a file at hand is read before the ViT's (never written) tensors are allocated, so that its
+        # tensors take the memory the process has freed rather than fresh pages (bench/bench_load.py)
+        state = read_state_dict(found, check=False) if found else None
         try:
             self.vit = _create_vit(name, self.model_kwargs, initialise=not pretrained)
         except RuntimeError as error:  # timm's "Unknown model"
@@ -164,7 +167,10 @@ class ImageEncoder(nn.Module):
         self.weights = None
         if pretrained:
             self.weights = found or download_weights(name)
-            self._load(self.weights, device)
+            if state is None:  # downloaded just now
+                state = read_state_dict(self.weights, check=False)
+            self._load(state, self.weights, device)
+            del state  # the file's tensors: those the model did not take (another dtype or device) go now
         self.requires_grad_(False)
         self.vit.eval()
 
@@ -174,11 +180,12 @@ class ImageEncoder(nn.Module):
         self.data_config = data
         self.transform = timm.data.create_transform(**data)
 
-    def _load(self, path: str, device=None) -> None:
+    def _load(self, state: dict, path: str, device=None) -> None:
+        """Put `state` (read from `path`) in place of the ViT's tensors, on `device`."""
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         # converts OpenAI / open_clip layouts and resamples position embeddings when needed
-        state = checkpoint_filter_fn(read_state_dict(path, check=False), self.vit)
+        state = checkpoint_filter_fn(state, self.vit)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier we drop
         missing = assign_state(self.vit, state, f"encoder weights {path!r} for {self.name!r}", device)
         if missing:  # built without initialisation: a tensor the file lacks would be garbage
