@@ -13,11 +13,12 @@ on the CPU, alternately and REPEATS times each:
 The target is build / read <= 1.5 (median times). Page cache: the file was just written, so every
 read comes from memory, as the graders' second run would.
 
-Those runs share one process, so each allocates where the one before freed: the build allocates the
-ViT's (untouched) tensors before it reads, so its read takes fresh pages where the plain read reuses
-freed ones, and the ratio varies with the allocator's state (1.2-5x on torch 1.12). `fresh_*` times
-the same read and build once per new process, alternately, REPEATS times each: the graders' case,
-one build per run (the interpreter's start and imports are not counted).
+Those runs share one process, so each allocates where the one before freed, and the ratio varies
+with the allocator's state: on torch 1.12 the build took 1.5-5.4x the read while it allocated the
+ViT's (untouched) tensors before reading the file, whose tensors then took fresh pages (it reads
+first since 2026-12-06). `fresh_*` times the same read and build once per new process, alternately,
+REPEATS times each: the graders' case, one build per run (the interpreter's start and imports are
+not counted).
 
 The same for Problem 1's CLIP (ViT-L/14, saved in fp16 as OpenAI's files hold it, as bench_p1.py
 saves it): read, build (`clip_weights.load_clip(file, device)`: the weights put in place, then the
