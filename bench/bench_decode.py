@@ -104,6 +104,7 @@ def main() -> None:
                 replayed = decoder.beam_search(feats, K, T, EOT_ID, lp, cuda_graph=True)
                 sync(device)
                 graph[run] = round(time.perf_counter() - start, 3)
+            graph["graph_captured"] = getattr(decoder, "_graph_search", None) is not None  # else eager twice
             graph["graph_equals_eager"] = replayed == captions
         from torch.profiler import ProfilerActivity, profile
 

@@ -127,6 +127,9 @@ def bench_problems(name: str, result: dict) -> list:
         return [f"captions with CUDA graphs differ from eager decoding, e.g. {result['graph_differs_from_eager']}"]
     if name == "decode":
         problems = []
+        if result.get("graph_captured") is False:
+            problems.append("bench_decode: the step was not captured as a CUDA graph (graph and eager both ran "
+                            "eagerly)")
         if result.get("graph_equals_eager") is False:
             problems.append("bench_decode: captions with a CUDA graph differ from eager decoding")
         if result.get("compare", {}).get("captions_equal") is False:

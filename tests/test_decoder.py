@@ -9,6 +9,7 @@ from decoder import (
     Decoder,
     DecoderConfig,
     KVCache,
+    cuda_graph_unsupported,
     infer_gpt2_shape,
     load_gpt2_into,
     load_gpt2_state,
@@ -364,6 +365,38 @@ def test_static_cache_search_equals_the_recomputing_one_at_full_vocabulary(tiny_
         assert ours == recomputing_beam_search(decoder, feats, beam_size, 10, EOT_ID, alpha)
         assert decoder.beam_search(feats, beam_size, 10, EOT_ID, alpha, cuda_graph=True) == ours  # CPU: eager
     assert len({len(c) for c in ours}) > 1, [len(c) for c in ours]
+
+
+@pytest.mark.parametrize("cuda, hip, words", [
+    ("10.2", None, ["built with CUDA 10.2", "CUDA 11.0 or newer"]),  # PyPI's torch 1.12.1
+    ("9.2", None, ["built with CUDA 9.2"]),
+    (None, None, ["built without CUDA"]),
+    (None, "5.2.21151", ["ROCm build"]),
+    ("11.0", None, None),
+    ("11.3", None, None),
+    ("12.4", None, None),
+])
+def test_cuda_graphs_are_only_tried_where_torch_can_capture_them(monkeypatch, tiny_gpt2, cuda, hip, words):
+    """torch 1.x built with CUDA < 11.0 (or for ROCm) raises on building a CUDAGraph: such a build
+    gets eager steps on CUDA tensors, whatever cuda_graph asks."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    reason = cuda_graph_unsupported()
+    decoder = build(tiny_gpt2).requires_grad_(False)
+    on_cuda = SimpleNamespace(is_cuda=True)  # what can_capture reads of the image tokens
+    if words is None:
+        assert reason is None
+        assert decoder.can_capture(on_cuda, True)
+    else:
+        assert all(w in reason for w in words), reason
+        assert torch.__version__ in reason
+        assert not decoder.can_capture(on_cuda, True)
+    assert not decoder.can_capture(on_cuda, False)
+    assert not decoder.can_capture(torch.zeros(1), True)  # CPU tensors: eager
+    decoder.wte.weight.requires_grad_(True)  # a decoder being trained: eager
+    assert not decoder.can_capture(on_cuda, True)
 
 
 def reference_beam_candidates(decoder, feat, beam_size, max_len, eot):

@@ -81,8 +81,11 @@ def test_a_decoder_whose_captions_differ_is_a_problem():
     command = gpu_check.bench_command("decode", False, True, "out.json", "/x/old_decoder.py")
     assert command[command.index("--compare") + 1] == "/x/old_decoder.py" and "1404" in command
     assert "--compare" not in gpu_check.bench_command("decode", False, True, "out.json")
-    same = {"graph_equals_eager": True, "compare": {"decoder": "/x/old_decoder.py", "captions_equal": True}}
+    same = {"graph_captured": True, "graph_equals_eager": True,
+            "compare": {"decoder": "/x/old_decoder.py", "captions_equal": True}}
     assert gpu_check.bench_problems("decode", same) == []
+    assert gpu_check.bench_problems("decode", {**same, "graph_captured": False}) == [
+        "bench_decode: the step was not captured as a CUDA graph (graph and eager both ran eagerly)"]
     differ = {"graph_equals_eager": False, "compare": {"decoder": "/x/old_decoder.py", "captions_equal": False}}
     assert gpu_check.bench_problems("decode", differ) == [
         "bench_decode: captions with a CUDA graph differ from eager decoding",

@@ -412,6 +412,38 @@ def test_profile_names_every_phase_and_the_graph_switch_is_checked(env, tmp_path
     assert "HW3_P2_CUDA_GRAPH='yes' is not an integer in [0, 1]" in run_main([folder, tmp_path / "p2.json", decoder_weights])
 
 
+@pytest.mark.parametrize("version, cuda, requested, graph, words", [
+    ("2.11.0+cu130", "13.0", None, True, None),  # where the graph was checked against eager: the default
+    ("2.11.0+cu130", "13.0", 1, True, None),
+    ("2.11.0+cu130", "13.0", 0, False, "HW3_P2_CUDA_GRAPH=0"),
+    ("1.12.1+cu113", "11.3", None, False, "checked against eager ones on torch >= 2"),  # never checked on 1.x
+    ("1.12.1+cu113", "11.3", 1, True, None),  # asked for: captured
+    ("1.12.1", "10.2", None, False, "built with CUDA 10.2"),  # PyPI's 1.12.1 cannot capture at all
+    ("1.12.1", "10.2", 0, False, "HW3_P2_CUDA_GRAPH=0"),
+])
+def test_cuda_graphs_by_default_only_where_checked_and_never_where_torch_cannot(monkeypatch, version, cuda,
+                                                                                requested, graph, words):
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
+    use, because = p2_inference.cuda_graph_choice(requested, torch.device("cuda"))
+    assert use is graph
+    assert because is None if words is None else words in because
+    assert p2_inference.cuda_graph_choice(requested, torch.device("cpu")) == (False, None)
+
+
+def test_asking_for_cuda_graphs_a_torch_cannot_capture_fails_before_the_models_load(env, tmp_path, monkeypatch,
+                                                                                     decoder_weights):
+    folder = save_images(tmp_path / "images", {"x.jpg": "RGB"})
+    monkeypatch.setattr(torch.version, "cuda", "10.2")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(io_utils, "pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setenv("HW3_P2_CUDA_GRAPH", "1")
+    message = run_main([folder, tmp_path / "pred.json", decoder_weights])
+    assert "HW3_P2_CUDA_GRAPH=1, but this torch" in message and "built with CUDA 10.2" in message
+    assert "set it to 0 or leave it unset" in message and not (tmp_path / "pred.json").exists()
+
+
 def fit_one_step_at_a_time(text, context=CLIP_CONTEXT):
     """The definition, and the old code: drop the last word, or the last character of a single word,
     until the rest fits (each step re-tokenises the caption: quadratic in its length, or worse)."""
