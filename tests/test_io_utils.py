@@ -140,6 +140,29 @@ def test_loader_workers(monkeypatch):
     assert io_utils.loader_workers(torch.device("cuda", 0)) == 1
 
 
+def test_worker_processes_load_what_the_main_process_loads(tmp_path, monkeypatch, capsys):
+    """The loading of the CUDA path (worker processes; pinning is left to CUDA) gives the batches,
+    indices and warnings of the CPU path's in-process loading, a broken file included."""
+    from torchvision import transforms as T
+
+    for i, (size, mode) in enumerate([((40, 30), "RGB"), ((64, 64), "L"), ((33, 50), "RGBA"), ((80, 20), "P")]):
+        _noise(size, mode, seed=i).save(tmp_path / f"{i}.png")
+    (tmp_path / "4.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    steps = [T.Compose([T.Resize(24), T.CenterCrop(24), T.ToTensor()]), T.Compose([T.Resize((8, 8)), T.ToTensor()])]
+
+    def load(workers):
+        monkeypatch.setattr(image_io, "loader_workers", lambda device: workers)
+        batches = list(image_io.readable_batches(paths, steps, 2, torch.device("cpu"), "test", pin_memory=False))
+        return batches, capsys.readouterr().err
+
+    (inline, inline_err), (pooled, pooled_err) = load(0), load(2)
+    assert [i for i, _ in pooled] == [i for i, _ in inline] == [[0, 1], [2, 3]]
+    for (_, a), (_, b) in zip(inline, pooled):
+        assert len(a) == len(b) == 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert "skipping '4.jpg'" in inline_err and "skipping '4.jpg'" in pooled_err
+
+
 # ---------------------------------------------------------------- libraries raise, entry points exit
 
 def test_library_errors_are_input_errors_not_exits(tmp_path, monkeypatch):
