@@ -14,8 +14,11 @@ stack itself):
    torch API newer than 1.12 unless the line says it is guarded;
 3. every name those modules take from the graders' pinned libraries (torch,
    torchvision, timm, clip: `torch.cuda.graph`, `F.layer_norm`,
-   `timm.models.model_entrypoint`...) exists in the installed release, unless
-   its line says it is guarded. Under `make test-graders` the installed
+   `timm.models.model_entrypoint`...) exists in the installed release, and
+   every keyword they pass it is one its signature takes (`nn.LayerNorm(C,
+   bias=False)` fails on torch 1.12: `bias` came in 2.1), unless the line
+   says it is guarded. A function written in C is checked against the
+   signatures its docstring gives. Under `make test-graders` the installed
    releases are the graders' own (torch 1.12.1, timm 0.9.10).
 
     python3 script_rules.py            # check this repository, exit 1 on a violation
@@ -26,6 +29,7 @@ import argparse
 import ast
 import glob
 import importlib
+import inspect
 import os
 import re
 import shlex
@@ -204,37 +208,68 @@ def check_torch_apis(path: str) -> list[str]:
 PINNED_LIBRARIES = ("torch", "torchvision", "timm", "clip")
 
 
-def library_names(source: str) -> list[tuple[int, int, str]]:
-    """(first line, last line, dotted name) of every name `source` takes from PINNED_LIBRARIES: what it
-    imports from them, and each attribute chain read from such an import or its alias (`F.linear`
-    after `import torch.nn.functional as F`). Names bound at any depth count for the whole module."""
-    tree = ast.parse(source)
-    aliases, found = {}, set()
+def _library_aliases(tree: ast.AST) -> tuple:
+    """({bound name: dotted library name}, {(first line, last line, dotted name) imported}) of every
+    import from PINNED_LIBRARIES in `tree`, at any depth."""
+    aliases, imported = {}, set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] in PINNED_LIBRARIES:
-                    found.add((node.lineno, node.end_lineno, alias.name))
+                    imported.add((node.lineno, node.end_lineno, alias.name))
                     bound = alias.asname or alias.name.split(".")[0]
                     aliases[bound] = alias.name if alias.asname else bound
         elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
               and node.module.split(".")[0] in PINNED_LIBRARIES):
             for alias in node.names:
-                found.add((node.lineno, node.end_lineno, f"{node.module}.{alias.name}"))
+                imported.add((node.lineno, node.end_lineno, f"{node.module}.{alias.name}"))
                 aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return aliases, imported
+
+
+def _dotted(node: ast.AST, aliases: dict):
+    """The library name an expression such as `F.linear` reads; None where it reads none."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name) and node.id in aliases:
+        return ".".join([aliases[node.id], *reversed(parts)])
+    return None
+
+
+def library_names(source: str) -> list[tuple[int, int, str]]:
+    """(first line, last line, dotted name) of every name `source` takes from PINNED_LIBRARIES: what it
+    imports from them, and each attribute chain read from such an import or its alias (`F.linear`
+    after `import torch.nn.functional as F`). Names bound at any depth count for the whole module."""
+    tree = ast.parse(source)
+    aliases, found = _library_aliases(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-            parts, base = [], node
-            while isinstance(base, ast.Attribute):
-                parts.append(base.attr)
-                base = base.value
-            if isinstance(base, ast.Name) and base.id in aliases:
-                found.add((node.lineno, node.end_lineno, ".".join([aliases[base.id], *reversed(parts)])))
+            dotted = _dotted(node, aliases)
+            if dotted:
+                found.add((node.lineno, node.end_lineno, dotted))
     return sorted(found)
 
 
-def _resolves(dotted: str) -> bool:
-    """Whether `dotted` names something in the installed library: attributes, or submodules to import."""
+def library_keywords(source: str) -> list[tuple[int, int, str, tuple]]:
+    """(first line, last line, dotted name, keyword names) of every call of a PINNED_LIBRARIES name
+    with keyword arguments (`nn.LayerNorm(C, bias=False)`); a `**mapping` names none."""
+    tree = ast.parse(source)
+    aliases, _ = _library_aliases(tree)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            dotted = _dotted(node.func, aliases)
+            keywords = tuple(k.arg for k in node.keywords if k.arg)
+            if dotted and keywords:
+                found.add((node.lineno, node.end_lineno, dotted, keywords))
+    return sorted(found)
+
+
+def _resolve(dotted: str) -> tuple:
+    """(whether `dotted` names something in the installed library, that thing): attributes, or
+    submodules to import."""
     parts = dotted.split(".")
     obj = importlib.import_module(parts[0])
     for i, part in enumerate(parts[1:], 2):
@@ -244,13 +279,59 @@ def _resolves(dotted: str) -> bool:
         try:
             obj = importlib.import_module(".".join(parts[:i]))
         except ImportError:
-            return False
-    return True
+            return False, None
+    return True, obj
+
+
+def documented_parameters(obj):
+    """Parameter names of a function written in C, from the signature lines of its docstring
+    (`arange(start=0, end, step=1, *, out=None, dtype=None, ...) -> Tensor`), every overload given
+    (`.. function:: sum(input, *, dtype=None)`); None where it documents none or takes **kwargs.
+    A line counts when each of its comma-separated parts is a name, `*`, or a name with a default."""
+    name = getattr(obj, "__name__", None)
+    if not name:
+        return None
+    found = set()
+    for match in re.finditer(rf"^\s*(?:\.\. function:: )?{re.escape(name)}\(", obj.__doc__ or "", re.M):
+        line = (obj.__doc__ or "")[match.end():].split("\n", 1)[0]
+        parts, depth, start = [], 0, 0
+        for i, ch in enumerate(line):
+            if ch == "," and depth == 0 or ch == ")" and depth == 0:
+                parts.append(line[start:i].split("=")[0].strip())
+                start = i + 1
+            if ch == ")" and depth == 0:
+                break
+            depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+        else:
+            continue  # no closing parenthesis on the line
+        if not re.fullmatch(r"\s*(->.*)?", line[start:]):
+            continue
+        if any(part.startswith("**") for part in parts):
+            return None
+        names = [part.lstrip("*") for part in parts if part.lstrip("*")]
+        if names and all(part.isidentifier() for part in names):
+            found.update(names)
+    return found or None
+
+
+def unknown_keywords(obj, keywords: tuple) -> list[str]:
+    """The keywords a call of `obj` cannot take, by its Python signature or, for a function written in
+    C, the signatures its docstring gives; none where it has neither or takes **kwargs."""
+    try:
+        parameters = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        named = documented_parameters(obj)
+    else:
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return []
+        named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return [] if named is None else [k for k in keywords if k not in named]
 
 
 def check_library_names(paths: list[str]) -> list[str]:
-    """Each name `paths` take from the pinned libraries that the installed release lacks, unless its
-    lines say "guarded". Importing them here says nothing of use (clip's pkg_resources warning...)."""
+    """Each name `paths` take from the pinned libraries that the installed release lacks, and each
+    keyword they pass one that its signature lacks, unless the lines say "guarded". Importing them
+    here says nothing of use (clip's pkg_resources warning...)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _missing_library_names(paths)
@@ -258,27 +339,40 @@ def check_library_names(paths: list[str]) -> list[str]:
 
 def _missing_library_names(paths: list[str]) -> list[str]:
     problems, versions = [], {}
+
+    def installed(root: str):
+        if root not in versions:
+            try:
+                versions[root] = getattr(importlib.import_module(root), "__version__", "(no version)")
+            except ImportError:
+                versions[root] = None
+                problems.append(f"{root} is not installed (pip install -r requirements.txt)")
+        return versions[root]
+
     for path in paths:
         with open(path, encoding="utf-8") as f:
             source = f.read()
         try:
-            names = library_names(source)
+            names, calls = library_names(source), library_keywords(source)
         except SyntaxError:  # named by ruff
             continue
         lines = source.splitlines()
+        name = os.path.basename(path)
         for first, last, dotted in names:
             if any("guarded" in line for line in lines[first - 1:last]):
                 continue
-            root = dotted.split(".")[0]
-            if root not in versions:
-                try:
-                    versions[root] = getattr(importlib.import_module(root), "__version__", "(no version)")
-                except ImportError:
-                    versions[root] = None
-                    problems.append(f"{root} is not installed (pip install -r requirements.txt)")
-            if versions[root] is not None and not _resolves(dotted):
-                problems.append(f"{os.path.basename(path)}:{first}: `{dotted}` does not exist in {root} "
-                                f"{versions[root]}; add a fallback and mark the line `# guarded`")
+            version = installed(dotted.split(".")[0])
+            if version is not None and not _resolve(dotted)[0]:
+                problems.append(f"{name}:{first}: `{dotted}` does not exist in {dotted.split('.')[0]} {version}; "
+                                "add a fallback and mark the line `# guarded`")
+        for first, last, dotted, keywords in calls:
+            if any("guarded" in line for line in lines[first - 1:last]):
+                continue
+            version = installed(dotted.split(".")[0])
+            found, obj = _resolve(dotted) if version is not None else (False, None)
+            for keyword in unknown_keywords(obj, keywords) if found else ():
+                problems.append(f"{name}:{first}: `{dotted}` takes no keyword `{keyword}` in "
+                                f"{dotted.split('.')[0]} {version}; add a fallback and mark the line `# guarded`")
     return problems
 
 

@@ -108,3 +108,56 @@ def test_names_missing_from_the_installed_libraries_are_caught(tmp_path):
         expected["torch.nn.functional.scaled_dot_product_attention"] = "7"
     assert missing == expected, problems
     assert all(p.startswith("helper.py:") and "does not exist in" in p and "# guarded" in p for p in problems)
+
+
+def test_keywords_the_installed_libraries_do_not_take_are_caught(tmp_path):
+    """A keyword is checked against the Python signature, or for a function written in C against the
+    signatures its docstring gives. Under `make test-graders` (torch 1.12.1) `nn.LayerNorm(..., bias=)`,
+    new in torch 2.1, is one of the calls caught."""
+    import inspect
+
+    from torch import nn
+
+    path = write(tmp_path, "helper.py", (
+        "import timm\n"
+        "import torch\n"
+        "import torch.nn.functional as F\n"
+        "from torch import nn\n"
+        "\n\n"
+        "def f(x, options):\n"
+        "    norm = nn.LayerNorm(4, eps=1e-6, made_up=True)\n"
+        "    y = torch.zeros(3, dtype=torch.float32, also_made_up=1) + F.linear(x, x, bias=None)\n"
+        "    z = torch.zeros(3, not_checked=1)  # guarded\n"
+        "    model = timm.create_model('vit_tiny_patch16_224', anything=1)\n"  # **kwargs takes any keyword
+        "    return norm, y, z, model, nn.LayerNorm(4, **options), nn.LayerNorm(4, bias=False)\n"))
+    problems = script_rules.check_library_names([path])
+    caught = {(p.split(":")[1], p.split("`")[1], p.split("`")[3]) for p in problems}
+    expected = {("8", "torch.nn.LayerNorm", "made_up"), ("9", "torch.zeros", "also_made_up")}
+    if "bias" not in inspect.signature(nn.LayerNorm).parameters:
+        expected.add(("12", "torch.nn.LayerNorm", "bias"))
+    assert caught == expected, problems
+    assert all("takes no keyword" in p and "# guarded" in p for p in problems)
+
+
+class _Builtin:
+    """Stands for a function written in C: a name and a docstring, no Python signature."""
+
+    def __init__(self, name, doc):
+        self.__name__, self.__doc__ = name, doc
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ("amax(input, dim, keepdim=False, *, out=None) -> (Tensor, LongTensor)\n\nText.\n",
+     {"input", "dim", "keepdim", "out"}),
+    # every overload counts; example output (`amax([1, 2])`) and prose are not signatures
+    ("amax(input) -> Tensor\n\nExample::\n    >>> amax(x)\n    amax([1, 2])\n\n"
+     ".. function:: amax(input, dim=(0, 1), *, dtype=None) -> Tensor\n   :noindex:\n",
+     {"input", "dim", "dtype"}),
+    ("amax(*args, **kwargs) -> Tensor\n", None),  # takes any keyword
+    ("Returns the largest value; see amax(input) for the details.\n", None),
+    (None, None),
+])
+def test_documented_parameters_read_the_signature_lines(doc, expected):
+    assert script_rules.documented_parameters(_Builtin("amax", doc)) == expected
+    if expected:
+        assert script_rules.unknown_keywords(_Builtin("amax", doc), ("dim", "made_up")) == ["made_up"]
