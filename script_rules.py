@@ -292,15 +292,14 @@ def documented_parameters(obj):
     if not name:
         return None
     found = set()
-    for match in re.finditer(rf"^\s*(?:\.\. function:: )?{re.escape(name)}\(", obj.__doc__ or "", re.M):
-        line = (obj.__doc__ or "")[match.end():].split("\n", 1)[0]
-        parts, depth, start = [], 0, 0
+    for match in re.finditer(rf"^\s*(?:\.\. function:: )?{re.escape(name)}\((.*)$", obj.__doc__ or "", re.M):
+        line, parts, depth, start = match.group(1), [], 0, 0
         for i, ch in enumerate(line):
-            if ch == "," and depth == 0 or ch == ")" and depth == 0:
+            if depth == 0 and ch in ",)":
                 parts.append(line[start:i].split("=")[0].strip())
                 start = i + 1
-            if ch == ")" and depth == 0:
-                break
+                if ch == ")":
+                    break
             depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
         else:
             continue  # no closing parenthesis on the line
@@ -370,7 +369,9 @@ def _missing_library_names(paths: list[str]) -> list[str]:
                 continue
             version = installed(dotted.split(".")[0])
             found, obj = _resolve(dotted) if version is not None else (False, None)
-            for keyword in unknown_keywords(obj, keywords) if found else ():
+            if not found:  # not installed, or a missing name: reported above
+                continue
+            for keyword in unknown_keywords(obj, keywords):
                 problems.append(f"{name}:{first}: `{dotted}` takes no keyword `{keyword}` in "
                                 f"{dotted.split('.')[0]} {version}; add a fallback and mark the line `# guarded`")
     return problems
